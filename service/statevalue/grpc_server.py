@@ -1,0 +1,216 @@
+"""gRPC front end (the trainers' path): statevalue.v1.ValueService over grpc.aio."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import Any
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from pydantic import ValidationError
+
+from statevalue.config import METHODS, EstimatorConfig
+from statevalue.metrics import Metrics
+from statevalue.scheduler import DeadlineExpired, NotAccepting, QueueFull, Scheduler
+from statevalue.schema import (
+    EstimateRequest,
+    EstimateResult,
+    GroupInput,
+    InvalidRequest,
+    RolloutInput,
+)
+from statevalue_client.arrays import FLOAT32, INT32, pack_float32, pack_int32, unpack
+from statevalue_client.proto import statevalue_pb2 as pb
+from statevalue_client.proto import statevalue_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ValueService"].full_name
+
+
+def _packed(data: bytes, dtype: np.dtype, count: int, field: str) -> np.ndarray:
+    try:
+        return unpack(data, dtype, count, field)
+    except ValueError as exc:
+        raise InvalidRequest(field, str(exc).split(": ", 1)[1]) from exc
+
+
+def params_from_proto(params: pb.EstimatorParams) -> EstimatorConfig:
+    """Only the fields the caller set; the rest keep the reference defaults."""
+    tree: dict[str, dict[str, Any]] = {}
+    for section in ("numca", "hista", "advantage"):
+        message = getattr(params, section)
+        tree[section] = {f.name: value for f, value in message.ListFields()}
+    try:
+        return EstimatorConfig.model_validate(tree)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise InvalidRequest("params." + ".".join(str(p) for p in err["loc"]), err["msg"]) from exc
+
+
+def request_from_proto(message: pb.EstimateRequest) -> EstimateRequest:
+    """The engine request of a protobuf request; raises InvalidRequest naming the field."""
+    groups = []
+    for g, group in enumerate(message.groups):
+        where = f"groups[{g}]"
+        rollouts = []
+        for r, rollout in enumerate(group.rollouts):
+            at = f"{where}.rollouts[{r}]"
+            text = rollout.response_text if rollout.HasField("response_text") else None
+            ids = None
+            if text is None or rollout.response_ids:
+                ids = _packed(rollout.response_ids, INT32, rollout.num_tokens, f"{at}.response_ids")
+            token_rewards = None
+            if rollout.token_rewards:
+                count = len(ids) if ids is not None else None
+                token_rewards = _packed(
+                    rollout.token_rewards, FLOAT32, count, f"{at}.token_rewards"
+                )
+            rollouts.append(
+                RolloutInput(
+                    response_ids=ids,
+                    response_text=text,
+                    reward=rollout.reward if rollout.HasField("reward") else None,
+                    token_rewards=token_rewards,
+                )
+            )
+        has_text = group.HasField("prompt_text")
+        prompt_ids = None
+        if group.prompt_ids or not (has_text or group.messages):
+            prompt_ids = _packed(
+                group.prompt_ids, INT32, group.prompt_num_tokens, f"{where}.prompt_ids"
+            )
+        groups.append(
+            GroupInput(
+                rollouts=rollouts,
+                group_id=group.group_id,
+                prompt_id=group.prompt_id or None,
+                prompt_ids=prompt_ids,
+                prompt_text=group.prompt_text if has_text else None,
+                messages=[{"role": m.role, "content": m.content} for m in group.messages] or None,
+            )
+        )
+    return EstimateRequest(
+        groups=groups,
+        methods=tuple(message.methods) or METHODS,  # type: ignore[arg-type]
+        config=params_from_proto(message.params),
+    )
+
+
+def response_to_proto(result: EstimateResult) -> pb.EstimateResponse:
+    response = pb.EstimateResponse(
+        model=pb.ModelInfo(name=result.model.name, version=result.model.version),
+        forward_seconds=result.forward_seconds,
+        estimator_seconds=result.estimator_seconds,
+    )
+    for group in result.groups:
+        out = response.groups.add(group_id=group.group_id)
+        for rollout in group.rollouts:
+            item = out.rollouts.add()
+            for method, values in rollout.values.items():
+                item.num_tokens = len(values)
+                entry = item.methods[method]
+                entry.values = pack_float32(values)
+                entry.advantages = pack_float32(rollout.advantages[method])
+                entry.boundaries = pack_int32(rollout.boundaries[method])
+    return response
+
+
+class ValueServicer(pb_grpc.ValueServiceServicer):
+    """Maps RPCs onto the scheduler and its errors onto gRPC status codes."""
+
+    def __init__(self, server: Any, metrics: Metrics) -> None:
+        # ``server`` is the StatevalueServer; it owns the scheduler once the model is loaded.
+        self._server = server
+        self._metrics = metrics
+
+    def _scheduler(self, context: grpc.aio.ServicerContext) -> Scheduler | None:
+        scheduler = self._server.scheduler
+        return scheduler if scheduler is not None and scheduler.accepting else None
+
+    async def Estimate(
+        self, request: pb.EstimateRequest, context: grpc.aio.ServicerContext
+    ) -> pb.EstimateResponse:
+        request_id = uuid.uuid4().hex[:12]
+        started = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            scheduler = self._scheduler(context)
+            if scheduler is None:
+                code = grpc.StatusCode.UNAVAILABLE
+                await context.abort(code, "the model is not ready")
+            try:
+                engine_request = request_from_proto(request)
+                result = await scheduler.submit(engine_request, timeout=context.time_remaining())
+            except InvalidRequest as exc:
+                code = grpc.StatusCode.INVALID_ARGUMENT
+                await context.abort(code, str(exc))
+            except QueueFull as exc:
+                code = grpc.StatusCode.RESOURCE_EXHAUSTED
+                await context.abort(code, str(exc))
+            except NotAccepting as exc:
+                code = grpc.StatusCode.UNAVAILABLE
+                await context.abort(code, str(exc))
+            except DeadlineExpired as exc:
+                code = grpc.StatusCode.DEADLINE_EXCEEDED
+                await context.abort(code, str(exc))
+            return response_to_proto(result)
+        except Exception as exc:
+            if code == grpc.StatusCode.OK and not isinstance(exc, grpc.aio.AbortError):
+                code = grpc.StatusCode.INTERNAL
+                log.exception("request %s failed", request_id)
+                await context.abort(code, f"internal error (request {request_id})")
+            raise
+        finally:
+            elapsed = time.perf_counter() - started
+            self._metrics.requests.labels("grpc", "Estimate", code.name).inc()
+            self._metrics.request_seconds.labels("grpc", "Estimate").observe(elapsed)
+            log.info(
+                "request_id=%s frontend=grpc rpc=Estimate status=%s groups=%d seconds=%.3f",
+                request_id,
+                code.name,
+                len(request.groups),
+                elapsed,
+            )
+
+    async def GetModelInfo(
+        self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInfo:
+        info = self._server.model_info()
+        status = grpc.StatusCode.OK if info is not None else grpc.StatusCode.UNAVAILABLE
+        self._metrics.requests.labels("grpc", "GetModelInfo", status.name).inc()
+        if info is None:
+            await context.abort(status, "the model is not loaded yet")
+        return pb.ModelInfo(**info)
+
+
+def build_grpc_server(
+    servicer: ValueServicer, *, max_message_bytes: int, max_connection_age_s: float
+) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+    """A grpc.aio server with the value service, standard health checks and reflection."""
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+            # Closing connections after a while makes clients re-resolve the DNS name and
+            # spread over replicas added since they connected.
+            ("grpc.max_connection_age_ms", int(max_connection_age_s * 1000)),
+            ("grpc.max_connection_age_grace_ms", 30_000),
+        ]
+    )
+    pb_grpc.add_ValueServiceServicer_to_server(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (
+            SERVICE_NAME,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
+    return server, health_servicer

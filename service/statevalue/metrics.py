@@ -1,0 +1,100 @@
+"""Prometheus metrics of one server, in a registry of its own."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+TOKEN_BUCKETS = (64, 256, 1024, 4096, 16384, 65536, 262144)
+
+
+class Metrics:
+    """The ``statevalue_*`` metrics. One instance per server so tests can run several."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "statevalue_requests",
+            "Requests by front end, RPC and status.",
+            ["frontend", "rpc", "status"],
+            registry=r,
+        )
+        self.request_seconds = Histogram(
+            "statevalue_request_seconds",
+            "End-to-end request latency.",
+            ["frontend", "rpc"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.method_requests = Counter(
+            "statevalue_method_requests",
+            "Estimate requests per estimator method.",
+            ["method"],
+            registry=r,
+        )
+        self.queue_wait_seconds = Histogram(
+            "statevalue_queue_wait_seconds",
+            "Time from admission to the request's first forward batch.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.forward_seconds = Histogram(
+            "statevalue_forward_seconds",
+            "Forward pass time per batch.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.estimator_seconds = Histogram(
+            "statevalue_estimator_seconds",
+            "Estimator + advantage time per request.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_requests = Histogram(
+            "statevalue_batch_requests",
+            "Requests merged into one forward batch.",
+            buckets=SIZE_BUCKETS,
+            registry=r,
+        )
+        self.batch_sequences = Histogram(
+            "statevalue_batch_sequences",
+            "Sequences per forward batch.",
+            buckets=SIZE_BUCKETS,
+            registry=r,
+        )
+        self.batch_tokens = Histogram(
+            "statevalue_batch_tokens",
+            "Tokens per forward batch.",
+            buckets=TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "statevalue_queue_depth",
+            "Requests waiting for the model.",
+            registry=r,
+        )
+        self.queue_tokens = Gauge(
+            "statevalue_queue_tokens",
+            "Tokens waiting for the model.",
+            registry=r,
+        )
+        self.tokens = Counter(
+            "statevalue_tokens",
+            "Tokens run through the model.",
+            registry=r,
+        )
+        self.model_info = Gauge(
+            "statevalue_model_info",
+            "The served model (value is always 1).",
+            ["name", "version"],
+            registry=r,
+        )
+
+    def set_model(self, name: str, version: str) -> None:
+        self.model_info.clear()
+        self.model_info.labels(name=name, version=version).set(1)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

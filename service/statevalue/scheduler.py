@@ -1,0 +1,303 @@
+"""Merges the forward passes of concurrent requests into token-budgeted batches.
+
+Requests are checked and tokenised as they arrive, then queued. One batcher task fills
+each forward step from the queued requests' sequences — every waiting request gets a fair
+share of the step first, so one huge request cannot starve small ones — and runs the model
+on a dedicated thread. A request whose sequences are all done is handed to the estimator
+thread, which overlaps the next forward step. Work for a request whose caller went away or
+whose deadline passed is dropped before it reaches the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from statevalue.engine import Engine, PreparedRequest
+from statevalue.metrics import Metrics
+from statevalue.schema import EstimateRequest, EstimateResult
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    """The queue is at its request or token limit; retry after ``retry_after`` seconds."""
+
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class NotAccepting(Exception):
+    """The scheduler is not running: not started yet, or draining for shutdown."""
+
+
+class DeadlineExpired(Exception):
+    """The request's deadline passed before its work was done; the work was dropped."""
+
+
+@dataclass(eq=False)
+class _Job:
+    prepared: PreparedRequest
+    sequences: list[np.ndarray]
+    future: asyncio.Future[EstimateResult]
+    deadline: float | None
+    admitted: float
+    hidden: list[torch.Tensor | None] = field(default_factory=list)
+    next_index: int = 0
+    pending: int = 0
+    forward_seconds: float = 0.0
+    started: bool = False
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(s) for s in self.sequences)
+
+    def dead(self, now: float) -> bool:
+        return self.future.done() or (self.deadline is not None and now > self.deadline)
+
+
+class Scheduler:
+    """Asynchronous front door of the engine used by both the gRPC and HTTP front ends.
+
+    Args:
+        engine: the value engine.
+        metrics: where batch sizes, waits and timings go.
+        max_batch_tokens: tokens per forward step (the backend pads sub-batches within it).
+        max_wait_s: how long a step waits for more requests to merge.
+        max_queue_requests, max_queue_tokens: admission limits (QueueFull past them).
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        metrics: Metrics,
+        *,
+        max_batch_tokens: int = 8192,
+        max_wait_s: float = 0.005,
+        max_queue_requests: int = 256,
+        max_queue_tokens: int = 1_000_000,
+    ) -> None:
+        self.engine = engine
+        self.metrics = metrics
+        self.max_batch_tokens = max_batch_tokens
+        self.max_wait_s = max_wait_s
+        self.max_queue_requests = max_queue_requests
+        self.max_queue_tokens = max_queue_tokens
+        self._jobs: list[_Job] = []
+        self._queued_tokens = 0
+        self._in_flight = 0
+        self._accepting = False
+        self._wakeup = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._batcher: asyncio.Task[None] | None = None
+        self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="statevalue-model")
+        self._estimator_thread = ThreadPoolExecutor(1, thread_name_prefix="statevalue-estimator")
+        self._prepare_threads = ThreadPoolExecutor(2, thread_name_prefix="statevalue-prepare")
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._jobs)
+
+    async def start(self, *, warmup: bool = True) -> None:
+        """Start the batcher; with ``warmup`` run one forward pass first (first-call latency)."""
+        if warmup:
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(
+                self._model_thread,
+                self.engine.backend.hidden_states,
+                [np.arange(1, 33, dtype=np.int32)],
+            )
+        self._batcher = asyncio.create_task(self._run(), name="statevalue-batcher")
+        self._accepting = True
+
+    async def drain(self, timeout: float) -> bool:
+        """Stop accepting, finish everything already accepted; True if it all finished."""
+        self._accepting = False
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            drained = True
+        except asyncio.TimeoutError:
+            drained = False
+        if self._batcher is not None:
+            self._batcher.cancel()
+        self._model_thread.shutdown(wait=False, cancel_futures=True)
+        self._estimator_thread.shutdown(wait=False, cancel_futures=True)
+        self._prepare_threads.shutdown(wait=False, cancel_futures=True)
+        return drained
+
+    async def submit(
+        self, request: EstimateRequest, *, timeout: float | None = None
+    ) -> EstimateResult:
+        """Estimate ``request``.
+
+        Raises:
+            InvalidRequest, QueueFull, NotAccepting, DeadlineExpired.
+        """
+        if not self._accepting:
+            raise NotAccepting("the server is not accepting requests")
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            prepared = await loop.run_in_executor(
+                self._prepare_threads, self.engine.prepare, request
+            )
+            for method in prepared.methods:
+                self.metrics.method_requests.labels(method=method).inc()
+            if not prepared.needs_hidden_states:
+                return await self._compute(prepared, None, 0.0)
+            return await self._enqueue(prepared, deadline)
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
+
+    async def _enqueue(self, prepared: PreparedRequest, deadline: float | None) -> EstimateResult:
+        loop = asyncio.get_running_loop()
+        tokens = prepared.num_tokens
+        if len(self._jobs) >= self.max_queue_requests:
+            raise QueueFull(f"queue is full ({self.max_queue_requests} requests waiting)")
+        if self._queued_tokens + tokens > self.max_queue_tokens:
+            raise QueueFull(f"queue is full ({self._queued_tokens} tokens waiting)")
+        sequences = prepared.sequences()
+        job = _Job(
+            prepared=prepared,
+            sequences=sequences,
+            future=loop.create_future(),
+            deadline=deadline,
+            admitted=time.perf_counter(),
+            hidden=[None] * len(sequences),
+            pending=len(sequences),
+        )
+        self._add(job)
+        self._wakeup.set()
+        return await job.future
+
+    def _add(self, job: _Job) -> None:
+        self._jobs.append(job)
+        self._queued_tokens += job.tokens
+        self._update_queue_metrics()
+
+    def _remove(self, job: _Job) -> None:
+        if job in self._jobs:
+            self._jobs.remove(job)
+            self._queued_tokens -= job.tokens
+            self._update_queue_metrics()
+
+    def _update_queue_metrics(self) -> None:
+        self.metrics.queue_depth.set(len(self._jobs))
+        self.metrics.queue_tokens.set(self._queued_tokens)
+
+    def _drop_dead(self) -> None:
+        now = asyncio.get_running_loop().time()
+        for job in list(self._jobs):
+            if job.dead(now):
+                if not job.future.done():
+                    job.future.set_exception(DeadlineExpired("deadline passed while queued"))
+                self._remove(job)
+
+    def _take_step(self) -> list[tuple[_Job, int]]:
+        """Sequences for one forward step: a fair share per waiting request, then fill up."""
+        waiting = [job for job in self._jobs if job.next_index < len(job.sequences)]
+        if not waiting:
+            return []
+        step: list[tuple[_Job, int]] = []
+        used = 0
+        share = self.max_batch_tokens // len(waiting)
+        for limit in (share, self.max_batch_tokens):
+            for job in waiting:
+                taken = 0
+                while job.next_index < len(job.sequences):
+                    size = len(job.sequences[job.next_index])
+                    # Always make progress on the first sequence of a step, even an oversize one.
+                    if step and (used + size > self.max_batch_tokens or taken + size > limit):
+                        break
+                    step.append((job, job.next_index))
+                    job.next_index += 1
+                    used += size
+                    taken += size
+        return step
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            if self.max_wait_s > 0 and self._queued_tokens < self.max_batch_tokens:
+                await asyncio.sleep(self.max_wait_s)
+            while True:
+                self._drop_dead()
+                step = self._take_step()
+                if not step:
+                    break
+                await self._forward(loop, step)
+
+    async def _forward(self, loop: asyncio.AbstractEventLoop, step: list[tuple[_Job, int]]) -> None:
+        now = time.perf_counter()
+        jobs = list(dict.fromkeys(job for job, _ in step))
+        for job in jobs:
+            if not job.started:
+                job.started = True
+                self.metrics.queue_wait_seconds.observe(now - job.admitted)
+        sequences = [job.sequences[i] for job, i in step]
+        tokens = sum(len(s) for s in sequences)
+        try:
+            hidden = await loop.run_in_executor(
+                self._model_thread, self.engine.backend.hidden_states, sequences
+            )
+        except Exception as exc:  # a model failure fails the requests in this step, not the server
+            log.exception("forward pass failed")
+            for job in jobs:
+                if not job.future.done():
+                    job.future.set_exception(exc)
+                self._remove(job)
+            return
+        elapsed = time.perf_counter() - now
+        self.metrics.forward_seconds.observe(elapsed)
+        self.metrics.batch_requests.observe(len(jobs))
+        self.metrics.batch_sequences.observe(len(sequences))
+        self.metrics.batch_tokens.observe(tokens)
+        self.metrics.tokens.inc(tokens)
+        for (job, index), states in zip(step, hidden, strict=True):
+            job.hidden[index] = states
+            job.pending -= 1
+        for job in jobs:
+            job.forward_seconds += elapsed
+            if job.pending == 0:
+                self._remove(job)
+                if not job.future.done():
+                    asyncio.ensure_future(self._finish(job))
+
+    async def _finish(self, job: _Job) -> None:
+        try:
+            result = await self._compute(job.prepared, job.hidden, job.forward_seconds)
+        except Exception as exc:
+            if not job.future.done():
+                job.future.set_exception(exc)
+            return
+        if not job.future.done():
+            job.future.set_result(result)
+
+    async def _compute(
+        self, prepared: PreparedRequest, hidden: list[torch.Tensor | None] | None, forward: float
+    ) -> EstimateResult:
+        loop = asyncio.get_running_loop()
+        result = await loop.run_in_executor(
+            self._estimator_thread, self.engine.compute, prepared, hidden
+        )
+        result.forward_seconds = forward
+        self.metrics.estimator_seconds.observe(result.estimator_seconds)
+        return result

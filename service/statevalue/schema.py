@@ -1,0 +1,78 @@
+"""Engine-level request and result types, shared by the CLI and both front ends."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from statevalue.backends.base import ModelIdentity
+from statevalue.config import EstimatorConfig, Method
+
+
+@dataclass
+class RolloutInput:
+    """One sampled response: token ids (fast path) or text, and its reward.
+
+    A rollout without a reward is a query (a partial trajectory): it gets values but adds
+    nothing to the group's statistics. ``token_rewards`` (one per response token, e.g. with
+    a KL penalty folded in) replace the terminal reward inside GAE.
+    """
+
+    response_ids: np.ndarray | None = None
+    response_text: str | None = None
+    reward: float | None = None
+    token_rewards: np.ndarray | None = None
+
+
+@dataclass
+class GroupInput:
+    """One prompt and its G rollouts. Give exactly one of prompt_ids, prompt_text, messages."""
+
+    rollouts: list[RolloutInput]
+    group_id: str = ""
+    prompt_id: str | None = None
+    prompt_ids: np.ndarray | None = None
+    prompt_text: str | None = None
+    messages: list[dict[str, str]] | None = None
+
+
+@dataclass
+class EstimateRequest:
+    """A batch of groups, the methods to run and the estimator parameters."""
+
+    groups: list[GroupInput]
+    methods: tuple[Method, ...] = ("numca", "hista", "group_mean")
+    config: EstimatorConfig = field(default_factory=EstimatorConfig)
+
+
+@dataclass
+class RolloutResult:
+    """Per method: values and advantages (len = response length) and segment starts."""
+
+    values: dict[str, np.ndarray]
+    advantages: dict[str, np.ndarray]
+    boundaries: dict[str, np.ndarray]
+
+
+@dataclass
+class GroupResult:
+    group_id: str
+    rollouts: list[RolloutResult]
+
+
+@dataclass
+class EstimateResult:
+    model: ModelIdentity
+    groups: list[GroupResult]
+    forward_seconds: float = 0.0
+    estimator_seconds: float = 0.0
+
+
+class InvalidRequest(ValueError):
+    """A request the engine refuses; ``field`` names the offending input (dotted path)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message

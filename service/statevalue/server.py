@@ -1,0 +1,176 @@
+"""One process, one engine, two front ends: the life cycle of ``statevalue serve``.
+
+Start-up: both front ends listen at once (liveness answers, readiness says no), the model
+loads and warms on a worker thread, then health turns SERVING. SIGTERM: stop accepting,
+health NOT_SERVING, drain accepted work, stop the front ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+from typing import Any
+
+import uvicorn
+from grpc_health.v1 import health_pb2
+
+from statevalue.backends.base import ModelBackend
+from statevalue.engine import Engine
+from statevalue.grpc_server import SERVICE_NAME, ValueServicer, build_grpc_server
+from statevalue.http_server import create_app
+from statevalue.metrics import Metrics
+from statevalue.numca_store import InMemoryNumcaStore
+from statevalue.scheduler import Scheduler
+from statevalue.settings import ServerSettings
+
+log = logging.getLogger(__name__)
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class StatevalueServer:
+    """The gRPC and HTTP servers over one scheduler and engine.
+
+    Args:
+        settings: the server settings.
+        backend: an already loaded backend (tests share one); by default the server loads
+            ``settings.model`` itself after it starts listening.
+    """
+
+    def __init__(self, settings: ServerSettings, backend: ModelBackend | None = None) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.scheduler: Scheduler | None = None
+        self.grpc_port = 0
+        self.http_port = 0
+        self._backend = backend
+        self._engine: Engine | None = None
+        self._stopping = False
+        max_bytes = settings.max_message_mb << 20
+        self._grpc, self._health = build_grpc_server(
+            ValueServicer(self, self.metrics),
+            max_message_bytes=max_bytes,
+            max_connection_age_s=settings.max_connection_age_s,
+        )
+        app = create_app(self, self.metrics, max_body_bytes=max_bytes)
+        self._http = uvicorn.Server(
+            uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
+        )
+        self._http_task: asyncio.Task[None] | None = None
+        self._load_task: asyncio.Task[None] | None = None
+
+    @property
+    def ready(self) -> bool:
+        return not self._stopping and self.scheduler is not None and self.scheduler.accepting
+
+    def model_info(self) -> dict[str, Any] | None:
+        if self._engine is None:
+            return None
+        backend = self._engine.backend
+        return {
+            "name": backend.identity.name,
+            "version": backend.identity.version,
+            "vocab_size": backend.vocab_size,
+            "max_length": backend.max_length,
+            "hidden_size": int(getattr(backend, "hidden_size", 0)),
+            "device": str(backend.device),
+        }
+
+    async def start(self) -> None:
+        """Listen on both ports and begin loading the model; returns before it is ready."""
+        host = self.settings.host
+        await self._set_health(NOT_SERVING)
+        self.grpc_port = self._grpc.add_insecure_port(f"{host}:{self.settings.grpc_port}")
+        await self._grpc.start()
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, self.settings.http_port))
+        self.http_port = sock.getsockname()[1]
+        self._http_task = asyncio.create_task(self._http.serve(sockets=[sock]))
+        log.info("listening: grpc %s:%d, http %s:%d", host, self.grpc_port, host, self.http_port)
+        self._load_task = asyncio.create_task(self._load())
+
+    async def wait_ready(self) -> None:
+        """Wait until the model is loaded and warmed (re-raises a load failure)."""
+        assert self._load_task is not None, "start() first"
+        await self._load_task
+
+    async def _load(self) -> None:
+        settings = self.settings
+        backend = self._backend
+        if backend is None:
+            from statevalue.backends.torch_backend import TorchBackend
+
+            backend = await asyncio.to_thread(
+                TorchBackend,
+                settings.model,
+                device=settings.device,
+                dtype=settings.dtype,
+                layer=settings.layer,
+                max_batch_tokens=settings.max_batch_tokens,
+            )
+        self._engine = await asyncio.to_thread(
+            Engine,
+            backend,
+            numca_store=InMemoryNumcaStore(settings.numca_max_prompts),
+            max_groups=settings.max_groups_per_request,
+        )
+        scheduler = Scheduler(
+            self._engine,
+            self.metrics,
+            max_batch_tokens=settings.max_batch_tokens,
+            max_wait_s=settings.max_wait_ms / 1000,
+            max_queue_requests=settings.max_queue_requests,
+            max_queue_tokens=settings.max_queue_tokens,
+        )
+        await scheduler.start(warmup=settings.warmup)
+        self.scheduler = scheduler
+        self.metrics.set_model(backend.identity.name, backend.identity.version)
+        if not self._stopping:
+            await self._set_health(SERVING)
+            log.info("ready: %s %s", backend.identity.name, backend.identity.version)
+
+    async def _set_health(self, status: int) -> None:
+        for name in ("", SERVICE_NAME):
+            await self._health.set(name, status)
+
+    async def stop(self, grace: float | None = None) -> bool:
+        """Stop accepting, drain accepted work, close both front ends; True if all drained."""
+        grace = self.settings.shutdown_grace_s if grace is None else grace
+        self._stopping = True
+        await self._set_health(NOT_SERVING)
+        if self._load_task is not None and not self._load_task.done():
+            self._load_task.cancel()
+        drained = True
+        if self.scheduler is not None:
+            drained = await self.scheduler.drain(grace)
+        # Answers of drained requests are already sent or being sent; give them the grace.
+        await self._grpc.stop(grace=min(grace, 5.0))
+        self._http.should_exit = True
+        if self._http_task is not None:
+            await self._http_task
+        log.info("stopped (%s)", "drained" if drained else "drain timed out")
+        return drained
+
+
+async def serve(settings: ServerSettings) -> None:
+    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+    server = StatevalueServer(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    load = asyncio.create_task(server.wait_ready())
+    stopped = asyncio.create_task(stop.wait())
+    await asyncio.wait({load, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    if load.done() and load.exception() is not None:
+        await server.stop(grace=0)
+        raise load.exception()  # type: ignore[misc]
+    await stopped
+    log.info("shutting down")
+    await server.stop()

@@ -1,0 +1,54 @@
+"""Shared fixtures: the real embedded model, loaded once per test session."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from statevalue.backends.torch_backend import TorchBackend
+from statevalue.engine import Engine
+from statevalue.schema import GroupInput, RolloutInput
+
+APPLES = "Tom has 5 apples and buys 3 more. How many apples does he have now?"
+
+
+@pytest.fixture(scope="session")
+def backend() -> TorchBackend:
+    return TorchBackend("embedded", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def engine(backend: TorchBackend) -> Engine:
+    return Engine(backend)
+
+
+def last_number_reward(text: str, answer: int) -> float:
+    numbers = re.findall(r"\d+", text)
+    return float(bool(numbers) and int(numbers[-1]) == answer)
+
+
+@pytest.fixture(scope="session")
+def sampled_group(backend: TorchBackend, engine: Engine) -> GroupInput:
+    """8 real responses (<= 100 tokens) of the embedded model with mixed 0/1 rewards."""
+    prompt = engine.token_text.encode_chat([{"role": "user", "content": APPLES}])
+    for seed in range(5):
+        responses = backend.generate(prompt, 8, max_new_tokens=100, seed=seed)
+        rewards = [
+            last_number_reward(engine.token_text.decode_with_offsets(r)[0], 8) for r in responses
+        ]
+        if 0 < sum(rewards) < len(rewards):
+            break
+    assert 0 < sum(rewards) < len(rewards), "could not sample a group with mixed rewards"
+    return GroupInput(
+        group_id="apples",
+        prompt_ids=prompt,
+        rollouts=[
+            RolloutInput(response_ids=r, reward=w) for r, w in zip(responses, rewards, strict=True)
+        ],
+    )
+
+
+def as_ids(values: list[int]) -> np.ndarray:
+    return np.asarray(values, dtype=np.int64)
