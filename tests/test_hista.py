@@ -131,9 +131,10 @@ def test_distances_are_clamped_to_d_min() -> None:
     np.testing.assert_allclose(own_case(d_min=1.0, k_max=2, k_min=2)[0], [0.5, 0.5], rtol=1e-6)
 
 
-def test_ties_keep_candidate_order() -> None:
-    # d_min = 3 clamps everything: the first two candidates (rollout 0's) win.
-    np.testing.assert_allclose(own_case(d_min=3.0, k_max=2, k_min=2)[0], [0.5, 1.0], rtol=1e-6)
+def test_candidates_tied_with_the_kth_all_count() -> None:
+    # d_min = 3 clamps all four candidates to 3: with k = 2 all four tie with the 2nd
+    # nearest, so all count equally (two R=1, two R=0) whatever the rollout order.
+    np.testing.assert_allclose(own_case(d_min=3.0, k_max=2, k_min=2)[0], [0.5, 0.5], rtol=1e-6)
 
 
 def test_k_schedule_per_interior_node() -> None:
@@ -144,9 +145,10 @@ def test_k_schedule_per_interior_node() -> None:
     hidden = [states(0.0, 1.0, 1.0, 1.0), states(0.0, 1.5)]
     config = HistaConfig(**RAW, d_min=0.01, k_max=3, k_min=1)
     estimate = hista_values(hidden, 1, [3, 1], np.array([1.0, 0.0]), np.array([True, True]), config)
-    # b=1 takes k=3: 100 (R=1), 4 (R=0) and the first 0.5-distant one, own start (R=1).
-    # b=2 takes k=1: the first of the two clamped nodes, own b=1 (R=1).
-    np.testing.assert_allclose(estimate.values[0], [0.5, 102 / 106, 1.0], rtol=1e-6)
+    # b=1 takes k=3: 100 (R=1), 4 (R=0) and both 0.5-distant nodes tied with the 3rd:
+    # own start (R=1) and rollout 1's start (R=0), weight 2 each.
+    # b=2 takes k=1: the two clamped nodes tie, own b=1 and itself (both R=1).
+    np.testing.assert_allclose(estimate.values[0], [0.5, 102 / 108, 1.0], rtol=1e-6)
 
 
 def test_queries_see_only_rewarded_nodes() -> None:

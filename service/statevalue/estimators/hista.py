@@ -9,8 +9,8 @@ Choices beyond the design:
 - A prefix holds the first ``floor(position / stride)`` vectors, but at least one: a
   sequence shorter than the stride is represented by its last smoothed vector alone.
 - Between prefixes of equal length the Chamfer distance is taken over the query's vectors.
-- Candidates are ordered by rollout, then by boundary; ties in distance keep that order
-  (stable sort), so the result is deterministic.
+- Candidates tied with the k-th nearest distance are all neighbours, so the result does
+  not depend on the order of the rollouts (the reference's top-k would pick by position).
 - The k schedule rounds half up.
 """
 
@@ -221,12 +221,15 @@ def hista_values(
     cand_reward = torch.as_tensor(rewards[cands], device=device).repeat_interleave(
         cand_len.shape[1]
     )
-    nearest, order = torch.sort(dist, dim=-1, stable=True)
-    k = min(config.k_max, nearest.shape[-1])
-    nearest, order = nearest[..., :k], order[..., :k]
-    keep = (torch.arange(k, device=device) < query_k[:, :, None]) & torch.isfinite(nearest)
-    weight = torch.where(keep, nearest.pow(-config.tau), 0.0)
-    node_values = ((weight * cand_reward[order]).sum(-1) / weight.sum(-1)).cpu().numpy()
+    # The k-th smallest distance of each query node; every candidate at most that far is a
+    # neighbour, so candidates tied with the k-th (common: identical prompt prefixes, the
+    # d_min clamp) all count and the result does not depend on the rollouts' order.
+    nearest = torch.sort(dist, dim=-1).values
+    available = torch.isfinite(nearest).sum(-1)
+    k = torch.minimum(query_k, available).clamp_min(1)
+    kth = nearest.gather(-1, (k - 1)[:, :, None])
+    weight = torch.where(dist <= kth, dist.pow(-config.tau), 0.0)
+    node_values = ((weight * cand_reward).sum(-1) / weight.sum(-1)).cpu().numpy()
 
     for row, i in enumerate(queries):
         segment_values = np.append(mean, node_values[row, : len(query_b[row])])

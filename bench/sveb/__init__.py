@@ -1,0 +1,1 @@
+"""SVEB-style value-estimation accuracy benchmark on the embedded model."""
