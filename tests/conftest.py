@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from statevalue.backends.embedded import export_embedded_checkpoint
 from statevalue.backends.torch_backend import TorchBackend
 from statevalue.engine import Engine
 from statevalue.schema import GroupInput, RolloutInput
@@ -17,6 +19,12 @@ APPLES = "Tom has 5 apples and buys 3 more. How many apples does he have now?"
 @pytest.fixture(scope="session")
 def backend() -> TorchBackend:
     return TorchBackend("embedded", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def embedded_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The embedded model as a plain float32 safetensors checkpoint directory."""
+    return export_embedded_checkpoint(tmp_path_factory.mktemp("checkpoint") / "smollm2")
 
 
 @pytest.fixture(scope="session")

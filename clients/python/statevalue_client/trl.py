@@ -1,0 +1,128 @@
+"""TRL integration: GRPO with per-token advantages from statevalue instead of the group mean.
+
+    from statevalue_client import ValueClient
+    from statevalue_client.trl import StateValueGRPOTrainer
+
+    trainer = StateValueGRPOTrainer(
+        model=model, reward_funcs=[reward], args=GRPOConfig(...), train_dataset=dataset,
+        processing_class=tokenizer,
+        value_client=ValueClient("localhost:50051"), value_method="hista",
+    )
+    trainer.train()
+
+TRL samples ``num_generations`` completions per prompt as consecutive rows of the global
+generation batch and slices that batch across processes. The trainer gathers every
+process's rows, lets the main process ask the service for the whole batch (groups stay
+whole), broadcasts the answer and keeps its own slice. The loss accepts ``[B, T]``
+advantages, so the service's per-token advantages are used as they are.
+
+Requires ``pip install "statevalue-client[trl]"`` (TRL 1.16).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate.utils import broadcast_object_list, gather_object
+from trl import GRPOTrainer
+
+from statevalue_client.client import ValueClient
+from statevalue_client.flat_batch import groups_from_flat_batch, scatter_to_padded
+
+
+class StateValueGRPOTrainer(GRPOTrainer):
+    """A GRPOTrainer whose advantages come from a statevalue server.
+
+    Args:
+        value_client: a connected :class:`ValueClient`.
+        value_method: ``"hista"``, ``"numca"`` or ``"group_mean"``.
+        value_params: estimator parameters per section, e.g. ``{"hista": {"node_spacing": 10}}``.
+        All other arguments are GRPOTrainer's.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        value_client: ValueClient,
+        value_method: str = "hista",
+        value_params: Mapping[str, Mapping[str, Any]] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.value_client = value_client
+        self.value_method = value_method
+        self.value_params = dict(value_params or {})
+        self._global_rewards: torch.Tensor | None = None
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):  # type: ignore[no-untyped-def]
+        # TRL gathers rewards across processes here; keep the weighted sum for the service.
+        rewards_per_func = super()._calculate_rewards(
+            inputs, prompts, completions, completion_ids_list
+        )
+        weights = self.reward_weights.to(rewards_per_func.device)
+        rewards = (rewards_per_func * weights.unsqueeze(0)).nansum(dim=1)
+        rewards[torch.isnan(rewards_per_func).all(dim=1)] = torch.nan
+        self._global_rewards = rewards.detach().cpu()
+        return rewards_per_func
+
+    def _generate_and_score_completions(self, inputs):  # type: ignore[no-untyped-def]
+        output = super()._generate_and_score_completions(inputs)
+        if not self.model.training:
+            return output
+        assert self._global_rewards is not None
+        local = [
+            (p[m.bool()].cpu().numpy(), c[cm.bool()].cpu().numpy())
+            for p, m, c, cm in zip(
+                output["prompt_ids"],
+                output["prompt_mask"],
+                output["completion_ids"],
+                output["completion_mask"],
+                strict=True,
+            )
+        ]
+        rows = gather_object(local)
+        answer: list[Any] = [None]
+        if self.accelerator.is_main_process:
+            answer = [self._service_advantages(rows, self._global_rewards.numpy())]
+        advantages = broadcast_object_list(answer)[0]
+        start = self.accelerator.process_index * len(local)
+        mine = advantages[start : start + len(local)]
+        width = output["completion_ids"].shape[1]
+        padded = np.zeros((len(local), width), dtype=np.float32)
+        for row, values in enumerate(mine):
+            padded[row, : len(values)] = values
+        output["advantages"] = torch.from_numpy(padded).to(output["completion_ids"].device)
+        return output
+
+    def _service_advantages(
+        self, rows: list[tuple[np.ndarray, np.ndarray]], rewards: np.ndarray
+    ) -> list[np.ndarray]:
+        """Per-row advantages (valid completion tokens only) for the whole global batch."""
+        n = self.num_generations
+        prompt_width = max(len(p) for p, _ in rows)
+        completion_width = max(1, max(len(c) for _, c in rows))
+        prompt_ids = np.zeros((len(rows), prompt_width), dtype=np.int64)
+        prompt_mask = np.zeros_like(prompt_ids)
+        completion_ids = np.zeros((len(rows), completion_width), dtype=np.int64)
+        completion_mask = np.zeros_like(completion_ids)
+        for i, (prompt, completion) in enumerate(rows):
+            prompt_ids[i, prompt_width - len(prompt) :] = prompt
+            prompt_mask[i, prompt_width - len(prompt) :] = 1
+            completion_ids[i, : len(completion)] = completion
+            completion_mask[i, : len(completion)] = 1
+        groups, layout = groups_from_flat_batch(
+            prompt_ids,
+            prompt_mask,
+            completion_ids,
+            completion_mask,
+            rewards,
+            np.arange(len(rows)) // n,
+        )
+        result = self.value_client.estimate(groups, (self.value_method,), **self.value_params)
+        _, advantages = scatter_to_padded(result, layout, completion_mask)[self.value_method]
+        # Unscorable completions (NaN reward) carry no signal, as in TRL.
+        advantages[np.isnan(rewards)] = 0.0
+        return [advantages[i, : len(c)] for i, (_, c) in enumerate(rows)]
