@@ -6,6 +6,8 @@ in step.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -16,6 +18,10 @@ from statevalue.schema import (
     GroupInput,
     RolloutInput,
 )
+
+# Token ids travel as int32 on the gRPC wire; the same range keeps huge JSON integers a
+# schema error instead of an overflow when they become arrays.
+TokenId = Annotated[int, Field(ge=-(2**31), lt=2**31)]
 
 
 class _Wire(BaseModel):
@@ -28,7 +34,7 @@ class ChatMessage(_Wire):
 
 
 class RolloutIn(_Wire):
-    response_ids: list[int] | None = Field(None, description="Response token ids (fast path).")
+    response_ids: list[TokenId] | None = Field(None, description="Response token ids (fast path).")
     response_text: str | None = Field(None, description="Response text, tokenised server-side.")
     reward: float | None = Field(None, description="Scalar reward; omit for a query rollout.")
     token_rewards: list[float] | None = Field(
@@ -41,7 +47,7 @@ class GroupIn(_Wire):
     prompt_id: str | None = Field(
         None, description="Stable id of the prompt across steps: Numca accumulates its table."
     )
-    prompt_ids: list[int] | None = None
+    prompt_ids: list[TokenId] | None = None
     prompt_text: str | None = None
     messages: list[ChatMessage] | None = None
     rollouts: list[RolloutIn]
@@ -73,18 +79,28 @@ class EstimateIn(_Wire):
     methods: list[str] = Field(default_factory=lambda: list(METHODS))
     params: EstimatorConfig = Field(default_factory=EstimatorConfig)
     groups: list[GroupIn]
+    min_model_revision: int = Field(
+        0, ge=0, description="Refuse (409) while the server's weights are older than this."
+    )
 
     def to_request(self) -> EstimateRequest:
         return EstimateRequest(
             groups=[g.to_input() for g in self.groups],
             methods=tuple(self.methods),  # type: ignore[arg-type]
             config=self.params,
+            min_model_revision=self.min_model_revision,
         )
+
+
+class ReloadIn(_Wire):
+    checkpoint: str = Field(description="A checkpoint directory (safetensors) on the server.")
+    version: str = Field("", description="Label for the new weights; default: a file digest.")
 
 
 class ModelOut(_Wire):
     name: str
     version: str
+    revision: int = 0
 
 
 class RolloutOut(_Wire):
@@ -105,7 +121,11 @@ class EstimateOut(_Wire):
     @classmethod
     def from_result(cls, result: EstimateResult) -> EstimateOut:
         return cls(
-            model=ModelOut(name=result.model.name, version=result.model.version),
+            model=ModelOut(
+                name=result.model.name,
+                version=result.model.version,
+                revision=result.model.revision,
+            ),
             groups=[
                 GroupOut(
                     group_id=g.group_id,

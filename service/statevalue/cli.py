@@ -191,7 +191,8 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                 flag, dest=name, action=argparse.BooleanOptionalAction, help=help_text
             )
         else:
-            parser.add_argument(flag, dest=name, type=info.annotation, help=help_text)
+            kind = info.annotation if info.annotation in (int, float) else str
+            parser.add_argument(flag, dest=name, type=kind, help=help_text)
 
 
 def build_parser() -> argparse.ArgumentParser:

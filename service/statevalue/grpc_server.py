@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -13,9 +14,16 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from pydantic import ValidationError
 
+from statevalue.admin import ReloadRefused
 from statevalue.config import METHODS, EstimatorConfig
 from statevalue.metrics import Metrics
-from statevalue.scheduler import DeadlineExpired, NotAccepting, QueueFull, Scheduler
+from statevalue.scheduler import (
+    DeadlineExpired,
+    ModelTooOld,
+    NotAccepting,
+    QueueFull,
+    Scheduler,
+)
 from statevalue.schema import (
     EstimateRequest,
     EstimateResult,
@@ -98,12 +106,15 @@ def request_from_proto(message: pb.EstimateRequest) -> EstimateRequest:
         groups=groups,
         methods=tuple(message.methods) or METHODS,  # type: ignore[arg-type]
         config=params_from_proto(message.params),
+        min_model_revision=message.min_model_revision,
     )
 
 
 def response_to_proto(result: EstimateResult) -> pb.EstimateResponse:
     response = pb.EstimateResponse(
-        model=pb.ModelInfo(name=result.model.name, version=result.model.version),
+        model=pb.ModelInfo(
+            name=result.model.name, version=result.model.version, revision=result.model.revision
+        ),
         forward_seconds=result.forward_seconds,
         estimator_seconds=result.estimator_seconds,
     )
@@ -158,7 +169,14 @@ class ValueServicer(pb_grpc.ValueServiceServicer):
             except DeadlineExpired as exc:
                 code = grpc.StatusCode.DEADLINE_EXCEEDED
                 await context.abort(code, str(exc))
+            except ModelTooOld as exc:
+                code = grpc.StatusCode.FAILED_PRECONDITION
+                await context.abort(code, str(exc))
             return response_to_proto(result)
+        except asyncio.CancelledError:
+            # The caller went away or its deadline passed: no answer is sent.
+            code = grpc.StatusCode.CANCELLED
+            raise
         except Exception as exc:
             if code == grpc.StatusCode.OK and not isinstance(exc, grpc.aio.AbortError):
                 code = grpc.StatusCode.INTERNAL
@@ -186,6 +204,25 @@ class ValueServicer(pb_grpc.ValueServiceServicer):
         if info is None:
             await context.abort(status, "the model is not loaded yet")
         return pb.ModelInfo(**info)
+
+    async def ReloadWeights(
+        self, request: pb.ReloadWeightsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInfo:
+        metadata = dict(context.invocation_metadata() or ())
+        code = grpc.StatusCode.OK
+        try:
+            await self._server.reload(
+                request.checkpoint, request.version or None, metadata.get("authorization")
+            )
+        except ReloadRefused as exc:
+            code = exc.grpc_code
+            await context.abort(code, str(exc))
+        except ValueError as exc:
+            code = grpc.StatusCode.INVALID_ARGUMENT
+            await context.abort(code, f"checkpoint: {exc}")
+        finally:
+            self._metrics.requests.labels("grpc", "ReloadWeights", code.name).inc()
+        return pb.ModelInfo(**self._server.model_info())
 
 
 def build_grpc_server(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 import uuid
 from typing import Any
@@ -10,11 +11,14 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from statevalue import __version__
-from statevalue.api_models import EstimateIn, EstimateOut
+from statevalue.admin import ReloadRefused
+from statevalue.api_models import EstimateIn, EstimateOut, ReloadIn
 from statevalue.metrics import Metrics
-from statevalue.scheduler import DeadlineExpired, NotAccepting, QueueFull
+from statevalue.scheduler import DeadlineExpired, ModelTooOld, NotAccepting, QueueFull
 from statevalue.schema import InvalidRequest
 
 log = logging.getLogger(__name__)
@@ -27,6 +31,66 @@ def _error(status: int, field: str | None, message: str, **headers: str) -> JSON
     return JSONResponse({"detail": detail}, status_code=status, headers=headers or None)
 
 
+def _request_timeout(header: str | None) -> float | None:
+    """Seconds left for the request from the ``x-request-timeout`` header; None if unset."""
+    if not header:
+        return None
+    try:
+        seconds = float(header)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError(f"must be a positive number of seconds, not {header!r}")
+    return seconds
+
+
+class BodyLimit:
+    """413 for request bodies over ``max_bytes``, with or without a Content-Length.
+
+    A body without a length (chunked) is read here, counting, and replayed to the app.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        too_large = _error(413, None, f"request body over the {self.max_bytes}-byte limit")
+        length = Headers(scope=scope).get("content-length")
+        if length is not None:
+            if length.isdigit() and int(length) > self.max_bytes:
+                await too_large(scope, receive, send)
+            else:
+                await self.app(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                await too_large(scope, receive, send)
+                return
+            more = message.get("more_body", False)
+        body: Message | None = {"type": "http.request", "body": b"".join(chunks)}
+
+        async def replay() -> Message:
+            nonlocal body
+            if body is None:
+                return await receive()
+            message, body = body, None
+            return message
+
+        await self.app(scope, replay, send)
+
+
 def create_app(server: Any, metrics: Metrics, *, max_body_bytes: int) -> FastAPI:
     """The HTTP API over ``server`` (a StatevalueServer: scheduler, model info, readiness)."""
     app = FastAPI(
@@ -35,12 +99,7 @@ def create_app(server: Any, metrics: Metrics, *, max_body_bytes: int) -> FastAPI
         description="Per-token state values (Numca, Hista, group mean) for LLM RL trainers.",
     )
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next: Any) -> Response:
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > max_body_bytes:
-            return _error(413, None, f"request body over the {max_body_bytes}-byte limit")
-        return await call_next(request)
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
 
     @app.post(
         "/v1/estimate",
@@ -61,11 +120,13 @@ def create_app(server: Any, metrics: Metrics, *, max_body_bytes: int) -> FastAPI
             if scheduler is None or not scheduler.accepting:
                 status = 503
                 return _error(503, None, "the model is not ready")
-            timeout = request.headers.get("x-request-timeout")
             try:
-                result = await scheduler.submit(
-                    body.to_request(), timeout=float(timeout) if timeout else None
-                )
+                timeout = _request_timeout(request.headers.get("x-request-timeout"))
+            except ValueError as exc:
+                status = 400
+                return _error(400, "x-request-timeout", str(exc))
+            try:
+                result = await scheduler.submit(body.to_request(), timeout=timeout)
             except InvalidRequest as exc:
                 status = 400
                 return _error(400, exc.field, exc.message)
@@ -80,6 +141,9 @@ def create_app(server: Any, metrics: Metrics, *, max_body_bytes: int) -> FastAPI
             except DeadlineExpired as exc:
                 status = 504
                 return _error(504, None, str(exc))
+            except ModelTooOld as exc:
+                status = 409
+                return _error(409, "min_model_revision", str(exc))
             return EstimateOut.from_result(result)
         finally:
             elapsed = time.perf_counter() - started
@@ -100,6 +164,34 @@ def create_app(server: Any, metrics: Metrics, *, max_body_bytes: int) -> FastAPI
         if info is None:
             return _error(503, None, "the model is not loaded yet")
         return info
+
+    @app.post(
+        "/v1/admin/reload",
+        responses={
+            400: {"description": "the checkpoint cannot be loaded into this model"},
+            401: {"description": "missing or wrong admin token"},
+            403: {"description": "reloads are disabled (no --admin-token)"},
+        },
+    )
+    async def reload(body: ReloadIn, request: Request) -> Any:
+        """Load new weights from a checkpoint directory on the server; needs the admin token.
+
+        Accepted requests are not dropped; every answer names the weights that produced it.
+        """
+        status = 200
+        try:
+            await server.reload(
+                body.checkpoint, body.version or None, request.headers.get("authorization")
+            )
+        except ReloadRefused as exc:
+            status = exc.http_status
+            return _error(status, None, str(exc))
+        except ValueError as exc:
+            status = 400
+            return _error(400, "checkpoint", str(exc))
+        finally:
+            metrics.requests.labels("http", "reload", str(status)).inc()
+        return server.model_info()
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

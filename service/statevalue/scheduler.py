@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from statevalue.backends.base import ModelIdentity
 from statevalue.engine import Engine, PreparedRequest
 from statevalue.metrics import Metrics
-from statevalue.schema import EstimateRequest, EstimateResult
+from statevalue.schema import EstimateRequest, EstimateResult, InvalidRequest
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,10 @@ class DeadlineExpired(Exception):
     """The request's deadline passed before its work was done; the work was dropped."""
 
 
+class ModelTooOld(Exception):
+    """The request asked for newer weights than the server holds (reload not landed yet)."""
+
+
 @dataclass(eq=False)
 class _Job:
     prepared: PreparedRequest
@@ -54,6 +59,7 @@ class _Job:
     pending: int = 0
     forward_seconds: float = 0.0
     started: bool = False
+    model: ModelIdentity | None = None
 
     @property
     def tokens(self) -> int:
@@ -147,6 +153,12 @@ class Scheduler:
         """
         if not self._accepting:
             raise NotAccepting("the server is not accepting requests")
+        revision = self.engine.backend.identity.revision
+        if request.min_model_revision > revision:
+            raise ModelTooOld(
+                f"the request needs model revision {request.min_model_revision}, "
+                f"this server has {revision}"
+            )
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         self._in_flight += 1
@@ -158,7 +170,7 @@ class Scheduler:
             for method in prepared.methods:
                 self.metrics.method_requests.labels(method=method).inc()
             if not prepared.needs_hidden_states:
-                return await self._compute(prepared, None, 0.0)
+                return await self._compute(prepared, None, 0.0, self.engine.backend.identity)
             return await self._enqueue(prepared, deadline)
         finally:
             self._in_flight -= 1
@@ -168,6 +180,13 @@ class Scheduler:
     async def _enqueue(self, prepared: PreparedRequest, deadline: float | None) -> EstimateResult:
         loop = asyncio.get_running_loop()
         tokens = prepared.num_tokens
+        if tokens > self.max_queue_tokens:
+            # It would never fit, so "retry later" would be a lie: a permanent error.
+            raise InvalidRequest(
+                "groups",
+                f"the request has {tokens} prompt+response tokens, more than this server "
+                f"queues ({self.max_queue_tokens}); split it",
+            )
         if len(self._jobs) >= self.max_queue_requests:
             raise QueueFull(f"queue is full ({self.max_queue_requests} requests waiting)")
         if self._queued_tokens + tokens > self.max_queue_tokens:
@@ -255,8 +274,8 @@ class Scheduler:
         sequences = [job.sequences[i] for job, i in step]
         tokens = sum(len(s) for s in sequences)
         try:
-            hidden = await loop.run_in_executor(
-                self._model_thread, self.engine.backend.hidden_states, sequences
+            hidden, model = await loop.run_in_executor(
+                self._model_thread, self._model_step, sequences
             )
         except Exception as exc:  # a model failure fails the requests in this step, not the server
             log.exception("forward pass failed")
@@ -271,9 +290,18 @@ class Scheduler:
         self.metrics.batch_sequences.observe(len(sequences))
         self.metrics.batch_tokens.observe(tokens)
         self.metrics.tokens.inc(tokens)
+        for job in jobs:
+            if job.model is not None and job.model != model:
+                # Weights changed under a request split over several steps: start it again
+                # so all its hidden states come from one model.
+                job.hidden = [None] * len(job.sequences)
+                job.pending = len(job.sequences)
+                job.next_index = 0
+            job.model = model
         for (job, index), states in zip(step, hidden, strict=True):
-            job.hidden[index] = states
-            job.pending -= 1
+            if job.hidden[index] is None and job.next_index > index:
+                job.hidden[index] = states
+                job.pending -= 1
         for job in jobs:
             job.forward_seconds += elapsed
             if job.pending == 0:
@@ -283,7 +311,8 @@ class Scheduler:
 
     async def _finish(self, job: _Job) -> None:
         try:
-            result = await self._compute(job.prepared, job.hidden, job.forward_seconds)
+            assert job.model is not None
+            result = await self._compute(job.prepared, job.hidden, job.forward_seconds, job.model)
         except Exception as exc:
             if not job.future.done():
                 job.future.set_exception(exc)
@@ -291,13 +320,41 @@ class Scheduler:
         if not job.future.done():
             job.future.set_result(result)
 
+    def _model_step(self, sequences: list[np.ndarray]) -> tuple[list[torch.Tensor], ModelIdentity]:
+        """One forward step on the model thread, with the identity of the weights it used.
+
+        Reloads run on the same thread, so the identity read here is the one that ran.
+        """
+        backend = self.engine.backend
+        return backend.hidden_states(sequences), backend.identity
+
+    async def reload(self, checkpoint: str, version: str | None = None) -> ModelIdentity:
+        """Swap in the weights of a checkpoint directory without dropping accepted requests.
+
+        The files load beside the running model; the swap itself runs on the model thread
+        between two forward steps.
+        """
+        loop = asyncio.get_running_loop()
+        backend = self.engine.backend
+        weights = await loop.run_in_executor(
+            self._prepare_threads, backend.read_checkpoint, checkpoint
+        )
+        return await loop.run_in_executor(
+            self._model_thread, backend.apply_weights, weights, version
+        )
+
     async def _compute(
-        self, prepared: PreparedRequest, hidden: list[torch.Tensor | None] | None, forward: float
+        self,
+        prepared: PreparedRequest,
+        hidden: list[torch.Tensor | None] | None,
+        forward: float,
+        model: ModelIdentity,
     ) -> EstimateResult:
         loop = asyncio.get_running_loop()
         result = await loop.run_in_executor(
             self._estimator_thread, self.engine.compute, prepared, hidden
         )
+        result.model = model
         result.forward_seconds = forward
         self.metrics.estimator_seconds.observe(result.estimator_seconds)
         return result

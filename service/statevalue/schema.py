@@ -44,6 +44,7 @@ class EstimateRequest:
     groups: list[GroupInput]
     methods: tuple[Method, ...] = ("numca", "hista", "group_mean")
     config: EstimatorConfig = field(default_factory=EstimatorConfig)
+    min_model_revision: int = 0
 
 
 @dataclass

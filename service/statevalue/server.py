@@ -8,14 +8,18 @@ health NOT_SERVING, drain accepted work, stop the front ends.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import socket
+from collections.abc import Iterator
 from typing import Any
 
+import grpc
 import uvicorn
 from grpc_health.v1 import health_pb2
 
+from statevalue.admin import ReloadRefused, check_admin
 from statevalue.backends.base import ModelBackend
 from statevalue.engine import Engine
 from statevalue.grpc_server import SERVICE_NAME, ValueServicer, build_grpc_server
@@ -29,6 +33,19 @@ log = logging.getLogger(__name__)
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class _HttpServer(uvicorn.Server):
+    """uvicorn without signal handlers of its own.
+
+    uvicorn would close the HTTP front end the moment SIGTERM arrives; here the signal goes
+    to :func:`serve`, which keeps /healthz, /readyz (503) and /metrics answering while
+    accepted work drains, and stops HTTP last.
+    """
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
 
 
 class StatevalueServer:
@@ -56,10 +73,11 @@ class StatevalueServer:
             max_connection_age_s=settings.max_connection_age_s,
         )
         app = create_app(self, self.metrics, max_body_bytes=max_bytes)
-        self._http = uvicorn.Server(
+        self._http = _HttpServer(
             uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
         )
         self._http_task: asyncio.Task[None] | None = None
+        self._reload_lock = asyncio.Lock()
         self._load_task: asyncio.Task[None] | None = None
 
     @property
@@ -77,7 +95,21 @@ class StatevalueServer:
             "max_length": backend.max_length,
             "hidden_size": int(getattr(backend, "hidden_size", 0)),
             "device": str(backend.device),
+            "revision": backend.identity.revision,
         }
+
+    async def reload(self, checkpoint: str, version: str | None, authorization: str | None) -> None:
+        """Authenticated weight reload; raises ReloadRefused, or ValueError for a bad checkpoint."""
+        check_admin(authorization, self.settings.admin_token)
+        if self.scheduler is None:
+            raise ReloadRefused(
+                "the model is not loaded yet",
+                http_status=503,
+                grpc_code=grpc.StatusCode.UNAVAILABLE,
+            )
+        async with self._reload_lock:
+            identity = await self.scheduler.reload(checkpoint, version)
+        self.metrics.set_model(identity.name, identity.version)
 
     async def start(self) -> None:
         """Listen on both ports and begin loading the model; returns before it is ready."""

@@ -41,3 +41,6 @@ class ServerSettings(BaseSettings):
     )
     warmup: bool = Field(True, description="run one forward pass before reporting ready")
     log_json: bool = Field(False, description="structured JSON log lines")
+    admin_token: str | None = Field(
+        None, description="bearer token that allows weight reloads (unset: reloads disabled)"
+    )

@@ -63,6 +63,7 @@ class ModelInfo:
     max_length: int = 0
     hidden_size: int = 0
     device: str = ""
+    revision: int = 0
 
 
 @dataclass
@@ -85,10 +86,13 @@ def channel_options(max_message_bytes: int, round_robin: bool) -> list[tuple[str
 
 
 def build_request(
-    groups: Iterable[Group], methods: Sequence[str], params: Mapping[str, Mapping[str, Any]]
+    groups: Iterable[Group],
+    methods: Sequence[str],
+    params: Mapping[str, Mapping[str, Any]],
+    min_model_revision: int = 0,
 ) -> pb.EstimateRequest:
     """The protobuf request for ``groups``; ``params`` maps numca/hista/advantage to fields."""
-    request = pb.EstimateRequest(methods=list(methods))
+    request = pb.EstimateRequest(methods=list(methods), min_model_revision=min_model_revision)
     for section, values in params.items():
         if section not in ("numca", "hista", "advantage"):
             raise ValueError(f"unknown parameter section {section!r}: numca, hista or advantage")
@@ -124,6 +128,7 @@ def parse_model(info: pb.ModelInfo) -> ModelInfo:
         max_length=info.max_length,
         hidden_size=info.hidden_size,
         device=info.device,
+        revision=info.revision,
     )
 
 
@@ -204,18 +209,37 @@ class ValueClient:
         methods: Sequence[str] = DEFAULT_METHODS,
         *,
         timeout: float | None = None,
+        min_model_revision: int = 0,
         **params: Mapping[str, Any],
     ) -> EstimateResult:
         """Values and advantages for ``groups``.
 
         ``params`` are per-section estimator parameters, e.g.
-        ``hista={"d_min": 2.0}, advantage={"scale": "none"}``.
+        ``hista={"d_min": 2.0}, advantage={"scale": "none"}``. ``min_model_revision``
+        makes the server refuse (FAILED_PRECONDITION) while its weights are older.
         """
-        request = build_request(groups, methods, params)
+        request = build_request(groups, methods, params, min_model_revision)
         return parse_response(self._call(self._stub.Estimate, request, timeout))
 
     def model_info(self, *, timeout: float | None = None) -> ModelInfo:
         return parse_model(self._call(self._stub.GetModelInfo, pb.GetModelInfoRequest(), timeout))
+
+    def reload_weights(
+        self,
+        checkpoint: str,
+        *,
+        admin_token: str,
+        version: str = "",
+        timeout: float | None = None,
+    ) -> ModelInfo:
+        """Load the checkpoint directory ``checkpoint`` (a path on the server) as new weights."""
+        request = pb.ReloadWeightsRequest(checkpoint=checkpoint, version=version)
+        response = self._stub.ReloadWeights(
+            request,
+            timeout=timeout or self.timeout,
+            metadata=(("authorization", f"Bearer {admin_token}"),),
+        )
+        return parse_model(response)
 
     def close(self) -> None:
         self._channel.close()
@@ -265,14 +289,32 @@ class AsyncValueClient:
         methods: Sequence[str] = DEFAULT_METHODS,
         *,
         timeout: float | None = None,
+        min_model_revision: int = 0,
         **params: Mapping[str, Any],
     ) -> EstimateResult:
         """Values and advantages for ``groups`` (see :meth:`ValueClient.estimate`)."""
-        request = build_request(groups, methods, params)
+        request = build_request(groups, methods, params, min_model_revision)
         return parse_response(await self._call(self._stub.Estimate, request, timeout))
 
     async def model_info(self, *, timeout: float | None = None) -> ModelInfo:
         response = await self._call(self._stub.GetModelInfo, pb.GetModelInfoRequest(), timeout)
+        return parse_model(response)
+
+    async def reload_weights(
+        self,
+        checkpoint: str,
+        *,
+        admin_token: str,
+        version: str = "",
+        timeout: float | None = None,
+    ) -> ModelInfo:
+        """Load the checkpoint directory ``checkpoint`` (a path on the server) as new weights."""
+        request = pb.ReloadWeightsRequest(checkpoint=checkpoint, version=version)
+        response = await self._stub.ReloadWeights(
+            request,
+            timeout=timeout or self.timeout,
+            metadata=(("authorization", f"Bearer {admin_token}"),),
+        )
         return parse_model(response)
 
     async def close(self) -> None:

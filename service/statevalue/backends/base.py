@@ -12,9 +12,23 @@ import torch
 
 @dataclass(frozen=True)
 class ModelIdentity:
-    """Which weights produced the hidden states: a name and a content-derived version."""
+    """Which weights produced the hidden states.
+
+    ``version`` is derived from the weights' files (or given by the trainer on reload);
+    ``revision`` counts weight reloads since the server started, so "at least revision N"
+    is a simple comparison.
+    """
 
     name: str
+    version: str
+    revision: int = 0
+
+
+@dataclass(frozen=True)
+class LoadedWeights:
+    """A checkpoint's tensors, read and checked, ready to swap into the running model."""
+
+    tensors: dict[str, torch.Tensor]
     version: str
 
 
@@ -42,4 +56,12 @@ class ModelBackend(Protocol):
 
     def hidden_states(self, sequences: Sequence[np.ndarray]) -> list[torch.Tensor]:
         """Hidden states of the configured layer: one (len(seq), hidden) tensor per sequence."""
+        ...
+
+    def read_checkpoint(self, checkpoint: str) -> LoadedWeights:
+        """Load a checkpoint directory's weights into memory, checked against the model."""
+        ...
+
+    def apply_weights(self, weights: LoadedWeights, version: str | None = None) -> ModelIdentity:
+        """Swap in weights from ``read_checkpoint``; returns the new identity."""
         ...

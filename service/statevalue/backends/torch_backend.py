@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from statevalue.backends.base import ModelIdentity
+from statevalue.backends.base import LoadedWeights, ModelIdentity
 from statevalue.backends.embedded import EMBEDDED_MODEL, EMBEDDED_NAME, embedded_model_file
 
 log = logging.getLogger(__name__)
@@ -189,6 +189,62 @@ class TorchBackend:
                 for row, index in enumerate(batch):
                     out[index] = states[row, : lengths[index]].float()
         return [state for state in out if state is not None]
+
+    def read_checkpoint(self, checkpoint: str) -> LoadedWeights:
+        """The weights of a Hugging Face checkpoint directory (safetensors), checked for fit.
+
+        Runs without the model lock, so forward passes go on while the files load.
+
+        Raises:
+            ValueError: no safetensors files, or names/shapes that do not fit this model.
+        """
+        from safetensors.torch import load_file
+
+        directory = Path(checkpoint)
+        files = sorted(directory.glob("*.safetensors")) if directory.is_dir() else []
+        if not files:
+            raise ValueError(f"{checkpoint}: not a directory with .safetensors files")
+        weights: dict[str, torch.Tensor] = {}
+        for file in files:
+            weights.update(load_file(str(file)))
+        expected = self._causal_lm.state_dict()
+        unknown = sorted(set(weights) - set(expected))
+        if unknown:
+            raise ValueError(f"{checkpoint}: weights this model does not have: {unknown[:3]}")
+        # Tied output embeddings are usually not stored; everything else must be there.
+        tied = (
+            {"lm_head.weight"}
+            if getattr(self._causal_lm.config, "tie_word_embeddings", False)
+            else set()
+        )
+        missing = sorted(set(expected) - set(weights) - tied)
+        if missing:
+            raise ValueError(f"{checkpoint}: missing weights: {missing[:3]}")
+        for name, tensor in weights.items():
+            if tensor.shape != expected[name].shape:
+                raise ValueError(
+                    f"{checkpoint}: {name} has shape {tuple(tensor.shape)}, "
+                    f"the model {tuple(expected[name].shape)}"
+                )
+        return LoadedWeights(tensors=weights, version=_directory_digest(directory))
+
+    def apply_weights(self, weights: LoadedWeights, version: str | None = None) -> ModelIdentity:
+        """Copy ``weights`` into the model in place (under the model lock) and bump the revision.
+
+        Requests already queued are not dropped: they run before or after the swap, and each
+        answer names the weights that produced it.
+        """
+        with self._lock, torch.no_grad():
+            self._causal_lm.load_state_dict(weights.tensors, strict=False)
+            self._identity = ModelIdentity(
+                name=self._identity.name,
+                version=version or weights.version,
+                revision=self._identity.revision + 1,
+            )
+        log.info(
+            "weights reloaded: %s revision %d", self._identity.version, self._identity.revision
+        )
+        return self._identity
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if self._layer == -1:

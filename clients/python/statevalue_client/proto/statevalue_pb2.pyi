@@ -100,14 +100,16 @@ class EstimatorParams(_message.Message):
     def __init__(self, numca: _Optional[_Union[NumcaParams, _Mapping]] = ..., hista: _Optional[_Union[HistaParams, _Mapping]] = ..., advantage: _Optional[_Union[AdvantageParams, _Mapping]] = ...) -> None: ...
 
 class EstimateRequest(_message.Message):
-    __slots__ = ("methods", "params", "groups")
+    __slots__ = ("methods", "params", "groups", "min_model_revision")
     METHODS_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     GROUPS_FIELD_NUMBER: _ClassVar[int]
+    MIN_MODEL_REVISION_FIELD_NUMBER: _ClassVar[int]
     methods: _containers.RepeatedScalarFieldContainer[str]
     params: EstimatorParams
     groups: _containers.RepeatedCompositeFieldContainer[Group]
-    def __init__(self, methods: _Optional[_Iterable[str]] = ..., params: _Optional[_Union[EstimatorParams, _Mapping]] = ..., groups: _Optional[_Iterable[_Union[Group, _Mapping]]] = ...) -> None: ...
+    min_model_revision: int
+    def __init__(self, methods: _Optional[_Iterable[str]] = ..., params: _Optional[_Union[EstimatorParams, _Mapping]] = ..., groups: _Optional[_Iterable[_Union[Group, _Mapping]]] = ..., min_model_revision: _Optional[int] = ...) -> None: ...
 
 class MethodOutput(_message.Message):
     __slots__ = ("values", "advantages", "boundaries")
@@ -159,17 +161,27 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "vocab_size", "max_length", "hidden_size", "device")
+    __slots__ = ("name", "version", "vocab_size", "max_length", "hidden_size", "device", "revision")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     vocab_size: int
     max_length: int
     hidden_size: int
     device: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_length: _Optional[int] = ..., hidden_size: _Optional[int] = ..., device: _Optional[str] = ...) -> None: ...
+    revision: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_length: _Optional[int] = ..., hidden_size: _Optional[int] = ..., device: _Optional[str] = ..., revision: _Optional[int] = ...) -> None: ...
+
+class ReloadWeightsRequest(_message.Message):
+    __slots__ = ("checkpoint", "version")
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    checkpoint: str
+    version: str
+    def __init__(self, checkpoint: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...

@@ -45,6 +45,11 @@ class ValueServiceStub:
                 request_serializer=statevalue_dot_v1_dot_statevalue__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=statevalue_dot_v1_dot_statevalue__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.ReloadWeights = channel.unary_unary(
+                '/statevalue.v1.ValueService/ReloadWeights',
+                request_serializer=statevalue_dot_v1_dot_statevalue__pb2.ReloadWeightsRequest.SerializeToString,
+                response_deserializer=statevalue_dot_v1_dot_statevalue__pb2.ModelInfo.FromString,
+                _registered_method=True)
 
 
 class ValueServiceServicer:
@@ -64,6 +69,14 @@ class ValueServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReloadWeights(self, request, context):
+        """Admin: load new weights (a checkpoint directory on the server) without dropping
+        requests. Needs metadata "authorization: Bearer <admin token>".
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ValueServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -75,6 +88,11 @@ def add_ValueServiceServicer_to_server(servicer, server):
             'GetModelInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModelInfo,
                     request_deserializer=statevalue_dot_v1_dot_statevalue__pb2.GetModelInfoRequest.FromString,
+                    response_serializer=statevalue_dot_v1_dot_statevalue__pb2.ModelInfo.SerializeToString,
+            ),
+            'ReloadWeights': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReloadWeights,
+                    request_deserializer=statevalue_dot_v1_dot_statevalue__pb2.ReloadWeightsRequest.FromString,
                     response_serializer=statevalue_dot_v1_dot_statevalue__pb2.ModelInfo.SerializeToString,
             ),
     }
@@ -131,6 +149,33 @@ class ValueService:
             target,
             '/statevalue.v1.ValueService/GetModelInfo',
             statevalue_dot_v1_dot_statevalue__pb2.GetModelInfoRequest.SerializeToString,
+            statevalue_dot_v1_dot_statevalue__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReloadWeights(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/statevalue.v1.ValueService/ReloadWeights',
+            statevalue_dot_v1_dot_statevalue__pb2.ReloadWeightsRequest.SerializeToString,
             statevalue_dot_v1_dot_statevalue__pb2.ModelInfo.FromString,
             options,
             channel_credentials,
