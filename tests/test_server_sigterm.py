@@ -1,0 +1,125 @@
+"""``statevalue serve`` as a process: SIGTERM lets an in-flight request finish, exit code 0."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from statevalue_client import Group, Rollout, ValueClient
+from tests.servers import free_port, metric_value, wait_for
+
+ROLLOUTS, LENGTH = 8, 300
+
+
+@pytest.fixture
+def serve_process(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], int, int, Path]]:
+    """A ``statevalue serve`` subprocess on free loopback ports, killed if still running."""
+    grpc_port, http_port = free_port(), free_port()
+    log = tmp_path / "serve.log"
+    with log.open("w") as output:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "statevalue.cli",
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--grpc-port",
+                str(grpc_port),
+                "--http-port",
+                str(http_port),
+                "--device",
+                "cpu",
+                "--shutdown-grace-s",
+                "300",
+            ],
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+    try:
+        yield process, grpc_port, http_port, log
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(timeout=60)
+
+
+def _ready(process: subprocess.Popen[str], http_port: int) -> bool:
+    if process.poll() is not None:
+        raise AssertionError(f"serve exited early with {process.returncode}")
+    try:
+        return httpx.get(f"http://127.0.0.1:{http_port}/readyz", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def _status(http_port: int, path: str) -> int | None:
+    """The HTTP status of ``path``, or None when nothing listens."""
+    try:
+        return httpx.get(f"http://127.0.0.1:{http_port}{path}", timeout=5).status_code
+    except httpx.TransportError:
+        return None
+
+
+def _queued(http_port: int) -> bool:
+    page = httpx.get(f"http://127.0.0.1:{http_port}/metrics", timeout=10).text
+    return metric_value(page, "statevalue_queue_depth") >= 1
+
+
+@pytest.mark.slow
+def test_sigterm_drains_the_in_flight_request(
+    serve_process: tuple[subprocess.Popen[str], int, int, Path],
+) -> None:
+    process, grpc_port, http_port, log = serve_process
+    wait_for(lambda: _ready(process, http_port), timeout=300, what="serve to be ready")
+    # Any in-vocabulary ids do: the subprocess has its own model, this test needs none.
+    ids = np.random.default_rng(0).integers(100, 40_000, size=(ROLLOUTS + 1, LENGTH))
+    group = Group(
+        prompt_ids=ids[0, :40].astype(np.int32),
+        rollouts=[Rollout(ids[j + 1].astype(np.int32), float(j % 2)) for j in range(ROLLOUTS)],
+        group_id="long",
+    )
+    with ValueClient(f"127.0.0.1:{grpc_port}", retries=0, timeout=600) as client:
+        with ThreadPoolExecutor(1) as threads:
+            answer = threads.submit(client.estimate, [group], ["hista", "group_mean"])
+            wait_for(lambda: _queued(http_port), timeout=60, what="the request to be accepted")
+            in_flight = not answer.done()
+            process.send_signal(signal.SIGTERM)
+            # Draining: not ready, still alive, and HTTP still answers until the work is done.
+            wait_for(lambda: _status(http_port, "/readyz") == 503, timeout=30, what="503")
+            assert _status(http_port, "/healthz") == 200
+            with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+                health = health_pb2_grpc.HealthStub(channel)
+                status = health.Check(health_pb2.HealthCheckRequest(), timeout=10).status
+            assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+            still_in_flight = not answer.done()
+            result = answer.result(timeout=600)
+    assert process.wait(timeout=300) == 0, log.read_text()
+    output = log.read_text()
+    assert "shutting down" in output and "stopped (drained)" in output
+    assert in_flight and still_in_flight
+    assert result.model.name == "SmolLM2-135M-Instruct"
+    (out,) = result.groups
+    assert out.group_id == "long" and len(out.rollouts) == ROLLOUTS
+    for j, rollout in enumerate(out.rollouts):
+        for method in ("hista", "group_mean"):
+            assert rollout.values[method].shape == (LENGTH,)
+            assert rollout.advantages[method].shape == (LENGTH,)
+            assert np.isfinite(rollout.values[method]).all()
+        # Group-mean advantage = (R - mean) / std: rewards alternate 0, 1.
+        assert np.sign(rollout.advantages["group_mean"][0]) == (1 if j % 2 else -1)
+    # The port is closed once the process is gone.
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"http://127.0.0.1:{http_port}/healthz", timeout=2)
