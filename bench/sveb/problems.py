@@ -31,15 +31,15 @@ class Problem:
 
 def _add(rng: random.Random) -> Problem:
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
-    a, b = rng.randint(3, 19), rng.randint(2, 15)
+    a, b = rng.randint(2, 9), rng.randint(2, 5)
     question = f"{name} has {a} {item} and buys {b} more. How many {item} does {name} have now?"
     return Problem("add", question, a + b)
 
 
 def _sub(rng: random.Random) -> Problem:
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
-    a = rng.randint(8, 30)
-    b = rng.randint(2, a - 3)
+    a = rng.randint(5, 12)
+    b = rng.randint(1, 4)
     question = f"{name} had {a} {item} and gave {b} of them to a friend. How many {item} are left?"
     return Problem("sub", question, a - b)
 
@@ -47,7 +47,7 @@ def _sub(rng: random.Random) -> Problem:
 def _mul(rng: random.Random) -> Problem:
     item = rng.choice(ITEMS)
     one, many = rng.choice(CONTAINERS)
-    a, b = rng.randint(2, 9), rng.randint(2, 9)
+    a, b = rng.randint(2, 6), rng.randint(2, 4)
     question = f"A {one} holds {a} {item}. How many {item} are in {b} {many}?"
     return Problem("mul", question, a * b)
 
@@ -65,10 +65,9 @@ def _div(rng: random.Random) -> Problem:
 
 def _two_step(rng: random.Random) -> Problem:
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
-    a, b = rng.randint(5, 20), rng.randint(2, 12)
-    c = rng.randint(1, a + b - 2)
+    a, b, c = rng.randint(4, 9), rng.randint(2, 4), rng.randint(1, 2)
     question = (
-        f"{name} has {a} {item}, buys {b} more and then gives away {c}. "
+        f"{name} has {a} {item}. {name} finds {b} more and then loses {c}. "
         f"How many {item} does {name} have now?"
     )
     return Problem("two_step", question, a + b - c)

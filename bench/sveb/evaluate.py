@@ -1,0 +1,614 @@
+"""Evaluate value estimators on an SVEB-style set (see ``bench/sveb/generate.py``).
+
+Every group of the chosen split goes through the statevalue service — the public gRPC
+client against ``--target host:port``, or the engine in-process with ``--in-process`` —
+and the value ``values[i][t]`` at each benchmark state (response i, position t) is compared
+with the state's Monte Carlo target (mean reward of its K continuations).
+
+Methods in the table:
+
+- group mean, Numca (digits / decimal, reference merge distance 50, and calibrated),
+  Hista (reference defaults and calibrated) — from the service;
+- shrinkage: V = ½·R_i + ½·R̄ (own reward and group mean mixed);
+- learned critic: a ridge-regression value head on the policy's last-layer hidden state of
+  each state (the hidden state of its last token), trained on the train split to regress
+  every token to its rollout's reward — the PPO-critic stand-in;
+- MC-1 / MC-2 noise floors: for each state with continuation rewards c_1..c_K, the mean
+  over every choice of 1 (or 2) continuations of |mean(chosen) − mean(remaining K−1 or
+  K−2)|. They estimate the error of a 1- or 2-sample Monte Carlo estimate; their target
+  (the remaining continuations) is slightly noisier than the K-sample target used for
+  every other row, which inflates them a little.
+- with ``--prototypes`` (in-process only): Hista with d_min relative to the group's
+  distance scale and Numca shrunk towards the parent state (``bench/sveb/prototypes.py``).
+
+MAE ± standard error: the standard error is clustered by prompt (the states of one group
+share its responses). "closer" is the fraction of states where the method is strictly
+closer to the target than the group mean; "ratio" is MAE / group-mean MAE.
+
+Example::
+
+    nice -n 10 python -m bench.sveb.evaluate --in-process --split test --by-family
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import json
+import os
+import platform
+import shlex
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from statevalue.config import EstimatorConfig, HistaConfig, NumcaConfig  # noqa: E402
+
+# Best on the dev split (bench/sveb/results/calibrated.json, 10 states: noisy); see
+# docs/benchmarks.md.
+CALIBRATED_HISTA = "node_spacing=10,d_min=5.0,k_max=66,k_min=6"
+CALIBRATED_NUMCA = "number_pattern=digits,merge_distance=50"
+PROTO_HISTA_RELATIVE = "node_spacing=10,k_max=66,k_min=6,relative_d_min=0.5"
+# Best shrinking setting on dev (prior_count=0, plain Numca, was best overall there).
+PROTO_NUMCA_SHRINK = "number_pattern=digits,merge_distance=5,prior_count=2"
+
+
+# -- data ------------------------------------------------------------------------------
+
+
+def load_records(data_dir: Path, split: str) -> list[dict[str, Any]]:
+    """The JSON records of one split, in file order (complete lines only)."""
+    path = data_dir / f"{split}.jsonl"
+    if not path.exists():
+        raise SystemExit(f"{path} does not exist: run bench/sveb/generate.py first")
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def parse_params(text: str) -> dict[str, str]:
+    """``"a=1,b=x"`` -> {"a": "1", "b": "x"}; empty text gives {}."""
+    out = {}
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"expected name=value, got {item!r}")
+        out[name.strip()] = value.strip()
+    return out
+
+
+# -- method specs ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """One service method under one parameter set, shown as one row."""
+
+    label: str
+    method: str
+    numca: NumcaConfig = field(default_factory=NumcaConfig)
+    hista: HistaConfig = field(default_factory=HistaConfig)
+
+    def config(self) -> EstimatorConfig:
+        return EstimatorConfig(numca=self.numca, hista=self.hista)
+
+    def client_params(self) -> dict[str, dict[str, Any]]:
+        """Explicit parameters for the gRPC client (every field, so defaults cannot drift)."""
+        if self.method == "numca":
+            return {"numca": self.numca.model_dump()}
+        if self.method == "hista":
+            return {"hista": self.hista.model_dump()}
+        return {}
+
+
+def engine_specs(hista_calibrated: str, numca_calibrated: str) -> list[EngineSpec]:
+    """The service rows of the table."""
+    return [
+        EngineSpec("group mean", "group_mean"),
+        EngineSpec("numca digits (ref)", "numca", numca=NumcaConfig(number_pattern="digits")),
+        EngineSpec("numca decimal (ref)", "numca", numca=NumcaConfig(number_pattern="decimal")),
+        EngineSpec(
+            "numca calibrated", "numca", numca=NumcaConfig(**parse_params(numca_calibrated))
+        ),
+        EngineSpec("hista (ref)", "hista"),
+        EngineSpec(
+            "hista calibrated", "hista", hista=HistaConfig(**parse_params(hista_calibrated))
+        ),
+    ]
+
+
+# -- value sources ---------------------------------------------------------------------
+
+
+def group_hidden(backend: Any, record: dict[str, Any]) -> list[torch.Tensor]:
+    """Hidden states (the backend's layer) of prompt+response of every rollout of a group."""
+    prompt = np.asarray(record["prompt_ids"], dtype=np.int64)
+    return backend.hidden_states(
+        [
+            np.concatenate([prompt, np.asarray(r["ids"], dtype=np.int64)])
+            for r in record["responses"]
+        ]
+    )
+
+
+class InProcessSource:
+    """Engine + TorchBackend in this process; hidden states computed once per group."""
+
+    def __init__(self, backend: Any) -> None:
+        from statevalue.engine import Engine
+
+        self.backend = backend
+        self.engine = Engine(backend)
+
+    def group_input(self, record: dict[str, Any]) -> Any:
+        from statevalue.schema import GroupInput, RolloutInput
+
+        return GroupInput(
+            group_id=record["id"],
+            prompt_ids=np.asarray(record["prompt_ids"], dtype=np.int64),
+            rollouts=[
+                RolloutInput(response_ids=np.asarray(r["ids"], dtype=np.int64), reward=r["reward"])
+                for r in record["responses"]
+            ],
+        )
+
+    def values(
+        self, record: dict[str, Any], specs: Sequence[EngineSpec], hidden: list[torch.Tensor]
+    ) -> dict[str, list[np.ndarray]]:
+        """Per spec label: the value arrays of every response."""
+        from statevalue.engine import PreparedRequest
+        from statevalue.schema import EstimateRequest
+
+        prepared = self.engine.prepare(
+            EstimateRequest(groups=[self.group_input(record)], methods=("group_mean",))
+        )
+        out = {}
+        for spec in specs:
+            request = PreparedRequest(
+                groups=prepared.groups, methods=(spec.method,), config=spec.config()
+            )
+            result = self.engine.compute(request, hidden)
+            out[spec.label] = [r.values[spec.method] for r in result.groups[0].rollouts]
+        return out
+
+
+class ClientSource:
+    """The public gRPC client against a running server."""
+
+    def __init__(self, target: str) -> None:
+        from statevalue_client import ValueClient
+
+        self.client = ValueClient(target, timeout=300.0)
+
+    def values(
+        self, record: dict[str, Any], specs: Sequence[EngineSpec], hidden: Any = None
+    ) -> dict[str, list[np.ndarray]]:
+        from statevalue_client import Group, Rollout
+
+        group = Group(
+            group_id=record["id"],
+            prompt_ids=record["prompt_ids"],
+            rollouts=[
+                Rollout(response_ids=r["ids"], reward=r["reward"]) for r in record["responses"]
+            ],
+        )
+        out = {}
+        for spec in specs:
+            result = self.client.estimate([group], methods=[spec.method], **spec.client_params())
+            out[spec.label] = [r.values[spec.method] for r in result.groups[0].rollouts]
+        return out
+
+
+# -- learned critic --------------------------------------------------------------------
+
+
+def state_features(hidden: torch.Tensor, prompt_len: int, length: int) -> torch.Tensor:
+    """Hidden state of the last token of each state prompt + response[:t], t = 0..length-1."""
+    return hidden[prompt_len - 1 : prompt_len - 1 + length]
+
+
+class RidgeCritic:
+    """A linear value head on standardised hidden states, fitted in closed form (ridge).
+
+    Sufficient statistics are accumulated group by group, so the training set never has to
+    sit in memory at once. The ridge strength is picked on a held-out fifth of the train
+    prompts, then the head is refitted on all of them. Predictions are clipped to [0, 1].
+    """
+
+    LAMBDAS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+
+    def __init__(self) -> None:
+        self.mean: np.ndarray | None = None
+        self.scale: np.ndarray | None = None
+        self.weight: np.ndarray | None = None
+        self.bias = 0.0
+        self.lam = 0.0
+
+    @staticmethod
+    def _solve(
+        stats: dict[str, Any], lam: float
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+        n = stats["n"]
+        mean = stats["sx"] / n
+        ybar = stats["sy"] / n
+        cov = stats["xx"] / n - np.outer(mean, mean)
+        cxy = stats["xy"] / n - mean * ybar
+        scale = np.sqrt(np.clip(np.diag(cov), 1e-12, None))
+        cov_s = cov / np.outer(scale, scale)
+        w_s = np.linalg.solve(cov_s + lam * np.eye(len(scale)), cxy / scale)
+        return mean, scale, w_s / scale, ybar
+
+    @staticmethod
+    def _accumulate(stats: dict[str, Any], x: np.ndarray, y: np.ndarray) -> None:
+        stats["n"] += len(y)
+        stats["sx"] += x.sum(0)
+        stats["sy"] += y.sum()
+        stats["xx"] += x.T @ x
+        stats["xy"] += x.T @ y
+
+    def fit(self, groups: Sequence[tuple[np.ndarray, np.ndarray]]) -> None:
+        """Fit on (features (n, H), targets (n,)) per prompt."""
+        dim = groups[0][0].shape[1]
+
+        def empty() -> dict[str, Any]:
+            return {
+                "n": 0,
+                "sx": np.zeros(dim),
+                "sy": 0.0,
+                "xx": np.zeros((dim, dim)),
+                "xy": np.zeros(dim),
+            }
+
+        fit_stats, all_stats = empty(), empty()
+        held_out = []
+        for index, (x, y) in enumerate(groups):
+            x64, y64 = x.astype(np.float64), y.astype(np.float64)
+            self._accumulate(all_stats, x64, y64)
+            if index % 5 == 4:
+                held_out.append((x64, y64))
+            else:
+                self._accumulate(fit_stats, x64, y64)
+        best = (np.inf, self.LAMBDAS[0])
+        if held_out and fit_stats["n"]:
+            for lam in self.LAMBDAS:
+                mean, _, weight, ybar = self._solve(fit_stats, lam)
+                err = np.mean(
+                    [
+                        np.abs(np.clip((x - mean) @ weight + ybar, 0, 1) - y).mean()
+                        for x, y in held_out
+                    ]
+                )
+                best = min(best, (float(err), lam))
+        self.lam = best[1]
+        self.mean, self.scale, self.weight, self.bias = self._solve(all_stats, self.lam)
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        assert self.mean is not None and self.weight is not None
+        return np.clip((x.astype(np.float64) - self.mean) @ self.weight + self.bias, 0.0, 1.0)
+
+
+def train_critic(backend: Any, records: Sequence[dict[str, Any]], progress: bool) -> RidgeCritic:
+    """Fit the ridge critic on every token of every train rollout (target: its reward)."""
+    from tqdm import tqdm
+
+    groups = []
+    for record in tqdm(records, desc="critic features", disable=not progress):
+        prompt_len = len(record["prompt_ids"])
+        hidden = group_hidden(backend, record)
+        xs, ys = [], []
+        for h, r in zip(hidden, record["responses"], strict=True):
+            xs.append(state_features(h, prompt_len, len(r["ids"])).cpu().numpy())
+            ys.append(np.full(len(r["ids"]), r["reward"]))
+        groups.append((np.concatenate(xs), np.concatenate(ys)))
+    critic = RidgeCritic()
+    critic.fit(groups)
+    return critic
+
+
+# -- metrics ---------------------------------------------------------------------------
+
+
+def mc_floor_errors(rewards: Sequence[float], samples: int) -> float:
+    """Mean over every choice of ``samples`` continuations of |their mean − the others' mean|.
+
+    NaN when fewer than ``samples`` + 1 continuations exist.
+    """
+    c = np.asarray(rewards, dtype=np.float64)
+    if samples >= len(c):
+        return float("nan")  # nothing left to compare with
+    errors = []
+    for chosen in itertools.combinations(range(len(c)), samples):
+        rest = np.delete(c, chosen)
+        errors.append(abs(c[list(chosen)].mean() - rest.mean()))
+    return float(np.mean(errors))
+
+
+@dataclass
+class StateRow:
+    """One benchmark state: where it is, its target, and every method's estimate or error."""
+
+    prompt: str
+    family: str
+    target: float
+    estimates: dict[str, float] = field(default_factory=dict)
+    floors: dict[str, float] = field(default_factory=dict)
+
+
+def clustered_mae(errors: np.ndarray, clusters: Sequence[str]) -> tuple[float, float]:
+    """MAE and its standard error clustered by prompt (ratio estimator)."""
+    mae = float(errors.mean())
+    keys = sorted(set(clusters))
+    if len(keys) < 2:
+        return mae, float("nan")
+    index = {k: i for i, k in enumerate(keys)}
+    ids = np.array([index[c] for c in clusters])
+    sums = np.bincount(ids, weights=errors, minlength=len(keys))
+    counts = np.bincount(ids, minlength=len(keys))
+    resid = sums - counts * mae
+    se = np.sqrt((resid**2).sum() * len(keys) / (len(keys) - 1)) / len(errors)
+    return mae, float(se)
+
+
+def summary_table(rows: Sequence[StateRow], methods: Sequence[str], floors: Sequence[str]) -> str:
+    """Markdown table: MAE ± SE, ratio to group mean, fraction closer than group mean."""
+    clusters = [r.prompt for r in rows]
+    targets = np.array([r.target for r in rows])
+    gm_err = np.abs(np.array([r.estimates["group mean"] for r in rows]) - targets)
+    gm_mae = gm_err.mean()
+    lines = [
+        "| method | MAE ± SE | ratio to group mean | closer than group mean | ties |",
+        "|---|---|---|---|---|",
+    ]
+    for method in methods:
+        err = np.abs(np.array([r.estimates[method] for r in rows]) - targets)
+        mae, se = clustered_mae(err, clusters)
+        closer = float(np.mean(err < gm_err - 1e-9))
+        ties = float(np.mean(np.abs(err - gm_err) <= 1e-9))
+        lines.append(
+            f"| {method} | {mae:.4f} ± {se:.4f} | {mae / gm_mae:.3f} | {closer:.2f} | {ties:.2f} |"
+        )
+    for name in floors:
+        err = np.array([r.floors[name] for r in rows])
+        mae, se = clustered_mae(err, clusters)
+        lines.append(f"| {name} | {mae:.4f} ± {se:.4f} | {mae / gm_mae:.3f} | — | — |")
+    return "\n".join(lines)
+
+
+def family_table(rows: Sequence[StateRow], methods: Sequence[str], floors: Sequence[str]) -> str:
+    """Markdown table: MAE per family (columns) and method (rows), with state counts."""
+    families = sorted({r.family for r in rows})
+    by_family = {f: [r for r in rows if r.family == f] for f in families}
+    header = "| method | " + " | ".join(f"{f} (n={len(by_family[f])})" for f in families) + " |"
+    lines = [header, "|---|" + "---|" * len(families)]
+
+    def mae(subset: Sequence[StateRow], get: Callable[[StateRow], float]) -> str:
+        return f"{np.mean([get(r) for r in subset]):.3f}"
+
+    for method in methods:
+        cells = [
+            mae(by_family[f], lambda r, m=method: abs(r.estimates[m] - r.target)) for f in families
+        ]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    for name in floors:
+        cells = [mae(by_family[f], lambda r, n=name: r.floors[n]) for f in families]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def data_summary(records: Sequence[dict[str, Any]], rows: Sequence[StateRow]) -> str:
+    """One paragraph on the evaluated set."""
+    lengths = [len(r["ids"]) for rec in records for r in rec["responses"]]
+    passes = [np.mean(rec["rewards"]) for rec in records]
+    mixed = np.mean([0 < p < 1 for p in passes])
+    first = records[0]
+    ks = {len(s["continuation_rewards"]) for rec in records for s in rec["states"]}
+    return (
+        f"{len(records)} prompts, {len(rows)} states; G = {len(first['responses'])}, "
+        f"K = {','.join(map(str, sorted(ks)))}, temperature {first['temperature']}, "
+        f"max_new_tokens {first['max_new_tokens']}; mean pass rate {np.mean(passes):.3f} "
+        f"(prompts with mixed rewards {mixed:.2f}); response length mean {np.mean(lengths):.1f}, "
+        f"median {np.median(lengths):.0f}; mean target {np.mean([r.target for r in rows]):.3f}"
+    )
+
+
+def header(device: str) -> str:
+    """Machine, date and the exact command."""
+    command = " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv])
+    return (
+        f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}\n"
+        f"- machine: {platform.machine()}, {os.cpu_count()} cores, {platform.system()} "
+        f"{platform.release()}, Python {platform.python_version()}, torch {torch.__version__}, "
+        f"device {device}\n"
+        f"- command: `{command}`"
+    )
+
+
+# -- main ------------------------------------------------------------------------------
+
+
+def evaluate(
+    records: Sequence[dict[str, Any]],
+    source: Any,
+    specs: Sequence[EngineSpec],
+    backend: Any,
+    critic: RidgeCritic | None,
+    prototypes: dict[str, str] | None,
+    progress: bool,
+) -> list[StateRow]:
+    """One StateRow per benchmark state of ``records``."""
+    from tqdm import tqdm
+
+    rows = []
+    for record in tqdm(records, desc="groups", disable=not progress):
+        if not record["states"]:
+            continue
+        hidden = group_hidden(backend, record) if backend is not None else None
+        values = source.values(record, specs, hidden)
+        rewards = np.asarray(record["rewards"], dtype=np.float64)
+        mean = float(rewards.mean())
+        prompt_len = len(record["prompt_ids"])
+        extra: dict[str, list[np.ndarray]] = {}
+        if prototypes is not None:
+            extra = prototype_values(source, record, hidden, prototypes)
+        for state in record["states"]:
+            i, t = state["response"], state["t"]
+            row = StateRow(prompt=record["id"], family=record["family"], target=state["target"])
+            for label, arrays in {**values, **extra}.items():
+                row.estimates[label] = float(arrays[i][t])
+            row.estimates["shrinkage ½R_i+½R̄"] = 0.5 * rewards[i] + 0.5 * mean
+            if critic is not None and hidden is not None:
+                feature = hidden[i][prompt_len - 1 + t].cpu().numpy()[None]
+                row.estimates["learned critic (ridge)"] = float(critic.predict(feature)[0])
+            row.floors["MC-1 floor"] = mc_floor_errors(state["continuation_rewards"], 1)
+            row.floors["MC-2 floor"] = mc_floor_errors(state["continuation_rewards"], 2)
+            rows.append(row)
+    return rows
+
+
+def prototype_values(
+    source: InProcessSource,
+    record: dict[str, Any],
+    hidden: list[torch.Tensor] | None,
+    params: dict[str, str],
+) -> dict[str, list[np.ndarray]]:
+    """Values of the prototype estimators (bench/sveb/prototypes.py) for one group."""
+    from bench.sveb.prototypes import hista_relative_values, numca_shrunk_values
+
+    assert hidden is not None
+    responses = [np.asarray(r["ids"], dtype=np.int64) for r in record["responses"]]
+    hista_params = parse_params(params["hista"])
+    relative = float(hista_params.pop("relative_d_min"))
+    hista_values_, _ = hista_relative_values(
+        hidden,
+        len(record["prompt_ids"]),
+        [len(r) for r in responses],
+        np.asarray(record["rewards"]),
+        HistaConfig(**hista_params),
+        relative,
+    )
+    numca_params = parse_params(params["numca"])
+    prior = float(numca_params.pop("prior_count"))
+    numca_values_ = numca_shrunk_values(
+        source.engine.token_text, responses, record["rewards"], NumcaConfig(**numca_params), prior
+    )
+    return {"proto: hista relative d_min": hista_values_, "proto: numca shrunk": numca_values_}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line arguments."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--target", help="host:port of a running statevalue gRPC server")
+    where.add_argument("--in-process", action="store_true", help="Engine + TorchBackend here")
+    parser.add_argument("--data-dir", type=Path, default=Path("bench/sveb/data"))
+    parser.add_argument("--split", default="test", help="dev, test, or both: dev,test")
+    parser.add_argument("--model", default="embedded", help="TorchBackend model (in-process)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch CPU threads (0: torch's default); 1 is much faster on a busy machine",
+    )
+    parser.add_argument(
+        "--calibrated-file",
+        type=Path,
+        help="JSON written by bench/sveb/calibrate.py --write; explicit flags below win",
+    )
+    parser.add_argument("--hista-calibrated", help=f"name=value,... ({CALIBRATED_HISTA})")
+    parser.add_argument("--numca-calibrated", help=f"name=value,... ({CALIBRATED_NUMCA})")
+    parser.add_argument("--no-critic", action="store_true", help="skip the learned critic")
+    parser.add_argument(
+        "--prototypes", action="store_true", help="also the prototype estimators (in-process)"
+    )
+    parser.add_argument("--proto-hista", help=f"name=value,... ({PROTO_HISTA_RELATIVE})")
+    parser.add_argument("--proto-numca", help=f"name=value,... ({PROTO_NUMCA_SHRINK})")
+    parser.add_argument("--by-family", action="store_true", help="per-family MAE table")
+    parser.add_argument("--limit", type=int, default=0, help="first N prompts only (0: all)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    splits = [s.strip() for s in args.split.split(",") if s.strip()]
+    if not splits or any(s not in ("dev", "test") for s in splits):
+        parser.error("--split must be dev, test or dev,test")
+    args.splits = splits
+    from_file = json.loads(args.calibrated_file.read_text()) if args.calibrated_file else {}
+    for name, default in (
+        ("hista_calibrated", CALIBRATED_HISTA),
+        ("numca_calibrated", CALIBRATED_NUMCA),
+        ("proto_hista", PROTO_HISTA_RELATIVE),
+        ("proto_numca", PROTO_NUMCA_SHRINK),
+    ):
+        if getattr(args, name) is None:
+            setattr(args, name, from_file.get(name, default))
+    return args
+
+
+def main(argv: list[str] | None = None, backend: Any = None) -> int:
+    """Run the benchmark and print its tables; returns the process exit status.
+
+    ``backend`` reuses an already loaded TorchBackend (tests) instead of loading ``--model``.
+    """
+    args = parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.prototypes and not args.in_process:
+        raise SystemExit("--prototypes needs --in-process")
+    specs = engine_specs(args.hista_calibrated, args.numca_calibrated)
+    need_model = args.in_process or not args.no_critic
+    if need_model and backend is None:
+        from statevalue.backends.torch_backend import TorchBackend
+
+        backend = TorchBackend(args.model, device=args.device)
+    source: Any = InProcessSource(backend) if args.in_process else ClientSource(args.target)
+    critic = None
+    if not args.no_critic:
+        train = load_records(args.data_dir, "train")
+        critic = train_critic(backend, train, not args.quiet)
+    prototypes = {"hista": args.proto_hista, "numca": args.proto_numca} if args.prototypes else None
+    device = str(backend.device) if backend is not None else f"server {args.target}"
+    for split in args.splits:
+        records = load_records(args.data_dir, split)
+        if args.limit:
+            records = records[: args.limit]
+        rows = evaluate(records, source, specs, backend, critic, prototypes, not args.quiet)
+        if not rows:
+            raise SystemExit(f"no states in split {split!r}")
+        methods = list(rows[0].estimates)
+        floors = list(rows[0].floors)
+        print(f"## SVEB accuracy — split {split}\n")
+        print(header(device))
+        print(f"- data: {data_summary(records, rows)}")
+        print(f"- hista calibrated: `{args.hista_calibrated}`")
+        print(f"- numca calibrated: `{args.numca_calibrated}`")
+        if critic is not None:
+            print(f"- learned critic: ridge on last-layer hidden states, λ = {critic.lam:g}")
+        if prototypes is not None:
+            print(f"- prototypes: hista `{args.proto_hista}`; numca `{args.proto_numca}`")
+        print()
+        print(summary_table(rows, methods, floors))
+        if args.by_family:
+            print("\nMAE by family:\n")
+            print(family_table(rows, methods, floors))
+        print()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
