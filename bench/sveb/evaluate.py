@@ -426,7 +426,9 @@ def data_summary(records: Sequence[dict[str, Any]], rows: Sequence[StateRow]) ->
 
 def header(device: str) -> str:
     """Machine, date and the exact command."""
-    command = " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv])
+    # Module form, so the line holds no path of the machine it ran on.
+    module = f"bench.sveb.{Path(sys.argv[0]).stem}"
+    command = " ".join(["python", "-m", module, *(shlex.quote(a) for a in sys.argv[1:])])
     return (
         f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}\n"
         f"- machine: {platform.machine()}, {os.cpu_count()} cores, {platform.system()} "
