@@ -25,6 +25,7 @@ import numpy as np
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from bench.sveb.backend_args import add_backend_arguments, apply_threads  # noqa: E402
 from bench.sveb.evaluate import (  # noqa: E402
     EngineSpec,
     InProcessSource,
@@ -88,14 +89,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--split", default="dev", choices=("dev",), help="only dev: never tune on test"
     )
-    parser.add_argument("--model", default="embedded")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=0,
-        help="torch CPU threads (0: torch's default); 1 is much faster on a busy machine",
-    )
+    add_backend_arguments(parser, "TorchBackend model")
     parser.add_argument("--top", type=int, default=8, help="rows per ranking")
     parser.add_argument("--limit", type=int, default=0, help="first N prompts only (0: all)")
     parser.add_argument(
@@ -107,10 +101,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Run the grid and print the rankings; returns the process exit status."""
     args = parse_args(argv)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     from tqdm import tqdm
 
     from statevalue.backends.torch_backend import TorchBackend

@@ -32,6 +32,7 @@ import numpy as np
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from bench.sveb.backend_args import add_backend_arguments, apply_threads  # noqa: E402
 from bench.sveb.problems import FAMILIES, Problem, make_problem, reward  # noqa: E402
 
 DEFAULT_FAMILIES = ("add", "sub", "mul", "two_step")
@@ -178,14 +179,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--out-dir", type=Path, default=Path("bench/sveb/data"))
-    parser.add_argument("--model", default="embedded", help="TorchBackend model")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=0,
-        help="torch CPU threads (0: torch's default); 1 is much faster on a busy machine",
-    )
+    add_backend_arguments(parser, "TorchBackend model")
     parser.add_argument("--dev", type=int, default=40, help="dev prompts (with states)")
     parser.add_argument("--test", type=int, default=40, help="test prompts (with states)")
     parser.add_argument("--train", type=int, default=40, help="train prompts (no states)")
@@ -213,10 +207,7 @@ def main(argv: list[str] | None = None, backend: Any = None) -> int:
     ``backend`` reuses an already loaded TorchBackend (tests) instead of loading ``--model``.
     """
     args = parse_args(argv)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     families = [f.strip() for f in args.families.split(",") if f.strip()]
     for family in families:
         if family not in FAMILIES:
