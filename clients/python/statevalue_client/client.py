@@ -120,6 +120,14 @@ def build_request(
     return request
 
 
+def reload_request(
+    checkpoint: str, version: str, admin_token: str
+) -> tuple[pb.ReloadWeightsRequest, tuple[tuple[str, str], ...]]:
+    """The ReloadWeights message and its bearer-token metadata."""
+    request = pb.ReloadWeightsRequest(checkpoint=checkpoint, version=version)
+    return request, (("authorization", f"Bearer {admin_token}"),)
+
+
 def parse_model(info: pb.ModelInfo) -> ModelInfo:
     return ModelInfo(
         name=info.name,
@@ -233,11 +241,9 @@ class ValueClient:
         timeout: float | None = None,
     ) -> ModelInfo:
         """Load the checkpoint directory ``checkpoint`` (a path on the server) as new weights."""
-        request = pb.ReloadWeightsRequest(checkpoint=checkpoint, version=version)
+        request, metadata = reload_request(checkpoint, version, admin_token)
         response = self._stub.ReloadWeights(
-            request,
-            timeout=timeout or self.timeout,
-            metadata=(("authorization", f"Bearer {admin_token}"),),
+            request, timeout=timeout or self.timeout, metadata=metadata
         )
         return parse_model(response)
 
@@ -309,11 +315,9 @@ class AsyncValueClient:
         timeout: float | None = None,
     ) -> ModelInfo:
         """Load the checkpoint directory ``checkpoint`` (a path on the server) as new weights."""
-        request = pb.ReloadWeightsRequest(checkpoint=checkpoint, version=version)
+        request, metadata = reload_request(checkpoint, version, admin_token)
         response = await self._stub.ReloadWeights(
-            request,
-            timeout=timeout or self.timeout,
-            metadata=(("authorization", f"Bearer {admin_token}"),),
+            request, timeout=timeout or self.timeout, metadata=metadata
         )
         return parse_model(response)
 
