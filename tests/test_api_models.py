@@ -76,7 +76,12 @@ def test_every_parameter_is_optional_on_the_wire(
 def test_every_parameter_round_trips_through_the_proto() -> None:
     """Non-default values of every field reach the engine's config unchanged."""
     changed = {
-        "numca": {"number_pattern": "decimal", "merge_distance": 7, "drop_last_number": False},
+        "numca": {
+            "number_pattern": "decimal",
+            "merge_distance": 7,
+            "drop_last_number": False,
+            "prior_count": 2.0,
+        },
         "hista": {
             "ema_alpha": 0.5,
             "stride": 3,
@@ -85,6 +90,8 @@ def test_every_parameter_round_trips_through_the_proto() -> None:
             "k_max": 30,
             "k_min": 4,
             "tau": 2.0,
+            "relative_d_min": 0.1,
+            "own_weight": 0.25,
         },
         "advantage": {
             "gae": "token",

@@ -1,7 +1,8 @@
-"""Smoke run of the SVEB benchmark scripts: a tiny set, then the in-process evaluation."""
+"""Smoke run of the SVEB benchmark scripts: a tiny set, its calibration, the evaluation."""
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from pathlib import Path
@@ -9,18 +10,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.sveb import evaluate, generate
+from bench.sveb import calibrate, evaluate, generate
 from statevalue.backends.torch_backend import TorchBackend
 
 METHODS = (
     "group mean",
     "numca digits (ref)",
     "numca decimal (ref)",
-    "numca calibrated",
     "hista (ref)",
+    "numca calibrated",
+    "numca calibrated + shrinkage",
     "hista calibrated",
-    "proto: hista relative d_min",
-    "proto: numca shrunk",
+    "hista calibrated, relative d_min",
+    "hista calibrated + own_weight",
     "shrinkage ½R_i+½R̄",
     "learned critic (ridge)",
     "MC-1 floor",
@@ -43,22 +45,59 @@ def test_generate_and_evaluate_tiny_set(
 def _run_tiny_set(
     tmp_path: Path, backend: TorchBackend, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    argv = ["--out-dir", str(tmp_path), "--dev", "0", "--test", "1", "--train", "1"]
+    argv = ["--out-dir", str(tmp_path), "--dev", "1", "--test", "1", "--train", "1"]
     # K = 3: the 2-sample Monte Carlo floor needs at least one continuation left over.
     argv += ["-G", "4", "-K", "3", "--max-new-tokens", "24", "--no-progress"]
     assert generate.main(argv, backend=backend) == 0
-    assert (tmp_path / "test.jsonl").exists() and (tmp_path / "train.jsonl").exists()
+    for split in ("dev", "test", "train"):
+        assert (tmp_path / f"{split}.jsonl").exists()
     # Resuming a complete set does nothing.
     assert generate.main(argv, backend=backend) == 0
     assert len((tmp_path / "test.jsonl").read_text().splitlines()) == 1
 
-    capsys.readouterr()
-    argv = ["--in-process", "--data-dir", str(tmp_path), "--split", "test", "--by-family"]
-    assert evaluate.main([*argv, "--prototypes", "--quiet"], backend=backend) == 0
+    settings = tmp_path / "calibrated.json"
+    argv = ["--data-dir", str(tmp_path), "--write", str(settings)]
+    assert calibrate.main(argv, backend=backend) == 0
     out = capsys.readouterr().out
-    summary = out.split("MAE by family")[0]
-    for method in METHODS:
-        row = re.search(rf"^\| {re.escape(method)} \| ([0-9.]+) ± ([0-9.na]+) \|", summary, re.M)
-        assert row is not None, f"no row for {method}:\n{out}"
-        assert math.isfinite(float(row.group(1)))
-    assert "MAE by family" in out
+    chosen = json.loads(settings.read_text())
+    assert set(evaluate.CALIBRATED_KEYS) <= set(chosen)
+    assert "### Distance histograms" in out and "nearest node, other rollout" in out
+
+    argv = ["--in-process", "--data-dir", str(tmp_path), "--split", "test", "--by-family"]
+    argv += ["--calibrated-file", str(settings), "--group-sizes", "4,2", "--quiet"]
+    assert evaluate.main(argv, backend=backend) == 0
+    out = capsys.readouterr().out
+    tables = out.split("## SVEB accuracy")[1:]
+    assert [t.split("\n")[0] for t in tables] == [" — split test, G = 4", " — split test, G = 2"]
+    for table in tables:
+        summary = table.split("MAE by family")[0]
+        for method in METHODS:
+            pattern = rf"^\| {re.escape(method)} \| ([0-9.]+) ± ([0-9.na]+) \|"
+            row = re.search(pattern, summary, re.M)
+            assert row is not None, f"no row for {method}:\n{out}"
+            assert math.isfinite(float(row.group(1)))
+        assert "MAE by family" in table
+
+
+def test_subgroups_keep_the_state_response_and_are_seeded() -> None:
+    record = {
+        "id": "dev-0001",
+        "responses": [{"ids": [i], "reward": float(i % 2)} for i in range(6)],
+        "rewards": [float(i % 2) for i in range(6)],
+        "states": [{"response": 4, "t": 0, "target": 0.5}, {"response": 1, "t": 0, "target": 0.5}],
+    }
+    hidden = [torch.full((2, 3), float(i)) for i in range(6)]
+    views = evaluate.group_views(record, hidden, 3)
+    assert len(views) == 2
+    for (group, group_hidden, states), original in zip(views, record["states"], strict=True):
+        assert len(group["responses"]) == 3 and len(group_hidden) == 3
+        (state,) = states
+        chosen = group["responses"][state["response"]]
+        assert chosen == record["responses"][original["response"]]
+        # Each subgroup's hidden states are those of its own responses, in order.
+        assert [int(h[0, 0]) for h in group_hidden] == [r["ids"][0] for r in group["responses"]]
+        assert group["rewards"] == [r["reward"] for r in group["responses"]]
+    again = evaluate.group_views(record, hidden, 3)
+    assert [v[0]["responses"] for v in again] == [v[0]["responses"] for v in views]
+    (whole,) = evaluate.group_views(record, hidden, 6)
+    assert whole[0] is record and whole[2] == record["states"]

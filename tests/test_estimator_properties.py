@@ -42,14 +42,17 @@ def groups(draw: st.DrawFn, equal_rewards: bool = False) -> dict:
             number_pattern=draw(st.sampled_from(["digits", "decimal"])),
             merge_distance=draw(st.integers(0, 3)),
             drop_last_number=draw(st.booleans()),
+            prior_count=draw(st.sampled_from([0.0, 0.5, 2.0])),
         ),
         "hista": HistaConfig(
             ema_alpha=draw(st.sampled_from([0.0, 0.5, 0.7])),
             stride=draw(st.integers(1, 3)),
             node_spacing=draw(st.integers(1, 4)),
             d_min=1e-3,
+            relative_d_min=draw(st.sampled_from([0.0, 0.05])),
             k_max=draw(st.integers(3, 8)),
             k_min=draw(st.integers(1, 3)),
+            own_weight=draw(st.sampled_from([1.0, 0.5, 0.0])),
         ),
     }
 
@@ -62,7 +65,8 @@ def run_numca(g: dict, order: list[int] | None = None) -> ValueEstimate:
         ends = np.cumsum([len(t) for t in tokens], dtype=np.int64)
         paths.append(numca_path("".join(tokens), ends, g["numca"]))
     lengths = [g["lengths"][i] for i in order]
-    return numca_values(paths, lengths, g["rewards"][order], g["rewarded"][order], NumcaTable())
+    rewards, rewarded = g["rewards"][order], g["rewarded"][order]
+    return numca_values(paths, lengths, rewards, rewarded, NumcaTable(), g["numca"].prior_count)
 
 
 def hidden_states(g: dict) -> list[torch.Tensor]:

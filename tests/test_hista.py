@@ -230,3 +230,56 @@ def test_bf16_hidden_states() -> None:
 def test_rejects_wrong_hidden_shapes() -> None:
     with pytest.raises(ValueError, match="hidden"):
         hista_values([states(0.0, 1.0)], 1, [2], np.array([1.0]), np.array([True]), HistaConfig())
+
+
+def test_own_weight_scales_the_rollouts_own_nodes() -> None:
+    # k = 10: all four candidates. Own weights 1/2 and 1/0.1 (R=1) are multiplied by w.
+    for w in (1.0, 0.5, 0.1):
+        own = w * (1 / 2 + 1 / 0.1)
+        other = 1 / 2 + 1 / 0.5
+        values = own_case(d_min=0.1, k_max=10, k_min=10, own_weight=w)
+        np.testing.assert_allclose(values[0], [0.5, own / (own + other)], rtol=1e-6)
+
+
+def test_own_weight_zero_leaves_only_other_rollouts() -> None:
+    # k = 1: without its own nodes the nearest is rollout 1's end (R=0), not the node itself.
+    np.testing.assert_allclose(own_case(d_min=0.1, k_max=1, k_min=1, own_weight=0.0)[0], [0.5, 0])
+    # A single rewarded rollout has no other candidates: its interior nodes get the mean.
+    estimate = hista_values(
+        [states(0.0, 1.0, 2.0)],
+        1,
+        [2],
+        np.array([1.0]),
+        np.array([True]),
+        HistaConfig(**{**RAW, "tau": 0.0}, own_weight=0.0),
+    )
+    np.testing.assert_allclose(estimate.values[0], [1.0, 1.0])
+
+
+def test_relative_d_min_is_a_fraction_of_the_median_complete_distance() -> None:
+    gen = torch.Generator().manual_seed(3)
+    lengths = [6, 9, 4, 7]
+    hidden = [torch.randn(2 + n, 3, generator=gen) for n in lengths]
+    rewards = np.array([1.0, 0.0, 1.0, 0.0])
+    rewarded = np.array([True, True, True, False])
+    base = {"ema_alpha": 0.0, "stride": 1, "node_spacing": 2, "k_max": 3, "k_min": 1}
+    # The scale is over the rewarded rollouts only: a query rollout must not change it.
+    full = [prefix_chamfer(hidden[i], hidden[j]) for i in range(3) for j in range(i + 1, 3)]
+    d_min = 0.4 * float(np.median(full))
+    relative = hista_values(
+        hidden, 2, lengths, rewards, rewarded, HistaConfig(**base, relative_d_min=0.4)
+    )
+    absolute = hista_values(hidden, 2, lengths, rewards, rewarded, HistaConfig(**base, d_min=d_min))
+    for got, want in zip(relative.values, absolute.values, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5)
+    # The clamp bites: the same relative value on a rescaled group gives the same values.
+    scaled = hista_values(
+        [10 * h for h in hidden],
+        2,
+        lengths,
+        rewards,
+        rewarded,
+        HistaConfig(**base, relative_d_min=0.4),
+    )
+    for got, want in zip(scaled.values, relative.values, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5)

@@ -205,3 +205,33 @@ def test_values_check_paths() -> None:
         numca_values(
             [path([0, 3], E, s("1"))], [3], np.array([1.0]), np.array([True]), NumcaTable()
         )
+
+
+def test_prior_count_shrinks_each_state_towards_its_parent() -> None:
+    paths = [
+        path([0, 2], E, s("a")),
+        path([0, 1, 3], E, s("b"), s("a", "b")),
+        path([0, 2], E, s("a")),
+    ]
+    args = ([4, 5, 3], np.array([1.0, 0.0, 0.5]), np.array([True, True, True]))
+    estimate = numca_values(paths, *args, NumcaTable(), prior_count=1.0)
+    # Empty set 0.5 (never shrunk); {a}: (2·0.75 + 0.5) / 3; {b}: (0 + 0.5) / 2 = 0.25;
+    # {a, b}: (0 + 1·0.25) / 2, shrunk towards {b}'s shrunk value.
+    a = (2 * 0.75 + 0.5) / 3
+    np.testing.assert_allclose(estimate.values[0], [0.5, 0.5, a, a], rtol=1e-6)
+    np.testing.assert_allclose(estimate.values[1], [0.5, 0.25, 0.25, 0.125, 0.125], rtol=1e-6)
+    reference = numca_values(paths, *args, NumcaTable())
+    same = numca_values(paths, *args, NumcaTable(), prior_count=0.0)
+    for got, want in zip(same.values, reference.values, strict=True):
+        np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match="prior_count"):
+        numca_values(paths, *args, NumcaTable(), prior_count=-1.0)
+
+
+def test_large_prior_count_approaches_the_group_mean() -> None:
+    paths = [path([0, 1], E, s("a")), path([0, 1], E, s("b"))]
+    estimate = numca_values(
+        paths, [2, 2], np.array([1.0, 0.0]), np.array([True, True]), NumcaTable(), 1e9
+    )
+    for values in estimate.values:
+        np.testing.assert_allclose(values, [0.5, 0.5], atol=1e-6)

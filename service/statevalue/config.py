@@ -36,6 +36,12 @@ class NumcaConfig(_Strict):
     drop_last_number: bool = Field(
         True, description="Drop each response's last number (the answer)."
     )
+    prior_count: float = Field(
+        0.0,
+        ge=0.0,
+        description="Shrink each state's mean towards its parent state's value with this many "
+        "pseudo-visits; 0 = reference (no shrinkage).",
+    )
 
 
 class HistaConfig(_Strict):
@@ -45,9 +51,24 @@ class HistaConfig(_Strict):
     stride: int = Field(5, ge=1, description="Keep every w-th smoothed hidden state.")
     node_spacing: int = Field(50, ge=1, description="Response tokens between nodes (delta).")
     d_min: float = Field(5.0, gt=0.0, description="Distances are clamped to at least this.")
+    relative_d_min: float = Field(
+        0.0,
+        ge=0.0,
+        description="When > 0, d_min is this fraction of the group's distance scale (the "
+        "median distance between its complete rewarded rollouts) and the d_min field is "
+        "unused: the clamp then means the same on models with different hidden-state norms. "
+        "0 = the absolute d_min (reference).",
+    )
     k_max: int = Field(66, ge=1, description="Neighbours at the first interior node.")
     k_min: int = Field(6, ge=1, description="Neighbours at the last interior node.")
     tau: float = Field(1.0, ge=0.0, description="Neighbour weight = 1 / distance**tau.")
+    own_weight: float = Field(
+        1.0,
+        ge=0.0,
+        le=1.0,
+        description="Factor on the weight of the query rollout's own prefix nodes, which all "
+        "carry its own reward; 1 = reference, 0 = only other rollouts count.",
+    )
 
     @model_validator(mode="after")
     def _k_order(self) -> HistaConfig:

@@ -275,14 +275,18 @@ class Engine:
         for response in group.responses:
             text, ends = self.token_text.decode_with_offsets(response)
             paths.append(numca_path(text, ends, config.numca))
-        if group.prompt_id is None:
-            return numca_values(paths, lengths, group.rewards, group.rewarded, NumcaTable())
         numca = config.numca
+        if group.prompt_id is None:
+            return numca_values(
+                paths, lengths, group.rewards, group.rewarded, NumcaTable(), numca.prior_count
+            )
         # Different number rules give different states, so they never share a table.
         key = (group.prompt_id, numca.number_pattern, numca.merge_distance, numca.drop_last_number)
         with self.numca_store.lock:
             table = self.numca_store.table(key)
-            return numca_values(paths, lengths, group.rewards, group.rewarded, table)
+            return numca_values(
+                paths, lengths, group.rewards, group.rewarded, table, numca.prior_count
+            )
 
     def _advantages(
         self, prepared: PreparedRequest, per_group: list[dict[str, ValueEstimate]]

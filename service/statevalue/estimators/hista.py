@@ -12,6 +12,10 @@ Choices beyond the design:
 - Candidates tied with the k-th nearest distance are all neighbours, so the result does
   not depend on the order of the rollouts (the reference's top-k would pick by position).
 - The k schedule rounds half up.
+
+Two options beyond the reference, both off by default: ``relative_d_min`` (the clamp as a
+fraction of the group's own distance scale) and ``own_weight`` (down-weighting the query
+rollout's own prefix nodes, which all repeat its own reward).
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ from statevalue.estimators.base import ValueEstimate
 _EMA_CUTOFF = 1e-9
 # Rough memory cap for the pairwise distance matrices computed at once.
 _CHUNK_BYTES = 256 * 2**20
+# Floor of the distance clamp when a relative d_min meets a group of identical rollouts.
+_MIN_D_MIN = 1e-6
 # Boundary of a padding slot in the candidate table.
 _NO_NODE = np.iinfo(np.int64).max
 
@@ -141,6 +147,47 @@ def _representations(
     return reps, counts
 
 
+def _cross_prefix_distances(
+    reps: torch.Tensor,
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    row_len: torch.Tensor,
+    col_len: torch.Tensor,
+) -> torch.Tensor:
+    """Prefix distances for every (row rollout, column rollout) pair: (R, A, C, B) float64.
+
+    ``row_len`` (R, A) and ``col_len`` (C, B) are the prefix lengths of each rollout's
+    nodes. One pair per batch row of ``prefix_distances``, chunked to bound memory.
+    """
+    n_r, n_c = len(rows), len(cols)
+    pair_r = torch.arange(n_r, device=reps.device).repeat_interleave(n_c)
+    pair_c = torch.arange(n_c, device=reps.device).repeat(n_r)
+    per_pair = 32 * reps.shape[1] ** 2  # distances, running minima and their indices
+    chunk = max(1, _CHUNK_BYTES // per_pair)
+    dist = torch.empty(
+        n_r, row_len.shape[1], n_c, col_len.shape[1], dtype=torch.float64, device=reps.device
+    )
+    for lo in range(0, n_r * n_c, chunk):
+        r, c = pair_r[lo : lo + chunk], pair_c[lo : lo + chunk]
+        dist[r, :, c] = prefix_distances(reps[rows[r]], reps[cols[c]], row_len[r], col_len[c])
+    return dist
+
+
+def group_distance_scale(reps: torch.Tensor, counts: np.ndarray, rollouts: np.ndarray) -> float:
+    """Median Chamfer distance between the complete representations of ``rollouts``.
+
+    ``reps`` and ``counts`` as Hista builds them (smoothed, downsampled, zero-padded); the
+    median is over unordered pairs of different rollouts, so at least two are needed.
+    """
+    if len(rollouts) < 2:
+        raise ValueError("a distance scale needs at least two rollouts")
+    index = torch.as_tensor(rollouts, device=reps.device)
+    full = torch.as_tensor(counts[rollouts], device=reps.device)[:, None]
+    dist = _cross_prefix_distances(reps, index, index, full, full)[:, 0, :, 0]
+    upper = torch.triu_indices(len(rollouts), len(rollouts), offset=1, device=reps.device)
+    return float(dist[upper[0], upper[1]].median())
+
+
 def hista_values(
     hidden: Sequence[torch.Tensor],
     prompt_len: int,
@@ -192,31 +239,22 @@ def hista_values(
     cand_len = _padded([prefix_len(j, b) for j, b in zip(cands, cand_b, strict=True)], 1, device)
     cand_bound = _padded(cand_b, _NO_NODE, device)
 
-    # One (query rollout, rewarded rollout) pair per row, chunked to bound memory.
-    n_q, n_c = len(queries), len(cands)
-    pair_q = torch.arange(n_q, device=device).repeat_interleave(n_c)
-    pair_c = torch.arange(n_c, device=device).repeat(n_q)
     query_rollout = torch.as_tensor(queries, device=device)
     cand_rollout = torch.as_tensor(cands, device=device)
-    per_pair = 32 * reps.shape[1] ** 2  # distances, running minima and their indices
-    chunk = max(1, _CHUNK_BYTES // per_pair)
-    dist = torch.empty(
-        n_q, query_len.shape[1], n_c, cand_len.shape[1], dtype=torch.float64, device=device
-    )
-    for lo in range(0, n_q * n_c, chunk):
-        q, c = pair_q[lo : lo + chunk], pair_c[lo : lo + chunk]
-        dist[q, :, c] = prefix_distances(
-            reps[query_rollout[q]], reps[cand_rollout[c]], query_len[q], cand_len[c]
-        )
-
-    dist = dist.flatten(2).clamp_min(config.d_min)
+    dist = _cross_prefix_distances(reps, query_rollout, cand_rollout, query_len, cand_len)
+    d_min = config.d_min
+    if config.relative_d_min > 0 and len(cands) > 1:
+        d_min = config.relative_d_min * group_distance_scale(reps, counts, cands)
+    dist = dist.flatten(2).clamp_min(max(d_min, _MIN_D_MIN))
     cand_owner = cand_rollout.repeat_interleave(cand_len.shape[1])
     cand_bound = cand_bound.flatten()
+    own = cand_owner[None, None, :] == query_rollout[:, None, None]
     # Padding nodes, and a rollout's own nodes beyond the query node, are not candidates.
     excluded = (cand_bound[None, None, :] == _NO_NODE) | (
-        (cand_owner[None, None, :] == query_rollout[:, None, None])
-        & (cand_bound[None, None, :] > query_bound[:, :, None])
+        own & (cand_bound[None, None, :] > query_bound[:, :, None])
     )
+    if config.own_weight == 0:
+        excluded = excluded | own
     dist = dist.masked_fill(excluded, math.inf)
     cand_reward = torch.as_tensor(rewards[cands], device=device).repeat_interleave(
         cand_len.shape[1]
@@ -228,8 +266,12 @@ def hista_values(
     available = torch.isfinite(nearest).sum(-1)
     k = torch.minimum(query_k, available).clamp_min(1)
     kth = nearest.gather(-1, (k - 1)[:, :, None])
-    weight = torch.where(dist <= kth, dist.pow(-config.tau), 0.0)
-    node_values = ((weight * cand_reward).sum(-1) / weight.sum(-1)).cpu().numpy()
+    weight = torch.where(torch.isfinite(dist) & (dist <= kth), dist.pow(-config.tau), 0.0)
+    weight = torch.where(own, weight * config.own_weight, weight)
+    total = weight.sum(-1)
+    # No candidate at all (own nodes excluded and no other rewarded rollout): group mean.
+    node_values = torch.where(total > 0, (weight * cand_reward).sum(-1) / total, mean)
+    node_values = node_values.cpu().numpy()
 
     for row, i in enumerate(queries):
         segment_values = np.append(mean, node_values[row, : len(query_b[row])])

@@ -153,11 +153,15 @@ def numca_values(
     rewards: np.ndarray,
     rewarded: np.ndarray,
     table: NumcaTable,
+    prior_count: float = 0.0,
 ) -> ValueEstimate:
     """Add the group's rewarded paths to ``table`` (mutating it), then read every token's value.
 
     A state the table never saw (only a query rollout can have one) keeps the value of the
-    last known state on its path.
+    previous state on its path. With ``prior_count`` m > 0 a state seen by n responses with
+    mean reward v gets (n·v + m·V(parent)) / (n + m), V(parent) being the value of the
+    previous state on the path (the empty set's is the table's mean): a state only one or
+    two responses reached no longer echoes their rewards. m = 0 is the reference rule.
     """
     rewards, rewarded, _ = check_group(lengths, rewards, rewarded)
     if len(paths) != len(lengths):
@@ -170,12 +174,17 @@ def numca_values(
     for path, reward, has_reward in zip(paths, rewards, rewarded, strict=True):
         if has_reward:
             table.add(path.states, float(reward))
+    if prior_count < 0:
+        raise ValueError("prior_count must be >= 0")
     values = []
     for path, length in zip(paths, lengths, strict=True):
         known = table.value(_EMPTY)
         segment_values = []
         for state in path.states:
             value = table.value(state)
+            if value is not None and state != _EMPTY:
+                count = table.count(state)
+                value = (count * value + prior_count * known) / (count + prior_count)
             known = known if value is None else value
             segment_values.append(known)
         values.append(piecewise(path.boundaries, np.array(segment_values), length))

@@ -48,17 +48,19 @@ class Group(_message.Message):
     def __init__(self, group_id: _Optional[str] = ..., prompt_id: _Optional[str] = ..., prompt_ids: _Optional[bytes] = ..., prompt_num_tokens: _Optional[int] = ..., prompt_text: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., rollouts: _Optional[_Iterable[_Union[Rollout, _Mapping]]] = ...) -> None: ...
 
 class NumcaParams(_message.Message):
-    __slots__ = ("number_pattern", "merge_distance", "drop_last_number")
+    __slots__ = ("number_pattern", "merge_distance", "drop_last_number", "prior_count")
     NUMBER_PATTERN_FIELD_NUMBER: _ClassVar[int]
     MERGE_DISTANCE_FIELD_NUMBER: _ClassVar[int]
     DROP_LAST_NUMBER_FIELD_NUMBER: _ClassVar[int]
+    PRIOR_COUNT_FIELD_NUMBER: _ClassVar[int]
     number_pattern: str
     merge_distance: int
     drop_last_number: bool
-    def __init__(self, number_pattern: _Optional[str] = ..., merge_distance: _Optional[int] = ..., drop_last_number: _Optional[bool] = ...) -> None: ...
+    prior_count: float
+    def __init__(self, number_pattern: _Optional[str] = ..., merge_distance: _Optional[int] = ..., drop_last_number: _Optional[bool] = ..., prior_count: _Optional[float] = ...) -> None: ...
 
 class HistaParams(_message.Message):
-    __slots__ = ("ema_alpha", "stride", "node_spacing", "d_min", "k_max", "k_min", "tau")
+    __slots__ = ("ema_alpha", "stride", "node_spacing", "d_min", "k_max", "k_min", "tau", "relative_d_min", "own_weight")
     EMA_ALPHA_FIELD_NUMBER: _ClassVar[int]
     STRIDE_FIELD_NUMBER: _ClassVar[int]
     NODE_SPACING_FIELD_NUMBER: _ClassVar[int]
@@ -66,6 +68,8 @@ class HistaParams(_message.Message):
     K_MAX_FIELD_NUMBER: _ClassVar[int]
     K_MIN_FIELD_NUMBER: _ClassVar[int]
     TAU_FIELD_NUMBER: _ClassVar[int]
+    RELATIVE_D_MIN_FIELD_NUMBER: _ClassVar[int]
+    OWN_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     ema_alpha: float
     stride: int
     node_spacing: int
@@ -73,7 +77,9 @@ class HistaParams(_message.Message):
     k_max: int
     k_min: int
     tau: float
-    def __init__(self, ema_alpha: _Optional[float] = ..., stride: _Optional[int] = ..., node_spacing: _Optional[int] = ..., d_min: _Optional[float] = ..., k_max: _Optional[int] = ..., k_min: _Optional[int] = ..., tau: _Optional[float] = ...) -> None: ...
+    relative_d_min: float
+    own_weight: float
+    def __init__(self, ema_alpha: _Optional[float] = ..., stride: _Optional[int] = ..., node_spacing: _Optional[int] = ..., d_min: _Optional[float] = ..., k_max: _Optional[int] = ..., k_min: _Optional[int] = ..., tau: _Optional[float] = ..., relative_d_min: _Optional[float] = ..., own_weight: _Optional[float] = ...) -> None: ...
 
 class AdvantageParams(_message.Message):
     __slots__ = ("gae", "gamma", "lam", "scale", "scale_eps")
