@@ -7,8 +7,11 @@ with the state's Monte Carlo target (mean reward of its K continuations).
 
 Methods in the table:
 
-- group mean, Numca (digits / decimal, reference merge distance 50, and calibrated),
-  Hista (reference defaults and calibrated) — from the service;
+- from the service: group mean; Numca (digits / decimal with the reference settings;
+  calibrated on dev with the reference rule; calibrated with shrinkage towards the parent
+  state, ``prior_count``); Hista (reference defaults; calibrated on dev with an absolute
+  ``d_min``; with ``relative_d_min``; with ``own_weight`` on the rollout's own nodes);
+- mix: w·Numca + (1 − w)·Hista of the best calibrated settings of each, w chosen on dev;
 - shrinkage: V = ½·R_i + ½·R̄ (own reward and group mean mixed);
 - learned critic: a ridge-regression value head on the policy's last-layer hidden state of
   each state (the hidden state of its last token), trained on the train split to regress
@@ -18,8 +21,9 @@ Methods in the table:
   K−2)|. They estimate the error of a 1- or 2-sample Monte Carlo estimate; their target
   (the remaining continuations) is slightly noisier than the K-sample target used for
   every other row, which inflates them a little.
-- with ``--prototypes`` (in-process only): Hista with d_min relative to the group's
-  distance scale and Numca shrunk towards the parent state (``bench/sveb/prototypes.py``).
+
+Groups are evaluated whole (G = 16) and, for ``--group-sizes 16,8``, as subgroups of 8: for
+each state, the response it lies in and 7 others drawn at random (seeded by prompt id).
 
 MAE ± standard error: the standard error is clustered by prompt (the states of one group
 share its responses). "closer" is the fraction of states where the method is strictly
@@ -38,6 +42,7 @@ import itertools
 import json
 import os
 import platform
+import random
 import shlex
 import sys
 from collections.abc import Callable, Sequence
@@ -54,12 +59,17 @@ if __package__ in (None, ""):
 from bench.sveb.backend_args import add_backend_arguments, apply_threads  # noqa: E402
 from statevalue.config import EstimatorConfig, HistaConfig, NumcaConfig  # noqa: E402
 
-# Defaults when no --calibrated-file is given: the best settings on the dev split of the
-# committed set (48 states), as written to bench/sveb/results/calibrated.json.
-CALIBRATED_HISTA = "node_spacing=10,d_min=0.5,k_max=66,k_min=6"
-CALIBRATED_NUMCA = "number_pattern=decimal,merge_distance=5"
-PROTO_HISTA_RELATIVE = "node_spacing=10,k_max=66,k_min=6,relative_d_min=0.05"
-PROTO_NUMCA_SHRINK = "number_pattern=decimal,merge_distance=5,prior_count=2"
+# The settings file written by calibrate.py on the dev split, read unless --calibrated-file
+# names another one.
+CALIBRATED_FILE = Path("bench/sveb/results/calibrated.json")
+# Its keys: the parameters of each calibrated row ("name=value,..."), and the mix weight.
+CALIBRATED_KEYS = (
+    "numca_calibrated",
+    "numca_shrunk",
+    "hista_calibrated",
+    "hista_relative",
+    "hista_own_weight",
+)
 
 
 # -- data ------------------------------------------------------------------------------
@@ -114,20 +124,67 @@ class EngineSpec:
         return {}
 
 
-def engine_specs(hista_calibrated: str, numca_calibrated: str) -> list[EngineSpec]:
-    """The service rows of the table."""
-    return [
+# Row labels of the calibrated settings, by settings-file key.
+CALIBRATED_LABELS = {
+    "numca_calibrated": "numca calibrated",
+    "numca_shrunk": "numca calibrated + shrinkage",
+    "hista_calibrated": "hista calibrated",
+    "hista_relative": "hista calibrated, relative d_min",
+    "hista_own_weight": "hista calibrated + own_weight",
+}
+
+
+def engine_specs(calibrated: dict[str, str]) -> list[EngineSpec]:
+    """The service rows of the table: reference settings, then every calibrated setting."""
+    specs = [
         EngineSpec("group mean", "group_mean"),
         EngineSpec("numca digits (ref)", "numca", numca=NumcaConfig(number_pattern="digits")),
         EngineSpec("numca decimal (ref)", "numca", numca=NumcaConfig(number_pattern="decimal")),
-        EngineSpec(
-            "numca calibrated", "numca", numca=NumcaConfig(**parse_params(numca_calibrated))
-        ),
         EngineSpec("hista (ref)", "hista"),
-        EngineSpec(
-            "hista calibrated", "hista", hista=HistaConfig(**parse_params(hista_calibrated))
-        ),
     ]
+    for key in CALIBRATED_KEYS:
+        params = parse_params(calibrated[key])
+        label = CALIBRATED_LABELS[key]
+        if key.startswith("numca"):
+            specs.append(EngineSpec(label, "numca", numca=NumcaConfig(**params)))
+        else:
+            specs.append(EngineSpec(label, "hista", hista=HistaConfig(**params)))
+    return specs
+
+
+def best_spec(specs: Sequence[EngineSpec], method: str, key: str) -> EngineSpec:
+    """The calibrated spec of ``method`` named by settings-file ``key``."""
+    label = CALIBRATED_LABELS[key]
+    return next(s for s in specs if s.method == method and s.label == label)
+
+
+def group_views(
+    record: dict[str, Any], hidden: list[torch.Tensor] | None, group_size: int
+) -> list[tuple[dict[str, Any], list[torch.Tensor] | None, list[dict[str, Any]]]]:
+    """(group, its hidden states, its states) to evaluate ``record`` at ``group_size``.
+
+    The whole group when ``group_size`` is its size; otherwise one subgroup per state: the
+    state's response and ``group_size`` − 1 others drawn with a generator seeded by the
+    prompt id, in their original order. Hidden states of a causal model do not depend on
+    the other rollouts, so the subgroup reuses the whole group's.
+    """
+    size = len(record["responses"])
+    if group_size >= size:
+        return [(record, hidden, record["states"])]
+    rng = random.Random(f"{record['id']}-G{group_size}")
+    views = []
+    for state in record["states"]:
+        own = state["response"]
+        others = rng.sample([j for j in range(size) if j != own], group_size - 1)
+        chosen = sorted([own, *others])
+        sub = {
+            **record,
+            "responses": [record["responses"][j] for j in chosen],
+            "rewards": [record["rewards"][j] for j in chosen],
+        }
+        sub_hidden = None if hidden is None else [hidden[j] for j in chosen]
+        views.append((sub, sub_hidden, [{**state, "response": chosen.index(own)}]))
+    return views
 
 
 # -- value sources ---------------------------------------------------------------------
@@ -362,6 +419,11 @@ def clustered_mae(errors: np.ndarray, clusters: Sequence[str]) -> tuple[float, f
     return mae, float(se)
 
 
+def ratio_text(mae: float, reference: float) -> str:
+    """MAE / reference MAE to three decimals; "—" when the reference is exactly right."""
+    return f"{mae / reference:.3f}" if reference > 0 else "—"
+
+
 def summary_table(rows: Sequence[StateRow], methods: Sequence[str], floors: Sequence[str]) -> str:
     """Markdown table: MAE ± SE, ratio to group mean, fraction closer than group mean."""
     clusters = [r.prompt for r in rows]
@@ -378,12 +440,13 @@ def summary_table(rows: Sequence[StateRow], methods: Sequence[str], floors: Sequ
         closer = float(np.mean(err < gm_err - 1e-9))
         ties = float(np.mean(np.abs(err - gm_err) <= 1e-9))
         lines.append(
-            f"| {method} | {mae:.4f} ± {se:.4f} | {mae / gm_mae:.3f} | {closer:.2f} | {ties:.2f} |"
+            f"| {method} | {mae:.4f} ± {se:.4f} | {ratio_text(mae, gm_mae)} | {closer:.2f} "
+            f"| {ties:.2f} |"
         )
     for name in floors:
         err = np.array([r.floors[name] for r in rows])
         mae, se = clustered_mae(err, clusters)
-        lines.append(f"| {name} | {mae:.4f} ± {se:.4f} | {mae / gm_mae:.3f} | — | — |")
+        lines.append(f"| {name} | {mae:.4f} ± {se:.4f} | {ratio_text(mae, gm_mae)} | — | — |")
     return "\n".join(lines)
 
 
@@ -445,68 +508,46 @@ def evaluate(
     records: Sequence[dict[str, Any]],
     source: Any,
     specs: Sequence[EngineSpec],
+    mix: tuple[float, EngineSpec, EngineSpec] | None,
     backend: Any,
     critic: RidgeCritic | None,
-    prototypes: dict[str, str] | None,
+    group_size: int,
     progress: bool,
 ) -> list[StateRow]:
-    """One StateRow per benchmark state of ``records``."""
+    """One StateRow per benchmark state of ``records``, groups cut to ``group_size``.
+
+    ``mix`` = (w, numca spec, hista spec) adds the row w·numca + (1 − w)·hista.
+    """
     from tqdm import tqdm
 
     rows = []
-    for record in tqdm(records, desc="groups", disable=not progress):
+    for record in tqdm(records, desc=f"groups (G = {group_size})", disable=not progress):
         if not record["states"]:
             continue
         hidden = group_hidden(backend, record) if backend is not None else None
-        values = source.values(record, specs, hidden)
-        rewards = np.asarray(record["rewards"], dtype=np.float64)
-        mean = float(rewards.mean())
-        prompt_len = len(record["prompt_ids"])
-        extra: dict[str, list[np.ndarray]] = {}
-        if prototypes is not None:
-            extra = prototype_values(source, record, hidden, prototypes)
-        for state in record["states"]:
-            i, t = state["response"], state["t"]
-            row = StateRow(prompt=record["id"], family=record["family"], target=state["target"])
-            for label, arrays in {**values, **extra}.items():
-                row.estimates[label] = float(arrays[i][t])
-            row.estimates["shrinkage ½R_i+½R̄"] = 0.5 * rewards[i] + 0.5 * mean
-            if critic is not None and hidden is not None:
-                feature = hidden[i][prompt_len - 1 + t].cpu().numpy()[None]
-                row.estimates["learned critic (ridge)"] = float(critic.predict(feature)[0])
-            row.floors["MC-1 floor"] = mc_floor_errors(state["continuation_rewards"], 1)
-            row.floors["MC-2 floor"] = mc_floor_errors(state["continuation_rewards"], 2)
-            rows.append(row)
+        for group, group_hidden_, states in group_views(record, hidden, group_size):
+            values = source.values(group, specs, group_hidden_)
+            rewards = np.asarray(group["rewards"], dtype=np.float64)
+            prompt_len = len(group["prompt_ids"])
+            for state in states:
+                i, t = state["response"], state["t"]
+                row = StateRow(prompt=record["id"], family=record["family"], target=state["target"])
+                for label, arrays in values.items():
+                    row.estimates[label] = float(arrays[i][t])
+                if mix is not None:
+                    weight, numca, hista = mix
+                    row.estimates[f"mix {weight:g}·numca + {1 - weight:g}·hista"] = (
+                        weight * row.estimates[numca.label]
+                        + (1 - weight) * row.estimates[hista.label]
+                    )
+                row.estimates["shrinkage ½R_i+½R̄"] = 0.5 * rewards[i] + 0.5 * rewards.mean()
+                if critic is not None and group_hidden_ is not None:
+                    feature = group_hidden_[i][prompt_len - 1 + t].cpu().numpy()[None]
+                    row.estimates["learned critic (ridge)"] = float(critic.predict(feature)[0])
+                row.floors["MC-1 floor"] = mc_floor_errors(state["continuation_rewards"], 1)
+                row.floors["MC-2 floor"] = mc_floor_errors(state["continuation_rewards"], 2)
+                rows.append(row)
     return rows
-
-
-def prototype_values(
-    source: InProcessSource,
-    record: dict[str, Any],
-    hidden: list[torch.Tensor] | None,
-    params: dict[str, str],
-) -> dict[str, list[np.ndarray]]:
-    """Values of the prototype estimators (bench/sveb/prototypes.py) for one group."""
-    from bench.sveb.prototypes import hista_relative_values, numca_shrunk_values
-
-    assert hidden is not None
-    responses = [np.asarray(r["ids"], dtype=np.int64) for r in record["responses"]]
-    hista_params = parse_params(params["hista"])
-    relative = float(hista_params.pop("relative_d_min"))
-    hista_values_, _ = hista_relative_values(
-        hidden,
-        len(record["prompt_ids"]),
-        [len(r) for r in responses],
-        np.asarray(record["rewards"]),
-        HistaConfig(**hista_params),
-        relative,
-    )
-    numca_params = parse_params(params["numca"])
-    prior = float(numca_params.pop("prior_count"))
-    numca_values_ = numca_shrunk_values(
-        source.engine.token_text, responses, record["rewards"], NumcaConfig(**numca_params), prior
-    )
-    return {"proto: hista relative d_min": hista_values_, "proto: numca shrunk": numca_values_}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -523,16 +564,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--calibrated-file",
         type=Path,
-        help="JSON written by bench/sveb/calibrate.py --write; explicit flags below win",
+        default=CALIBRATED_FILE,
+        help="JSON written by bench/sveb/calibrate.py --write (default: %(default)s)",
     )
-    parser.add_argument("--hista-calibrated", help=f"name=value,... ({CALIBRATED_HISTA})")
-    parser.add_argument("--numca-calibrated", help=f"name=value,... ({CALIBRATED_NUMCA})")
-    parser.add_argument("--no-critic", action="store_true", help="skip the learned critic")
     parser.add_argument(
-        "--prototypes", action="store_true", help="also the prototype estimators (in-process)"
+        "--group-sizes",
+        default="16,8",
+        help="group sizes to evaluate, each a table; smaller ones are subgroups (%(default)s)",
     )
-    parser.add_argument("--proto-hista", help=f"name=value,... ({PROTO_HISTA_RELATIVE})")
-    parser.add_argument("--proto-numca", help=f"name=value,... ({PROTO_NUMCA_SHRINK})")
+    parser.add_argument("--no-critic", action="store_true", help="skip the learned critic")
     parser.add_argument("--by-family", action="store_true", help="per-family MAE table")
     parser.add_argument("--limit", type=int, default=0, help="first N prompts only (0: all)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -541,15 +581,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not splits or any(s not in ("dev", "test") for s in splits):
         parser.error("--split must be dev, test or dev,test")
     args.splits = splits
-    from_file = json.loads(args.calibrated_file.read_text()) if args.calibrated_file else {}
-    for name, default in (
-        ("hista_calibrated", CALIBRATED_HISTA),
-        ("numca_calibrated", CALIBRATED_NUMCA),
-        ("proto_hista", PROTO_HISTA_RELATIVE),
-        ("proto_numca", PROTO_NUMCA_SHRINK),
-    ):
-        if getattr(args, name) is None:
-            setattr(args, name, from_file.get(name, default))
+    try:
+        args.group_size_list = [int(g) for g in args.group_sizes.split(",") if g.strip()]
+    except ValueError:
+        parser.error("--group-sizes must be integers, e.g. 16,8")
+    if not args.group_size_list or min(args.group_size_list) < 1:
+        parser.error("--group-sizes must be integers >= 1, e.g. 16,8")
+    if not args.calibrated_file.exists():
+        parser.error(f"{args.calibrated_file} does not exist: run bench/sveb/calibrate.py --write")
+    args.calibrated = json.loads(args.calibrated_file.read_text())
+    missing = [k for k in (*CALIBRATED_KEYS, "mix_weight") if k not in args.calibrated]
+    if missing:
+        parser.error(f"{args.calibrated_file} lacks {', '.join(missing)}: rerun calibrate.py")
     return args
 
 
@@ -560,9 +603,15 @@ def main(argv: list[str] | None = None, backend: Any = None) -> int:
     """
     args = parse_args(argv)
     apply_threads(args)
-    if args.prototypes and not args.in_process:
-        raise SystemExit("--prototypes needs --in-process")
-    specs = engine_specs(args.hista_calibrated, args.numca_calibrated)
+    specs = engine_specs(args.calibrated)
+    weight = args.calibrated["mix_weight"]
+    mix = None
+    if weight is not None:
+        mix = (
+            float(weight),
+            best_spec(specs, "numca", args.calibrated["mix_numca"]),
+            best_spec(specs, "hista", args.calibrated["mix_hista"]),
+        )
     need_model = args.in_process or not args.no_critic
     if need_model and backend is None:
         from statevalue.backends.torch_backend import TorchBackend
@@ -573,32 +622,36 @@ def main(argv: list[str] | None = None, backend: Any = None) -> int:
     if not args.no_critic:
         train = load_records(args.data_dir, "train")
         critic = train_critic(backend, train, not args.quiet)
-    prototypes = {"hista": args.proto_hista, "numca": args.proto_numca} if args.prototypes else None
     device = str(backend.device) if backend is not None else f"server {args.target}"
     for split in args.splits:
         records = load_records(args.data_dir, split)
         if args.limit:
             records = records[: args.limit]
-        rows = evaluate(records, source, specs, backend, critic, prototypes, not args.quiet)
-        if not rows:
-            raise SystemExit(f"no states in split {split!r}")
-        methods = list(rows[0].estimates)
-        floors = list(rows[0].floors)
-        print(f"## SVEB accuracy — split {split}\n")
-        print(header(device))
-        print(f"- data: {data_summary(records, rows)}")
-        print(f"- hista calibrated: `{args.hista_calibrated}`")
-        print(f"- numca calibrated: `{args.numca_calibrated}`")
-        if critic is not None:
-            print(f"- learned critic: ridge on last-layer hidden states, λ = {critic.lam:g}")
-        if prototypes is not None:
-            print(f"- prototypes: hista `{args.proto_hista}`; numca `{args.proto_numca}`")
-        print()
-        print(summary_table(rows, methods, floors))
-        if args.by_family:
-            print("\nMAE by family:\n")
-            print(family_table(rows, methods, floors))
-        print()
+        for group_size in args.group_size_list:
+            rows = evaluate(
+                records, source, specs, mix, backend, critic, group_size, not args.quiet
+            )
+            if not rows:
+                raise SystemExit(f"no states in split {split!r}")
+            methods = list(rows[0].estimates)
+            floors = list(rows[0].floors)
+            size = min(group_size, len(records[0]["responses"]))
+            print(f"## SVEB accuracy — split {split}, G = {size}\n")
+            print(header(device))
+            print(f"- data: {data_summary(records, rows)}")
+            print(f"- settings calibrated on dev ({args.calibrated_file.name}):")
+            for key in CALIBRATED_KEYS:
+                print(f"  - {CALIBRATED_LABELS[key]}: `{args.calibrated[key]}`")
+            if mix is not None:
+                print(f"  - mix: w = {mix[0]:g} of {mix[1].label!r} and {mix[2].label!r}")
+            if critic is not None:
+                print(f"- learned critic: ridge on last-layer hidden states, λ = {critic.lam:g}")
+            print()
+            print(summary_table(rows, methods, floors))
+            if args.by_family:
+                print("\nMAE by family:\n")
+                print(family_table(rows, methods, floors))
+            print()
     return 0
 
 
