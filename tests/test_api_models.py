@@ -159,3 +159,14 @@ def test_generated_stubs_are_up_to_date() -> None:
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "up to date" in done.stdout
+
+
+def test_reference_settings_turn_off_every_rule_beyond_the_paper() -> None:
+    numca, hista = NumcaConfig.reference(), HistaConfig.reference()
+    assert numca.prior_count == 0.0
+    assert (hista.relative_d_min, hista.own_weight, hista.d_min) == (0.0, 1.0, 5.0)
+    assert (hista.node_spacing, hista.k_max, hista.k_min) == (50, 66, 6)
+    changed = HistaConfig.reference(node_spacing=10, own_weight=0.5)
+    assert (changed.node_spacing, changed.own_weight, changed.relative_d_min) == (10, 0.5, 0.0)
+    with pytest.raises(ValidationError):
+        NumcaConfig.reference(no_such_field=1)

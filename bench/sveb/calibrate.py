@@ -233,9 +233,9 @@ def main(argv: list[str] | None = None, backend: Any = None) -> int:
         for params in tqdm(grid, desc=title.split(":")[0]):
             label = settings_label(params)
             if method == "numca":
-                spec = EngineSpec(label, "numca", numca=NumcaConfig(**params))
+                spec = EngineSpec(label, "numca", numca=NumcaConfig.reference(**params))
             else:
-                spec = EngineSpec(label, "hista", hista=HistaConfig(**params))
+                spec = EngineSpec(label, "hista", hista=HistaConfig.reference(**params))
             estimates[label] = state_estimates(views, values(spec))
         return Search(title, estimates)
 
@@ -318,7 +318,7 @@ def main(argv: list[str] | None = None, backend: Any = None) -> int:
     verdict = "beats both: kept" if beats_both else "does not beat both: dropped"
     print(f"\nBest mix w = {mix_weight:g}: {verdict}.\n")
 
-    hista_config = HistaConfig(**parse_params(chosen[best_hista]))
+    hista_config = HistaConfig.reference(**parse_params(chosen[best_hista]))
     print(f"### Distance histograms (node_spacing {hista_config.node_spacing})\n")
     print(distance_histograms(views, hista_config))
     print("\n### Best settings on dev\n")

@@ -138,17 +138,20 @@ def engine_specs(calibrated: dict[str, str]) -> list[EngineSpec]:
     """The service rows of the table: reference settings, then every calibrated setting."""
     specs = [
         EngineSpec("group mean", "group_mean"),
-        EngineSpec("numca digits (ref)", "numca", numca=NumcaConfig(number_pattern="digits")),
-        EngineSpec("numca decimal (ref)", "numca", numca=NumcaConfig(number_pattern="decimal")),
-        EngineSpec("hista (ref)", "hista"),
+        EngineSpec("numca digits (ref)", "numca", numca=NumcaConfig.reference()),
+        EngineSpec(
+            "numca decimal (ref)", "numca", numca=NumcaConfig.reference(number_pattern="decimal")
+        ),
+        EngineSpec("hista (ref)", "hista", hista=HistaConfig.reference()),
     ]
     for key in CALIBRATED_KEYS:
         params = parse_params(calibrated[key])
         label = CALIBRATED_LABELS[key]
+        # On top of the reference rule: a setting names every option it turns on.
         if key.startswith("numca"):
-            specs.append(EngineSpec(label, "numca", numca=NumcaConfig(**params)))
+            specs.append(EngineSpec(label, "numca", numca=NumcaConfig.reference(**params)))
         else:
-            specs.append(EngineSpec(label, "hista", hista=HistaConfig(**params)))
+            specs.append(EngineSpec(label, "hista", hista=HistaConfig.reference(**params)))
     return specs
 
 

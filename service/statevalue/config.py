@@ -43,6 +43,11 @@ class NumcaConfig(_Strict):
         "pseudo-visits; 0 = reference (no shrinkage).",
     )
 
+    @classmethod
+    def reference(cls, **changes: object) -> NumcaConfig:
+        """The paper's reference rule (no shrinkage), with ``changes`` applied."""
+        return cls.model_validate({"prior_count": 0.0, **changes})
+
 
 class HistaConfig(_Strict):
     """Hista: hidden-state nearest neighbours between rollouts of a group (DESIGN §3.3)."""
@@ -69,6 +74,11 @@ class HistaConfig(_Strict):
         description="Factor on the weight of the query rollout's own prefix nodes, which all "
         "carry its own reward; 1 = reference, 0 = only other rollouts count.",
     )
+
+    @classmethod
+    def reference(cls, **changes: object) -> HistaConfig:
+        """The paper's reference rule (absolute d_min, own nodes at full weight), changed."""
+        return cls.model_validate({"relative_d_min": 0.0, "own_weight": 1.0, **changes})
 
     @model_validator(mode="after")
     def _k_order(self) -> HistaConfig:
