@@ -7,11 +7,13 @@ import math
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from bench.sveb import calibrate, evaluate, generate
 from statevalue.backends.torch_backend import TorchBackend
+from tests.servers import running_server
 
 METHODS = (
     "group mean",
@@ -70,13 +72,41 @@ def _run_tiny_set(
     tables = out.split("## SVEB accuracy")[1:]
     assert [t.split("\n")[0] for t in tables] == [" — split test, G = 4", " — split test, G = 2"]
     for table in tables:
-        summary = table.split("MAE by family")[0]
-        for method in METHODS:
-            pattern = rf"^\| {re.escape(method)} \| ([0-9.]+) ± ([0-9.na]+) \|"
-            row = re.search(pattern, summary, re.M)
-            assert row is not None, f"no row for {method}:\n{out}"
-            assert math.isfinite(float(row.group(1)))
+        maes = summary_maes(table.split("MAE by family")[0])
+        assert set(METHODS) <= set(maes), f"rows missing:\n{out}"
+        assert all(math.isfinite(v) for v in maes.values())
         assert "MAE by family" in table
+    in_process = summary_maes(tables[0])
+
+    # The same groups through the public gRPC client and a real server: the same numbers,
+    # so every calibrated parameter crossed the wire.
+    argv = ["--target", "", "--data-dir", str(tmp_path), "--split", "test", "--no-critic"]
+    argv += ["--calibrated-file", str(settings), "--group-sizes", "4", "--quiet"]
+    specs = evaluate.engine_specs(json.loads(settings.read_text()))
+    (record,) = evaluate.load_records(tmp_path, "test")
+    # Mixed rewards, so that every method's values depend on its parameters.
+    record["rewards"] = [float(i % 2) for i in range(len(record["responses"]))]
+    for response, reward in zip(record["responses"], record["rewards"], strict=True):
+        response["reward"] = reward
+    local = evaluate.InProcessSource(backend)
+    expected = local.values(record, specs, evaluate.group_hidden(backend, record))
+    with running_server(backend) as server:
+        argv[1] = server.grpc_target
+        assert evaluate.main(argv, backend=backend) == 0
+        remote = evaluate.ClientSource(server.grpc_target).values(record, specs)
+    over_grpc = summary_maes(capsys.readouterr().out)
+    for method in METHODS:
+        if method.startswith(("numca", "hista", "group mean")):
+            assert over_grpc[method] == pytest.approx(in_process[method], abs=2e-3), method
+    for spec in specs:
+        for got, want in zip(remote[spec.label], expected[spec.label], strict=True):
+            np.testing.assert_allclose(got, want, atol=1e-4, err_msg=spec.label)
+
+
+def summary_maes(table: str) -> dict[str, float]:
+    """Method -> MAE of the rows of a printed summary table."""
+    rows = re.findall(r"^\| ([^|]+?) \| ([0-9.]+) ± [0-9.na]+ \|", table, re.M)
+    return {method: float(mae) for method, mae in rows}
 
 
 def test_subgroups_keep_the_state_response_and_are_seeded() -> None:
