@@ -76,6 +76,7 @@ def _run_tiny_set(
         assert set(METHODS) <= set(maes), f"rows missing:\n{out}"
         assert all(math.isfinite(v) for v in maes.values())
         assert "MAE by family" in table
+        assert re.search(r"^- hista below the MC-2 floor: (met|missed)", table, re.M)
     in_process = summary_maes(tables[0])
 
     # The same groups through the public gRPC client and a real server: the same numbers,

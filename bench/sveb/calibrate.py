@@ -313,7 +313,7 @@ def main(argv: list[str] | None = None, backend: Any = None) -> int:
     mix_weight = min(MIX_WEIGHTS, key=lambda w: float(mixes[f"w={w:g}"].mean()))
     beats_both = float(mixes[f"w={mix_weight:g}"].mean()) < min(mae(best_numca), mae(best_hista))
     chosen.update(
-        mix_weight=mix_weight if beats_both else None, mix_numca=best_numca, mix_hista=best_hista
+        mix_weight=mix_weight if beats_both else None, best_numca=best_numca, best_hista=best_hista
     )
     verdict = "beats both: kept" if beats_both else "does not beat both: dropped"
     print(f"\nBest mix w = {mix_weight:g}: {verdict}.\n")

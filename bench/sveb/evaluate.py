@@ -124,6 +124,12 @@ class EngineSpec:
         return {}
 
 
+# Further keys: the mix weight (null when the mix did not beat both on dev) and which
+# calibrated row of each method was best on dev (the rows held to the targets).
+CHOICE_KEYS = ("mix_weight", "best_numca", "best_hista")
+# The issue's targets on test: MAE / group-mean MAE at most this.
+TARGET_RATIOS = {"hista": 0.8, "numca": 0.85}
+
 # Row labels of the calibrated settings, by settings-file key.
 CALIBRATED_LABELS = {
     "numca_calibrated": "numca calibrated",
@@ -490,6 +496,27 @@ def data_summary(records: Sequence[dict[str, Any]], rows: Sequence[StateRow]) ->
     )
 
 
+def target_lines(rows: Sequence[StateRow], calibrated: dict[str, Any]) -> str:
+    """Markdown list: the dev-chosen Numca and Hista rows against the targets."""
+    targets = np.array([r.target for r in rows])
+
+    def mae(label: str) -> float:
+        return float(np.mean(np.abs(np.array([r.estimates[label] for r in rows]) - targets)))
+
+    reference = mae("group mean")
+    lines = []
+    for method, limit in TARGET_RATIOS.items():
+        label = CALIBRATED_LABELS[calibrated[f"best_{method}"]]
+        ratio = mae(label) / reference if reference > 0 else float("nan")
+        verdict = "met" if ratio <= limit else "missed"
+        lines.append(f"- {method} ≤ {limit} × group mean: {verdict} ({label}: {ratio:.3f} ×)")
+    hista = CALIBRATED_LABELS[calibrated["best_hista"]]
+    floor = float(np.mean([r.floors["MC-2 floor"] for r in rows]))
+    verdict = "met" if mae(hista) < floor else "missed"
+    lines.append(f"- hista below the MC-2 floor: {verdict} ({mae(hista):.4f} vs {floor:.4f})")
+    return "\n".join(lines)
+
+
 def header(device: str) -> str:
     """Machine, date and the exact command."""
     # Module form, so the line holds no path of the machine it ran on.
@@ -593,7 +620,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not args.calibrated_file.exists():
         parser.error(f"{args.calibrated_file} does not exist: run bench/sveb/calibrate.py --write")
     args.calibrated = json.loads(args.calibrated_file.read_text())
-    missing = [k for k in (*CALIBRATED_KEYS, "mix_weight") if k not in args.calibrated]
+    missing = [k for k in (*CALIBRATED_KEYS, *CHOICE_KEYS) if k not in args.calibrated]
     if missing:
         parser.error(f"{args.calibrated_file} lacks {', '.join(missing)}: rerun calibrate.py")
     return args
@@ -612,8 +639,8 @@ def main(argv: list[str] | None = None, backend: Any = None) -> int:
     if weight is not None:
         mix = (
             float(weight),
-            best_spec(specs, "numca", args.calibrated["mix_numca"]),
-            best_spec(specs, "hista", args.calibrated["mix_hista"]),
+            best_spec(specs, "numca", args.calibrated["best_numca"]),
+            best_spec(specs, "hista", args.calibrated["best_hista"]),
         )
     need_model = args.in_process or not args.no_critic
     if need_model and backend is None:
@@ -651,6 +678,8 @@ def main(argv: list[str] | None = None, backend: Any = None) -> int:
                 print(f"- learned critic: ridge on last-layer hidden states, λ = {critic.lam:g}")
             print()
             print(summary_table(rows, methods, floors))
+            print("\nTargets, with the calibrated rows that were best on dev:\n")
+            print(target_lines(rows, args.calibrated))
             if args.by_family:
                 print("\nMAE by family:\n")
                 print(family_table(rows, methods, floors))
