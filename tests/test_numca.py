@@ -224,8 +224,10 @@ def test_prior_count_shrinks_each_state_towards_its_parent() -> None:
     same = numca_values(paths, *args, NumcaTable(), prior_count=0.0)
     for got, want in zip(same.values, reference.values, strict=True):
         np.testing.assert_array_equal(got, want)
+    table = NumcaTable()
     with pytest.raises(ValueError, match="prior_count"):
-        numca_values(paths, *args, NumcaTable(), prior_count=-1.0)
+        numca_values(paths, *args, table, prior_count=-1.0)
+    assert len(table) == 0  # a rejected call leaves the table alone
 
 
 def test_large_prior_count_approaches_the_group_mean() -> None:

@@ -164,6 +164,8 @@ def numca_values(
     two responses reached no longer echoes their rewards. m = 0 is the reference rule.
     """
     rewards, rewarded, _ = check_group(lengths, rewards, rewarded)
+    if prior_count < 0:
+        raise ValueError("prior_count must be >= 0")
     if len(paths) != len(lengths):
         raise ValueError(f"{len(paths)} paths for {len(lengths)} rollouts")
     for path, length in zip(paths, lengths, strict=True):
@@ -174,8 +176,6 @@ def numca_values(
     for path, reward, has_reward in zip(paths, rewards, rewarded, strict=True):
         if has_reward:
             table.add(path.states, float(reward))
-    if prior_count < 0:
-        raise ValueError("prior_count must be >= 0")
     values = []
     for path, length in zip(paths, lengths, strict=True):
         known = table.value(_EMPTY)
