@@ -132,3 +132,21 @@ def test_subgroups_keep_the_state_response_and_are_seeded() -> None:
     assert [v[0]["responses"] for v in again] == [v[0]["responses"] for v in views]
     (whole,) = evaluate.group_views(record, hidden, 6)
     assert whole[0] is record and whole[2] == record["states"]
+
+
+def test_a_resumed_plan_never_repeats_a_written_question() -> None:
+    families = list(generate.DEFAULT_FAMILIES)
+    counts = {"dev": 6, "test": 6, "train": 6}
+    plan = generate.plan_prompts(counts, families, seed=0)
+    questions = [item.problem.question for item in plan]
+    assert len(set(questions)) == len(questions)
+    # Pretend an earlier run wrote test-0000 with the question this plan gives dev-0003.
+    taken = next(item for item in plan if item.id == "dev-0003").problem.question
+    resumed = generate.plan_prompts(counts, families, seed=0, written={"test-0000": taken})
+    new = [item for item in resumed if item.id != "test-0000"]
+    assert taken not in [item.problem.question for item in new]
+    assert len({item.problem.question for item in new}) == len(new)
+    # Prompts whose question is free keep their plan.
+    assert [i.problem for i in resumed if i.id == "dev-0000"] == [
+        i.problem for i in plan if i.id == "dev-0000"
+    ]

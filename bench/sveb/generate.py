@@ -50,27 +50,35 @@ class PlannedPrompt:
     seed: int
 
 
-def plan_prompts(counts: dict[str, int], families: list[str], seed: int) -> list[PlannedPrompt]:
+def plan_prompts(
+    counts: dict[str, int], families: list[str], seed: int, written: dict[str, str] | None = None
+) -> list[PlannedPrompt]:
     """The prompts of every split, interleaved; families round-robin, questions unique.
 
     Each split draws from its own RNG (seeded by ``seed`` and the split name), so a split's
     problems do not depend on the other splits' sizes except through de-duplication.
+    ``written`` maps the ids of prompts already in the files to their questions: no new
+    prompt repeats one of them, even when a resumed run with larger counts would otherwise
+    draw it for another split.
     """
-    used: set[str] = set()
+    written = written or {}
+    used: set[str] = set(written.values())
     per_split: dict[str, list[PlannedPrompt]] = {}
     for split in SPLITS:
         rng = random.Random(f"sveb-{seed}-{split}")
         items = []
         for index in range(counts.get(split, 0)):
             family = families[index % len(families)]
+            planned_id = f"{split}-{index:04d}"
             for _ in range(1000):
                 problem = make_problem(family, rng)
-                if problem.question not in used:
+                if planned_id in written or problem.question not in used:
                     break
-            used.add(problem.question)
+            if planned_id not in written:
+                used.add(problem.question)
             items.append(
                 PlannedPrompt(
-                    id=f"{split}-{index:04d}",
+                    id=planned_id,
                     split=split,
                     index=index,
                     problem=problem,
@@ -84,19 +92,20 @@ def plan_prompts(counts: dict[str, int], families: list[str], seed: int) -> list
     ]
 
 
-def done_ids(out_dir: Path) -> set[str]:
-    """Ids of the prompts already written (complete JSON lines only)."""
-    ids: set[str] = set()
+def written_questions(out_dir: Path) -> dict[str, str]:
+    """Id -> question of the prompts already written (complete JSON lines only)."""
+    written: dict[str, str] = {}
     for split in SPLITS:
         path = out_dir / f"{split}.jsonl"
         if not path.exists():
             continue
         for line in path.read_text().splitlines():
             try:
-                ids.add(json.loads(line)["id"])
+                record = json.loads(line)
+                written[record["id"]] = record["question"]
             except (json.JSONDecodeError, KeyError):
                 continue  # a line cut by an interrupted run
-    return ids
+    return written
 
 
 def _decode(backend: Any, ids: np.ndarray) -> str:
@@ -218,10 +227,10 @@ def main(argv: list[str] | None = None, backend: Any = None) -> int:
     from statevalue.tokenization import TokenText
 
     counts = {"dev": args.dev, "test": args.test, "train": args.train}
-    plan = plan_prompts(counts, families, args.seed)
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    done = done_ids(args.out_dir)
-    todo = [item for item in plan if item.id not in done]
+    written = written_questions(args.out_dir)
+    plan = plan_prompts(counts, families, args.seed, written)
+    todo = [item for item in plan if item.id not in written]
     if not todo:
         print(f"all {len(plan)} prompts already in {args.out_dir}")
         return 0
