@@ -13,6 +13,7 @@ from pydantic import BaseModel, ValidationError
 from statevalue import api_models
 from statevalue.config import AdvantageConfig, EstimatorConfig, HistaConfig, NumcaConfig
 from statevalue.grpc_server import params_from_proto
+from statevalue.schema import InvalidRequest
 from statevalue_client.proto import statevalue_pb2 as pb
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,7 +91,7 @@ def test_every_parameter_round_trips_through_the_proto() -> None:
             "k_max": 30,
             "k_min": 4,
             "tau": 2.0,
-            "relative_d_min": 0.1,
+            "relative_d_min": 0.0,
             "own_weight": 0.25,
         },
         "advantage": {
@@ -170,3 +171,17 @@ def test_reference_settings_turn_off_every_rule_beyond_the_paper() -> None:
     assert (changed.node_spacing, changed.own_weight, changed.relative_d_min) == (10, 0.5, 0.0)
     with pytest.raises(ValidationError):
         NumcaConfig.reference(no_such_field=1)
+
+
+def test_an_explicit_d_min_is_the_absolute_clamp() -> None:
+    assert HistaConfig().relative_d_min > 0  # the default clamp is relative
+    assert HistaConfig(d_min=2.0).relative_d_min == 0.0
+    assert HistaConfig(d_min=2.0, relative_d_min=0).d_min == 2.0
+    with pytest.raises(ValidationError, match="d_min.*relative_d_min"):
+        HistaConfig(d_min=2.0, relative_d_min=0.1)
+    params = pb.EstimatorParams()
+    params.hista.d_min = 2.0
+    params.hista.relative_d_min = 0.1
+    with pytest.raises(InvalidRequest) as caught:
+        params_from_proto(params)
+    assert caught.value.field == "params.hista"

@@ -6,7 +6,7 @@ reference default. Requests may override any of them; unknown names are rejected
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -55,14 +55,18 @@ class HistaConfig(_Strict):
     ema_alpha: float = Field(0.7, ge=0.0, lt=1.0, description="EMA decay along the sequence.")
     stride: int = Field(5, ge=1, description="Keep every w-th smoothed hidden state.")
     node_spacing: int = Field(50, ge=1, description="Response tokens between nodes (delta).")
-    d_min: float = Field(5.0, gt=0.0, description="Distances are clamped to at least this.")
+    d_min: float = Field(
+        5.0,
+        gt=0.0,
+        description="Absolute clamp: distances are at least this (reference). Used when "
+        "relative_d_min is 0; setting d_min alone sets relative_d_min to 0.",
+    )
     relative_d_min: float = Field(
-        0.0,
+        0.025,
         ge=0.0,
-        description="When > 0, d_min is this fraction of the group's distance scale (the "
-        "median distance between its complete rewarded rollouts) and the d_min field is "
-        "unused: the clamp then means the same on models with different hidden-state norms. "
-        "0 = the absolute d_min (reference).",
+        description="Clamp at this fraction of the group's distance scale (the median "
+        "distance between its complete rewarded rollouts), so that it means the same on "
+        "models with different hidden-state norms. 0 = the absolute d_min (reference).",
     )
     k_max: int = Field(66, ge=1, description="Neighbours at the first interior node.")
     k_min: int = Field(6, ge=1, description="Neighbours at the last interior node.")
@@ -79,6 +83,18 @@ class HistaConfig(_Strict):
     def reference(cls, **changes: object) -> HistaConfig:
         """The paper's reference rule (absolute d_min, own nodes at full weight), changed."""
         return cls.model_validate({"relative_d_min": 0.0, "own_weight": 1.0, **changes})
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_clamp(cls, data: Any) -> Any:
+        # An explicit d_min means the absolute clamp; it is never silently ignored.
+        if isinstance(data, dict) and "d_min" in data:
+            relative = data.get("relative_d_min")
+            if relative is None:
+                return {**data, "relative_d_min": 0.0}
+            if isinstance(relative, int | float | str) and float(relative) > 0:
+                raise ValueError("set d_min (absolute clamp) or relative_d_min, not both")
+        return data
 
     @model_validator(mode="after")
     def _k_order(self) -> HistaConfig:

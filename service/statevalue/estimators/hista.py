@@ -13,9 +13,9 @@ Choices beyond the design:
   not depend on the order of the rollouts (the reference's top-k would pick by position).
 - The k schedule rounds half up.
 
-Two options beyond the reference, both off by default: ``relative_d_min`` (the clamp as a
-fraction of the group's own distance scale) and ``own_weight`` (down-weighting the query
-rollout's own prefix nodes, which all repeat its own reward).
+Two rules beyond the reference: ``relative_d_min`` (the clamp as a fraction of the group's
+own distance scale; the configuration's default) and ``own_weight`` (down-weighting the
+query rollout's own prefix nodes, which all repeat its own reward; off by default).
 """
 
 from __future__ import annotations
