@@ -263,8 +263,9 @@ def test_relative_d_min_is_a_fraction_of_the_median_complete_distance() -> None:
     rewards = np.array([1.0, 0.0, 1.0, 0.0])
     rewarded = np.array([True, True, True, False])
     base = {"ema_alpha": 0.0, "stride": 1, "node_spacing": 2, "k_max": 3, "k_min": 1}
-    # The scale is over the rewarded rollouts only: a query rollout must not change it.
-    full = [prefix_chamfer(hidden[i], hidden[j]) for i in range(3) for j in range(i + 1, 3)]
+    # The scale is over ordered pairs of the rewarded rollouts only: a query rollout must
+    # not change it.
+    full = [prefix_chamfer(hidden[i], hidden[j]) for i in range(3) for j in range(3) if i != j]
     d_min = 0.4 * float(np.median(full))
     relative = hista_values(
         hidden, 2, lengths, rewards, rewarded, HistaConfig(**base, relative_d_min=0.4)
@@ -283,3 +284,16 @@ def test_relative_d_min_is_a_fraction_of_the_median_complete_distance() -> None:
     )
     for got, want in zip(scaled.values, relative.values, strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_relative_d_min_does_not_depend_on_the_rollouts_order() -> None:
+    # Equally long rollouts: their distance depends on the direction, so the scale must
+    # take both directions.
+    hidden = [states(0.0, 0.0, 4.0), states(0.0, 1.0, 1.0)]
+    config = HistaConfig(**RAW, relative_d_min=0.5, k_max=3, k_min=1)
+    forward = hista_values(hidden, 1, [2, 2], np.array([0.0, 1.0]), np.array([True, True]), config)
+    backward = hista_values(
+        hidden[::-1], 1, [2, 2], np.array([1.0, 0.0]), np.array([True, True]), config
+    )
+    for got, want in zip(backward.values[::-1], forward.values, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-6)

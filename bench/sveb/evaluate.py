@@ -120,7 +120,10 @@ class EngineSpec:
         if self.method == "numca":
             return {"numca": self.numca.model_dump()}
         if self.method == "hista":
-            return {"hista": self.hista.model_dump()}
+            hista = self.hista.model_dump()
+            if hista["relative_d_min"] > 0:
+                del hista["d_min"]  # an explicit d_min would select the absolute clamp
+            return {"hista": hista}
         return {}
 
 

@@ -177,15 +177,19 @@ def group_distance_scale(reps: torch.Tensor, counts: np.ndarray, rollouts: np.nd
     """Median Chamfer distance between the complete representations of ``rollouts``.
 
     ``reps`` and ``counts`` as Hista builds them (smoothed, downsampled, zero-padded); the
-    median is over unordered pairs of different rollouts, so at least two are needed.
+    median is over ordered pairs of different rollouts (the distance between equally long
+    sequences depends on the direction), so it does not depend on the rollouts' order. At
+    least two rollouts are needed.
     """
     if len(rollouts) < 2:
         raise ValueError("a distance scale needs at least two rollouts")
     index = torch.as_tensor(rollouts, device=reps.device)
     full = torch.as_tensor(counts[rollouts], device=reps.device)[:, None]
     dist = _cross_prefix_distances(reps, index, index, full, full)[:, 0, :, 0]
-    upper = torch.triu_indices(len(rollouts), len(rollouts), offset=1, device=reps.device)
-    return float(dist[upper[0], upper[1]].median())
+    others = ~torch.eye(len(rollouts), dtype=torch.bool, device=reps.device)
+    # The mean of the two middle values: torch's median takes the lower one, which would
+    # make the result depend on which of two tied directions sorts first.
+    return float(dist[others].quantile(0.5))
 
 
 def hista_values(
