@@ -491,7 +491,8 @@ def data_summary(records: Sequence[dict[str, Any]], rows: Sequence[StateRow]) ->
     first = records[0]
     ks = {len(s["continuation_rewards"]) for rec in records for s in rec["states"]}
     return (
-        f"{len(records)} prompts, {len(rows)} states; G = {len(first['responses'])}, "
+        f"{len(records)} prompts, {len(rows)} states; "
+        f"generated with G = {len(first['responses'])}, "
         f"K = {','.join(map(str, sorted(ks)))}, temperature {first['temperature']}, "
         f"max_new_tokens {first['max_new_tokens']}; mean pass rate {np.mean(passes):.3f} "
         f"(prompts with mixed rewards {mixed:.2f}); response length mean {np.mean(lengths):.1f}, "
