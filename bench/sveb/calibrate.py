@@ -97,10 +97,12 @@ def node_distances(
         return prefix_distances(reps[i][None], reps[j][None], x[None], y[None])[0].numpy()
 
     whole = [torch.tensor([len(r)]) for r in reps]
+    # Both directions of every pair, as the engine's relative clamp computes its scale.
     full = [
         distances(i, whole[i], j, whole[j])[0, 0]
         for i in range(len(reps))
-        for j in range(i + 1, len(reps))
+        for j in range(len(reps))
+        if i != j
     ]
     scale = float(np.median(full)) if full else 1.0
     lengths = [len(r["ids"]) for r in group["responses"]]
