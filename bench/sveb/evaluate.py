@@ -545,21 +545,24 @@ def evaluate(
     mix: tuple[float, EngineSpec, EngineSpec] | None,
     backend: Any,
     critic: RidgeCritic | None,
-    group_size: int,
+    group_sizes: Sequence[int],
     progress: bool,
-) -> list[StateRow]:
-    """One StateRow per benchmark state of ``records``, groups cut to ``group_size``.
+) -> dict[int, list[StateRow]]:
+    """Per group size: one StateRow per benchmark state of ``records``, groups cut to it.
 
-    ``mix`` = (w, numca spec, hista spec) adds the row w·numca + (1 − w)·hista.
+    Hidden states are computed once per group and shared by every group size. ``mix`` =
+    (w, numca spec, hista spec) adds the row w·numca + (1 − w)·hista.
     """
     from tqdm import tqdm
 
-    rows = []
-    for record in tqdm(records, desc=f"groups (G = {group_size})", disable=not progress):
+    by_size: dict[int, list[StateRow]] = {size: [] for size in group_sizes}
+    for record in tqdm(records, desc="groups", disable=not progress):
         if not record["states"]:
             continue
         hidden = group_hidden(backend, record) if backend is not None else None
-        for group, group_hidden_, states in group_views(record, hidden, group_size):
+        views = [(size, view) for size in group_sizes for view in group_views(record, hidden, size)]
+        for group_size, (group, group_hidden_, states) in views:
+            rows = by_size[group_size]
             values = source.values(group, specs, group_hidden_)
             rewards = np.asarray(group["rewards"], dtype=np.float64)
             prompt_len = len(group["prompt_ids"])
@@ -581,7 +584,7 @@ def evaluate(
                 row.floors["MC-1 floor"] = mc_floor_errors(state["continuation_rewards"], 1)
                 row.floors["MC-2 floor"] = mc_floor_errors(state["continuation_rewards"], 2)
                 rows.append(row)
-    return rows
+    return by_size
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -661,10 +664,10 @@ def main(argv: list[str] | None = None, backend: Any = None) -> int:
         records = load_records(args.data_dir, split)
         if args.limit:
             records = records[: args.limit]
-        for group_size in args.group_size_list:
-            rows = evaluate(
-                records, source, specs, mix, backend, critic, group_size, not args.quiet
-            )
+        by_size = evaluate(
+            records, source, specs, mix, backend, critic, args.group_size_list, not args.quiet
+        )
+        for group_size, rows in by_size.items():
             if not rows:
                 raise SystemExit(f"no states in split {split!r}")
             methods = list(rows[0].estimates)
