@@ -48,7 +48,7 @@ def _packed(data: bytes, dtype: np.dtype, count: int, field: str) -> np.ndarray:
 
 
 def params_from_proto(params: pb.EstimatorParams) -> EstimatorConfig:
-    """Only the fields the caller set; the rest keep the reference defaults."""
+    """Only the fields the caller set; the rest keep the service defaults."""
     tree: dict[str, dict[str, Any]] = {}
     for section in ("numca", "hista", "advantage"):
         message = getattr(params, section)
