@@ -48,9 +48,12 @@ def test_services_and_their_wiring(compose: dict[str, Any]) -> None:
     services = compose["services"]
     assert set(services) == {"statevalue", "redis", "prometheus", "grafana"}
     server = services["statevalue"]
-    assert server["build"] == {"context": "..", "target": "cpu"}
+    build = server["build"]
+    assert (build["context"], build["target"]) == ("..", "cpu")
     dockerfile = (DEPLOY.parent / "Dockerfile").read_text()
     assert re.search(r"^FROM \S+ AS cpu$", dockerfile, re.MULTILINE)
+    declared = set(re.findall(r"^ARG (\w+)", dockerfile, re.MULTILINE))
+    assert set(build["args"]) <= declared
     assert {"50051:50051", "8000:8000"} <= set(server["ports"])
     fields = {f"STATEVALUE_{name.upper()}" for name in ServerSettings.model_fields}
     assert set(server["environment"]) - {"STATEVALUE_NUMCA_STORE"} <= fields
