@@ -52,7 +52,7 @@ def test_serve_config_names_the_builder_and_valid_settings() -> None:
 @pytest.fixture(scope="module")
 def ray_app() -> Iterator[tuple[Any, str]]:
     port = free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         app = build_app({"device": "cpu", "warmup": False, "max_wait_ms": 0})
