@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,9 @@ serve = pytest.importorskip("ray.serve")
 
 from statevalue.api_models import EstimateIn  # noqa: E402
 from statevalue.engine import Engine  # noqa: E402
+from statevalue.metrics import Metrics  # noqa: E402
 from statevalue.ray_serve import StatevalueDeployment, build_app  # noqa: E402
+from statevalue.scheduler import Scheduler  # noqa: E402
 from statevalue.settings import ServerSettings  # noqa: E402
 from tests.servers import free_port  # noqa: E402
 
@@ -47,6 +50,19 @@ def test_serve_config_names_the_builder_and_valid_settings() -> None:
     assert deployment["name"] == StatevalueDeployment.name
     assert deployment["ray_actor_options"]["num_gpus"] == 1
     assert app["args"]["device"] == "cuda"
+
+
+def test_health_check_fails_while_a_forward_step_hangs() -> None:
+    """Ray Serve's check_health applies the scheduler's stall rule (no Ray, no model)."""
+    replica = StatevalueDeployment.func_or_class.__new__(StatevalueDeployment.func_or_class)
+    replica.settings = ServerSettings(liveness_stall_s=5)
+    replica.scheduler = Scheduler(engine=None, metrics=Metrics())  # type: ignore[arg-type]
+    replica.check_health()  # not started, no step running
+    replica.scheduler._step_started = time.monotonic() - 1
+    replica.check_health()  # a step running for less than the limit
+    replica.scheduler._step_started = time.monotonic() - 6
+    with pytest.raises(RuntimeError, match="forward step has run for more than 5 s"):
+        replica.check_health()
 
 
 @pytest.fixture(scope="module")
