@@ -10,6 +10,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -93,7 +94,8 @@ class BodyLimit:
 
 def create_app(server: Any, metrics: Metrics, *, max_body_bytes: int) -> FastAPI:
     """The HTTP API over ``server`` (a StatevalueServer: scheduler, model info, readiness)."""
-    app = FastAPI(
+    # Swagger UI and ReDoc from assets inside the installed package, not a CDN.
+    app = FastAPIOffline(
         title="statevalue",
         version=__version__,
         description="Per-token state values (Numca, Hista, group mean) for LLM RL trainers.",
@@ -195,7 +197,19 @@ def create_app(server: Any, metrics: Metrics, *, max_body_bytes: int) -> FastAPI
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
-        """Liveness: the process answers."""
+        """The process answers (always 200; use /livez for a liveness probe)."""
+        return {"status": "alive"}
+
+    @app.get("/livez", responses={503: {"description": "the batcher is stuck or stopped"}})
+    async def livez() -> Any:
+        """Liveness: 503 once the batcher died or a forward step hangs past the stall limit.
+
+        A blocked event loop fails it too: the probe gets no answer.
+        """
+        scheduler = server.scheduler
+        problem = None if scheduler is None else scheduler.stalled(server.settings.liveness_stall_s)
+        if problem:
+            return _error(503, None, problem)
         return {"status": "alive"}
 
     @app.get("/readyz")

@@ -104,6 +104,8 @@ class Scheduler:
         self._idle = asyncio.Event()
         self._idle.set()
         self._batcher: asyncio.Task[None] | None = None
+        # When the forward step now running began (monotonic clock); None between steps.
+        self._step_started: float | None = None
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="statevalue-model")
         self._estimator_thread = ThreadPoolExecutor(1, thread_name_prefix="statevalue-estimator")
         self._prepare_threads = ThreadPoolExecutor(2, thread_name_prefix="statevalue-prepare")
@@ -115,6 +117,19 @@ class Scheduler:
     @property
     def queue_depth(self) -> int:
         return len(self._jobs)
+
+    def stalled(self, limit_s: float) -> str | None:
+        """Why the batcher counts as stuck, or None while it makes progress.
+
+        Stuck: the batcher task ended while the scheduler still accepts work, or one forward
+        step has run for more than ``limit_s`` seconds (a hung device or kernel).
+        """
+        if self._accepting and self._batcher is not None and self._batcher.done():
+            return "the batcher stopped"
+        started = self._step_started
+        if started is not None and time.monotonic() - started > limit_s:
+            return f"a forward step has run for more than {limit_s:g} s"
+        return None
 
     async def start(self, *, warmup: bool = True) -> None:
         """Start the batcher; with ``warmup`` run one forward pass first (first-call latency)."""
@@ -273,6 +288,7 @@ class Scheduler:
                 self.metrics.queue_wait_seconds.observe(now - job.admitted)
         sequences = [job.sequences[i] for job, i in step]
         tokens = sum(len(s) for s in sequences)
+        self._step_started = time.monotonic()
         try:
             hidden, model = await loop.run_in_executor(
                 self._model_thread, self._model_step, sequences
@@ -284,6 +300,8 @@ class Scheduler:
                     job.future.set_exception(exc)
                 self._remove(job)
             return
+        finally:
+            self._step_started = None
         elapsed = time.perf_counter() - now
         self.metrics.forward_seconds.observe(elapsed)
         self.metrics.batch_requests.observe(len(jobs))

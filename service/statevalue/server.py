@@ -35,6 +35,44 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
+async def open_scheduler(
+    settings: ServerSettings, metrics: Metrics, backend: ModelBackend | None = None
+) -> Scheduler:
+    """Load the model (unless ``backend`` is given), build the engine, start a scheduler.
+
+    The model loads on a worker thread, so the event loop keeps answering meanwhile. Every
+    front end over one model (this server, the Ray Serve deployment) starts here.
+    """
+    if backend is None:
+        from statevalue.backends.torch_backend import TorchBackend
+
+        backend = await asyncio.to_thread(
+            TorchBackend,
+            settings.model,
+            device=settings.device,
+            dtype=settings.dtype,
+            layer=settings.layer,
+            max_batch_tokens=settings.max_batch_tokens,
+        )
+    engine = await asyncio.to_thread(
+        Engine,
+        backend,
+        numca_store=InMemoryNumcaStore(settings.numca_max_prompts),
+        max_groups=settings.max_groups_per_request,
+    )
+    scheduler = Scheduler(
+        engine,
+        metrics,
+        max_batch_tokens=settings.max_batch_tokens,
+        max_wait_s=settings.max_wait_ms / 1000,
+        max_queue_requests=settings.max_queue_requests,
+        max_queue_tokens=settings.max_queue_tokens,
+    )
+    await scheduler.start(warmup=settings.warmup)
+    metrics.set_model(backend.identity.name, backend.identity.version)
+    return scheduler
+
+
 class _HttpServer(uvicorn.Server):
     """uvicorn without signal handlers of its own.
 
@@ -132,36 +170,10 @@ class StatevalueServer:
         await self._load_task
 
     async def _load(self) -> None:
-        settings = self.settings
-        backend = self._backend
-        if backend is None:
-            from statevalue.backends.torch_backend import TorchBackend
-
-            backend = await asyncio.to_thread(
-                TorchBackend,
-                settings.model,
-                device=settings.device,
-                dtype=settings.dtype,
-                layer=settings.layer,
-                max_batch_tokens=settings.max_batch_tokens,
-            )
-        self._engine = await asyncio.to_thread(
-            Engine,
-            backend,
-            numca_store=InMemoryNumcaStore(settings.numca_max_prompts),
-            max_groups=settings.max_groups_per_request,
-        )
-        scheduler = Scheduler(
-            self._engine,
-            self.metrics,
-            max_batch_tokens=settings.max_batch_tokens,
-            max_wait_s=settings.max_wait_ms / 1000,
-            max_queue_requests=settings.max_queue_requests,
-            max_queue_tokens=settings.max_queue_tokens,
-        )
-        await scheduler.start(warmup=settings.warmup)
+        scheduler = await open_scheduler(self.settings, self.metrics, self._backend)
+        self._engine = scheduler.engine
         self.scheduler = scheduler
-        self.metrics.set_model(backend.identity.name, backend.identity.version)
+        backend = scheduler.engine.backend
         if not self._stopping:
             await self._set_health(SERVING)
             log.info("ready: %s %s", backend.identity.name, backend.identity.version)

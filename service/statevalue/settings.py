@@ -39,6 +39,9 @@ class ServerSettings(BaseSettings):
     shutdown_grace_s: float = Field(
         30.0, ge=0, description="time to drain in-flight work on SIGTERM"
     )
+    liveness_stall_s: float = Field(
+        120.0, gt=0, description="/livez fails once one forward step has run this long"
+    )
     warmup: bool = Field(True, description="run one forward pass before reporting ready")
     log_json: bool = Field(False, description="structured JSON log lines")
     admin_token: str | None = Field(
