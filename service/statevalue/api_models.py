@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from statevalue.config import METHODS, EstimatorConfig
 from statevalue.schema import (
@@ -20,8 +20,8 @@ from statevalue.schema import (
 )
 
 # Token ids travel as int32 on the gRPC wire; the same range keeps huge JSON integers a
-# schema error instead of an overflow when they become arrays.
-TokenId = Annotated[int, Field(ge=-(2**31), lt=2**31)]
+# schema error instead of an overflow when they become arrays. Strict: "5" is not an id.
+TokenId = Annotated[StrictInt, Field(ge=-(2**31), lt=2**31)]
 
 
 class _Wire(BaseModel):
