@@ -104,7 +104,7 @@ def test_drain_past_the_grace_answers_every_open_request(backend: TorchBackend) 
 
 @pytest.fixture(scope="module")
 def short_wait(backend: TorchBackend) -> ServerThread:
-    with running_server(backend, max_queue_wait_s=0.25, max_wait_ms=20) as running:
+    with running_server(backend, max_queue_wait_s=0.05, max_wait_ms=20) as running:
         yield running
 
 

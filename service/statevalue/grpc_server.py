@@ -238,10 +238,28 @@ def build_grpc_server(
         ),
         server,
     )
+    # Last, so it only sees methods nobody serves.
+    server.add_generic_rpc_handlers((_UnknownMethod(),))
     return server, health_servicer
 
 
 Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+
+# How much of an unknown method's name an error repeats: callers control the name.
+_SHOWN_METHOD_CHARS = 100
+
+
+class _UnknownMethod(grpc.GenericRpcHandler):
+    """UNIMPLEMENTED for any method nobody serves, naming at most the start of it."""
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        method = str(handler_call_details.method)
+        shown = method[:_SHOWN_METHOD_CHARS] + ("..." if len(method) > _SHOWN_METHOD_CHARS else "")
+
+        async def refuse(request: bytes, context: grpc.aio.ServicerContext) -> None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"unknown method {shown}")
+
+        return grpc.unary_unary_rpc_method_handler(refuse)
 
 
 def _decoding(rpc: str, message_type: Any, handler: Handler, metrics: Metrics) -> Handler:

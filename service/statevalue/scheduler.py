@@ -112,6 +112,8 @@ class Scheduler:
         self.max_queue_tokens = max_queue_tokens
         self.max_queue_wait_s = max_queue_wait_s
         self.tokens_per_second: float | None = None
+        self._step_tokens: float | None = None
+        self._step_seconds: float | None = None
         self._jobs: list[_Job] = []
         self._queued_tokens = 0
         self._in_flight = 0
@@ -138,15 +140,17 @@ class Scheduler:
     async def start(self, *, warmup: bool = True) -> None:
         """Start the batcher; with ``warmup`` run one forward pass first (first-call latency).
 
-        The warm-up also gives the first throughput measurement for admission.
+        A second, warm pass gives the first throughput measurement for admission (the
+        first one pays one-off start-up costs).
         """
         if warmup:
             loop = asyncio.get_running_loop()
             sequence = np.arange(1, 257, dtype=np.int32)
-            started = time.perf_counter()
-            await loop.run_in_executor(
-                self._model_thread, self.engine.backend.hidden_states, [sequence]
-            )
+            for _ in range(2):
+                started = time.perf_counter()
+                await loop.run_in_executor(
+                    self._model_thread, self.engine.backend.hidden_states, [sequence]
+                )
             self._measure(len(sequence), time.perf_counter() - started)
         self._batcher = asyncio.create_task(self._run(), name="statevalue-batcher")
         self._accepting = True
@@ -365,14 +369,19 @@ class Scheduler:
                     asyncio.ensure_future(self._finish(job))
 
     def _measure(self, tokens: int, seconds: float) -> None:
-        """Fold one forward step into the throughput estimate used for admission."""
+        """Fold one forward step into the throughput estimate used for admission.
+
+        Tokens and seconds are averaged apart, so a big step weighs more than a tiny one
+        whose time is mostly fixed overhead.
+        """
         if seconds <= 0:
             return
-        rate = tokens / seconds
-        if self.tokens_per_second is None:
-            self.tokens_per_second = rate
+        if self._step_tokens is None or self._step_seconds is None:
+            self._step_tokens, self._step_seconds = float(tokens), seconds
         else:
-            self.tokens_per_second += _THROUGHPUT_WEIGHT * (rate - self.tokens_per_second)
+            self._step_tokens += _THROUGHPUT_WEIGHT * (tokens - self._step_tokens)
+            self._step_seconds += _THROUGHPUT_WEIGHT * (seconds - self._step_seconds)
+        self.tokens_per_second = self._step_tokens / self._step_seconds
         self.metrics.throughput.set(self.tokens_per_second)
 
     async def _finish(self, job: _Job) -> None:
