@@ -75,7 +75,25 @@ class GroupIn(_Wire):
         )
 
 
+# A small valid request: OpenAPI shows it, and API fuzzers start from it.
+ESTIMATE_EXAMPLE = {
+    "methods": ["numca", "hista", "group_mean"],
+    "groups": [
+        {
+            "group_id": "g1",
+            "prompt_ids": [1, 2, 3],
+            "rollouts": [
+                {"response_ids": [4, 5, 6], "reward": 1.0},
+                {"response_ids": [7, 8], "reward": 0.0},
+            ],
+        }
+    ],
+}
+
+
 class EstimateIn(_Wire):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [ESTIMATE_EXAMPLE]})
+
     methods: list[str] = Field(default_factory=lambda: list(METHODS))
     params: EstimatorConfig = Field(default_factory=EstimatorConfig)
     groups: list[GroupIn]
