@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import ssl
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -138,7 +139,8 @@ def test_tls_and_mutual_tls_on_both_front_ends(backend: TorchBackend, certificat
         certificates / "server.crt",
         certificates / "server.key",
     )
-    client_pair = (str(certificates / "client.crt"), str(certificates / "client.key"))
+    with_client_cert = ssl.create_default_context(cafile=str(ca))
+    with_client_cert.load_cert_chain(certificates / "client.crt", certificates / "client.key")
     with running_server(backend, tls_cert=server_crt, tls_key=server_key) as server:
         port = server.server.http_port
         secure = httpx.post(
@@ -160,7 +162,7 @@ def test_tls_and_mutual_tls_on_both_front_ends(backend: TorchBackend, certificat
         url = f"https://127.0.0.1:{server.server.http_port}/v1/estimate"
         with pytest.raises(httpx.TransportError):
             httpx.post(url, json=BODY, verify=str(ca), timeout=5)
-        with httpx.Client(verify=str(ca), cert=client_pair) as http:
+        with httpx.Client(verify=with_client_cert) as http:
             assert http.post(url, json=BODY, timeout=30).status_code == 200
         no_cert = grpc.ssl_channel_credentials(root_certificates=ca.read_bytes())
         with ValueClient(server.grpc_target, retries=0, timeout=5, credentials=no_cert) as client:
