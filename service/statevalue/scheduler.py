@@ -170,7 +170,7 @@ class Scheduler:
             drained = False
             log.warning("drain: %d requests unfinished after %.1f s", self._in_flight, timeout)
             self._abandon.set()
-            # Every submit() wakes on the abandon future, so this takes one loop turn.
+            # Every open submit() wakes on the abandon event and answers at once.
             await self._idle.wait()
         if self._batcher is not None:
             self._batcher.cancel()
