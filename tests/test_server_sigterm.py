@@ -194,8 +194,8 @@ def test_sigterm_with_more_work_than_the_grace_answers_everything_in_time(
     drained = [a for a in answers if a.status_code == 503]
     assert drained, "the grace should not cover twelve requests"
     assert all("draining" in a.json()["detail"]["message"] for a in drained)
-    # Grace, plus the forward step in progress and the interpreter's exit.
-    assert exit_seconds < grace + 15, exit_seconds
+    # The process does not wait for the forward step still running on the model thread.
+    assert exit_seconds < grace + 3, exit_seconds
     output = log.read_text()
     assert "stopped (drain timed out)" in output
     assert "admin-secret-5d1e" not in output and api_token not in output
