@@ -39,6 +39,10 @@ from statevalue.schema import (
 )
 from statevalue.tokenization import TokenText
 
+# Rewards beyond this make the reward std, GAE sums or float32 answers overflow; no real
+# reward comes near it.
+MAX_ABS_REWARD = 1e15
+
 
 @dataclass
 class PreparedGroup:
@@ -165,6 +169,10 @@ class Engine:
             if rollout.reward is not None:
                 if not math.isfinite(rollout.reward):
                     raise InvalidRequest(f"{at}.reward", f"must be finite, not {rollout.reward}")
+                if abs(rollout.reward) > MAX_ABS_REWARD:
+                    raise InvalidRequest(
+                        f"{at}.reward", f"must be within ±{MAX_ABS_REWARD:g}, not {rollout.reward}"
+                    )
                 rewards[j] = rollout.reward
                 rewarded[j] = True
             per_token = rollout.token_rewards
@@ -179,6 +187,10 @@ class Engine:
                     )
                 if not np.isfinite(per_token).all():
                     raise InvalidRequest(f"{at}.token_rewards", "must all be finite")
+                if per_token.size and np.abs(per_token).max() > MAX_ABS_REWARD:
+                    raise InvalidRequest(
+                        f"{at}.token_rewards", f"must all be within ±{MAX_ABS_REWARD:g}"
+                    )
             responses.append(response)
             token_rewards.append(per_token)
         if not rewarded.any():
@@ -271,6 +283,7 @@ class Engine:
             offset += len(lengths)
             per_group.append(estimates)
         groups = self._advantages(prepared, per_group)
+        _check_finite(groups, config)
         result = EstimateResult(model=self.model, groups=groups)
         result.estimator_seconds = time.perf_counter() - start
         return result
@@ -388,3 +401,30 @@ class Engine:
             flat += len(group.responses)
             results.append(GroupResult(group_id=group.group_id, rollouts=rollouts))
         return results
+
+
+def _check_finite(groups: list[GroupResult], config: EstimatorConfig) -> None:
+    """Refuse to answer with a number that is not finite as the float32 the wire carries.
+
+    Bounded rewards keep values finite; a scale_eps too small for a group whose rewards are
+    (nearly) equal can still blow the scaled advantages up, so that is the field named.
+    """
+    for i, group in enumerate(groups):
+        for j, rollout in enumerate(group.rollouts):
+            for method, values in rollout.values.items():
+                at = f"groups[{i}].rollouts[{j}]"
+                if not np.isfinite(np.asarray(values, dtype=np.float32)).all():
+                    raise InvalidRequest(
+                        f"{at}.reward", f"the {method} values are not finite for these rewards"
+                    )
+                if not np.isfinite(np.asarray(rollout.advantages[method], dtype=np.float32)).all():
+                    field = (
+                        f"{at}.reward"
+                        if config.advantage.scale == "none"
+                        else "params.advantage.scale_eps"
+                    )
+                    raise InvalidRequest(
+                        field,
+                        f"the {method} advantages of {at} are not finite: the group's rewards "
+                        "are too close together for this scale_eps",
+                    )
