@@ -144,6 +144,7 @@ class StatevalueServer:
                 dtype=settings.dtype,
                 layer=settings.layer,
                 max_batch_tokens=settings.max_batch_tokens,
+                forward_path=settings.forward_path,
             )
         self._engine = await asyncio.to_thread(
             Engine,

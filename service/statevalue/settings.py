@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -17,6 +19,12 @@ class ServerSettings(BaseSettings):
         "auto", description="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16"
     )
     layer: int = Field(-1, description="hidden-state layer for Hista (-1 = last)")
+    forward_path: Literal["auto", "padded", "packed", "prompt_once"] = Field(
+        "auto",
+        description="how a forward batch is laid out: auto (prompt_once on CPU, padded on "
+        "GPU), padded, packed (unpadded rows, block mask), prompt_once (KV cache of the "
+        "group's prompt)",
+    )
 
     host: str = Field("127.0.0.1", description="address both front ends bind to")
     http_port: int = Field(8000, ge=0, le=65535, description="HTTP port (0 = any free port)")
