@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import inspect
 import json
 import os
 import platform
@@ -201,13 +202,16 @@ def bare_prompt_once(decoder: Any, group: GroupInput, device: torch.device) -> C
         ids[i, : len(response)] = response
         mask[i, prompt.shape[1] : prompt.shape[1] + len(response)] = 1
     ids, mask = ids.to(device), mask.to(device)
+    # Newer transformers call it `cache`, earlier 5.x releases `past_key_values`.
+    forward_args = inspect.signature(decoder.forward).parameters
+    cache_argument = "cache" if "cache" in forward_args else "past_key_values"
 
     def run() -> object:
         with torch.inference_mode():
             cache = decoder(input_ids=prompt, use_cache=True).past_key_values
             cache.batch_repeat_interleave(len(responses))
             return decoder(
-                input_ids=ids, attention_mask=mask, past_key_values=cache
+                input_ids=ids, attention_mask=mask, **{cache_argument: cache}
             ).last_hidden_state
 
     return run

@@ -27,13 +27,15 @@ def paths(backend: TorchBackend) -> Iterator[TorchBackend]:
 
 
 def two_groups(group: GroupInput) -> tuple[list[np.ndarray], list[int]]:
-    """The sampled group's sequences, a second group on another prompt, and a loner."""
+    """Four sampled rollouts (cut to 40 tokens, lengths still mixed), a second group of
+    three on another prompt, and a loner without a prompt."""
     prompt = np.asarray(group.prompt_ids)
-    sequences = [np.concatenate([prompt, r.response_ids]) for r in group.rollouts]
+    rollouts = group.rollouts[:4]
+    sequences = [np.concatenate([prompt, r.response_ids[:40]]) for r in rollouts]
     other = prompt[::-1].copy()
     sequences += [np.concatenate([other, r.response_ids[:7]]) for r in group.rollouts[:3]]
-    sequences.append(np.asarray(group.rollouts[0].response_ids))
-    hints = [len(prompt)] * (len(group.rollouts) + 3) + [0]
+    sequences.append(np.asarray(group.rollouts[0].response_ids[:20]))
+    hints = [len(prompt)] * (len(rollouts) + 3) + [0]
     return sequences, hints
 
 
@@ -111,8 +113,8 @@ def test_hista_values_through_the_engine_equal_the_padded_path(
         group_id="reversed",
         prompt_ids=np.asarray(sampled_group.prompt_ids)[::-1].copy(),
         rollouts=[
-            RolloutInput(response_ids=r.response_ids, reward=float(i % 2))
-            for i, r in enumerate(sampled_group.rollouts)
+            RolloutInput(response_ids=r.response_ids[:30], reward=float(i % 2))
+            for i, r in enumerate(sampled_group.rollouts[:4])
         ],
     )
     request = EstimateRequest(groups=[sampled_group, second], methods=("hista",))

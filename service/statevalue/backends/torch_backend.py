@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 import logging
 import threading
 from collections.abc import Iterable, Sequence
@@ -159,6 +160,10 @@ class TorchBackend:
         causal_lm.eval().to(self._device)
         self._causal_lm = causal_lm
         self._decoder = causal_lm.get_decoder()
+        # Newer transformers call the KV cache argument `cache`; earlier 5.x releases only
+        # know `past_key_values`.
+        forward_args = inspect.signature(self._decoder.forward).parameters
+        self._cache_argument = "cache" if "cache" in forward_args else "past_key_values"
         config = causal_lm.config
         num_layers = int(config.num_hidden_layers)
         if not -(num_layers + 1) <= layer <= num_layers:
@@ -401,8 +406,8 @@ class TorchBackend:
             input_ids=ids,
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=past,
             use_cache=past is not None,
+            **({self._cache_argument: past} if past is not None else {}),
             output_hidden_states=self._layer != -1,
         )
         if self._layer == -1:
