@@ -103,7 +103,6 @@ def pack_rows(
             if row and used + needed > max_row_tokens:
                 close_row()
                 prefix_segment = None
-                needed = own + prefix
             if prefix and prefix_segment is None:
                 prefix_segment = len(row)
                 row.append(Segment(index, True, used, prefix, 0, None))
