@@ -83,6 +83,7 @@ def test_row_mask_is_causal_within_a_sequence_and_its_prompt() -> None:
     assert visible[1].tolist() == [True, True] + [False] * 4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", ["packed", "prompt_once"])
 @pytest.mark.parametrize("budget", [8192, 96])
 def test_hidden_states_equal_the_padded_path(
@@ -106,6 +107,7 @@ def test_hidden_states_equal_the_padded_path(
         torch.testing.assert_close(states, reference, atol=ATOL, rtol=RTOL)
 
 
+@pytest.mark.slow
 def test_hista_values_through_the_engine_equal_the_padded_path(
     paths: TorchBackend, engine: Engine, sampled_group: GroupInput
 ) -> None:
