@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from statevalue.backends.layout import group_shared_prefixes, pack_rows, row_attention_mask
-from statevalue.backends.torch_backend import TorchBackend, resolve_forward_path
+from statevalue.backends.torch_backend import TorchBackend, check_forward_path
 from statevalue.engine import Engine
 from statevalue.schema import EstimateRequest, GroupInput, RolloutInput
 
@@ -135,9 +135,8 @@ def test_hista_values_through_the_engine_equal_the_padded_path(
                 )
 
 
-def test_forward_path_choice() -> None:
-    assert resolve_forward_path("auto", torch.device("cpu")) == "prompt_once"
-    assert resolve_forward_path("auto", torch.device("cuda")) == "padded"
-    assert resolve_forward_path("packed", torch.device("cpu")) == "packed"
+def test_forward_path_names_are_checked(backend: TorchBackend) -> None:
+    assert backend.forward_path == "padded"
+    assert check_forward_path("prompt_once") == "prompt_once"
     with pytest.raises(ValueError, match="forward path"):
-        resolve_forward_path("ragged", torch.device("cpu"))
+        check_forward_path("auto")

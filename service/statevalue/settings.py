@@ -19,11 +19,10 @@ class ServerSettings(BaseSettings):
         "auto", description="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16"
     )
     layer: int = Field(-1, description="hidden-state layer for Hista (-1 = last)")
-    forward_path: Literal["auto", "padded", "packed", "prompt_once"] = Field(
-        "auto",
-        description="how a forward batch is laid out: auto (prompt_once on CPU, padded on "
-        "GPU), padded, packed (unpadded rows, block mask), prompt_once (KV cache of the "
-        "group's prompt)",
+    forward_path: Literal["padded", "packed", "prompt_once"] = Field(
+        "padded",
+        description="how a forward batch is laid out: padded, packed (unpadded rows, block "
+        "mask) or prompt_once (each group's prompt once, its KV cache reused)",
     )
 
     host: str = Field("127.0.0.1", description="address both front ends bind to")

@@ -52,10 +52,8 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
         ) from None
 
 
-def resolve_forward_path(path: str, device: torch.device) -> ForwardPath:
-    """'auto' is ``prompt_once`` on CPU and ``padded`` on CUDA (docs/benchmarks.md says why)."""
-    if path == "auto":
-        return "prompt_once" if device.type == "cpu" else "padded"
+def check_forward_path(path: str) -> ForwardPath:
+    """``path`` if it names a forward path (docs/design.md says why ``padded`` is the default)."""
     if path not in FORWARD_PATHS:
         raise ValueError(
             f"forward path must be one of auto, {', '.join(FORWARD_PATHS)}, not {path!r}"
@@ -129,7 +127,7 @@ class TorchBackend:
         dtype: ``"auto"`` (bf16 on GPU, fp32 on CPU), ``"float32"``, ``"bfloat16"``, ``"float16"``.
         layer: hidden-state layer; -1 is the last (after the final norm), 0 the embeddings.
         max_batch_tokens: tokens per forward batch (padding and repeated prompts included).
-        forward_path: ``"auto"``, ``"padded"`` (right-padded batches), ``"packed"`` (unpadded
+        forward_path: ``"padded"`` (right-padded batches), ``"packed"`` (unpadded
             rows with a block mask, each shared prompt once) or ``"prompt_once"`` (each
             shared prompt once, its KV cache reused by every rollout).
     """
@@ -142,7 +140,7 @@ class TorchBackend:
         dtype: str = "auto",
         layer: int = -1,
         max_batch_tokens: int = 8192,
-        forward_path: str = "auto",
+        forward_path: str = "padded",
     ) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -150,7 +148,7 @@ class TorchBackend:
         self._dtype = resolve_dtype(dtype, self._device)
         self._layer = layer
         self._max_batch_tokens = max_batch_tokens
-        self._forward_path = resolve_forward_path(forward_path, self._device)
+        self._forward_path = check_forward_path(forward_path)
         self._lock = threading.Lock()
 
         source, kwargs, name, version = self._locate(model)
@@ -227,7 +225,7 @@ class TorchBackend:
 
     @forward_path.setter
     def forward_path(self, path: str) -> None:
-        resolved = resolve_forward_path(path, self._device)
+        resolved = check_forward_path(path)
         with self._lock:
             self._forward_path = resolved
 
