@@ -74,15 +74,25 @@ class EstimateResult:
     estimator_seconds: float = 0.0
 
 
-def channel_options(max_message_bytes: int, round_robin: bool) -> list[tuple[str, Any]]:
+# Targets that can name several addresses: dns:/// names and ipv4:/ipv6: address lists.
+_MULTI_ADDRESS_SCHEMES = ("dns:", "ipv4:", "ipv6:")
+
+
+def channel_options(max_message_bytes: int, target: str) -> list[tuple[str, Any]]:
     options: list[tuple[str, Any]] = [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
     ]
-    if round_robin:
-        # Spread calls over every address a dns:/// target resolves to (one per replica).
+    if target.startswith(_MULTI_ADDRESS_SCHEMES):
+        # Spread calls over every address of the target (one per replica); gRPC's default
+        # (pick_first) would send everything to the first address that answers.
         options.append(("grpc.lb_policy_name", "round_robin"))
     return options
+
+
+def auth_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    """The bearer-token metadata of ``token``; none without one."""
+    return () if token is None else (("authorization", f"Bearer {token}"),)
 
 
 def build_request(
@@ -125,7 +135,7 @@ def reload_request(
 ) -> tuple[pb.ReloadWeightsRequest, tuple[tuple[str, str], ...]]:
     """The ReloadWeights message and its bearer-token metadata."""
     request = pb.ReloadWeightsRequest(checkpoint=checkpoint, version=version)
-    return request, (("authorization", f"Bearer {admin_token}"),)
+    return request, auth_metadata(admin_token)
 
 
 def parse_model(info: pb.ModelInfo) -> ModelInfo:
@@ -175,11 +185,16 @@ class ValueClient:
     """Blocking client.
 
     Args:
-        target: ``host:port`` or ``dns:///name:port`` (round-robin over every replica).
+        target: ``host:port``, ``dns:///name:port`` or ``ipv4:a:p,b:p`` (the last two
+            round-robin over every address, one per replica).
         timeout: seconds per call (the server drops work whose deadline passed).
-        retries: extra attempts on UNAVAILABLE (e.g. a replica restarting), with back-off.
+        retries: extra attempts on UNAVAILABLE (e.g. a replica restarting or draining),
+            with back-off.
         backoff: first back-off in seconds; doubles per attempt, jittered.
         max_message_bytes: send/receive limit; must not exceed the server's.
+        credentials: TLS channel credentials (``grpc.ssl_channel_credentials``) for a
+            server started with a certificate; plaintext without.
+        api_token: bearer token for a server that requires one on Estimate.
     """
 
     def __init__(
@@ -191,20 +206,26 @@ class ValueClient:
         backoff: float = 0.2,
         max_message_bytes: int = 256 << 20,
         retry_codes: Sequence[grpc.StatusCode] = RETRY_CODES,
+        credentials: grpc.ChannelCredentials | None = None,
+        api_token: str | None = None,
     ) -> None:
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
         self.retry_codes = tuple(retry_codes)
-        self._channel = grpc.insecure_channel(
-            target, options=channel_options(max_message_bytes, target.startswith("dns:"))
+        options = channel_options(max_message_bytes, target)
+        self._metadata = auth_metadata(api_token)
+        self._channel = (
+            grpc.insecure_channel(target, options=options)
+            if credentials is None
+            else grpc.secure_channel(target, credentials, options=options)
         )
         self._stub = pb_grpc.ValueServiceStub(self._channel)
 
     def _call(self, fn: Callable[..., _T], request: Any, timeout: float | None) -> _T:
         for attempt in range(self.retries + 1):
             try:
-                return fn(request, timeout=timeout or self.timeout)
+                return fn(request, timeout=timeout or self.timeout, metadata=self._metadata)
             except grpc.RpcError as exc:
                 if exc.code() not in self.retry_codes or attempt == self.retries:
                     raise
@@ -269,20 +290,26 @@ class AsyncValueClient:
         backoff: float = 0.2,
         max_message_bytes: int = 256 << 20,
         retry_codes: Sequence[grpc.StatusCode] = RETRY_CODES,
+        credentials: grpc.ChannelCredentials | None = None,
+        api_token: str | None = None,
     ) -> None:
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
         self.retry_codes = tuple(retry_codes)
-        self._channel = grpc.aio.insecure_channel(
-            target, options=channel_options(max_message_bytes, target.startswith("dns:"))
+        options = channel_options(max_message_bytes, target)
+        self._metadata = auth_metadata(api_token)
+        self._channel = (
+            grpc.aio.insecure_channel(target, options=options)
+            if credentials is None
+            else grpc.aio.secure_channel(target, credentials, options=options)
         )
         self._stub = pb_grpc.ValueServiceStub(self._channel)
 
     async def _call(self, fn: Callable[..., Any], request: Any, timeout: float | None) -> Any:
         for attempt in range(self.retries + 1):
             try:
-                return await fn(request, timeout=timeout or self.timeout)
+                return await fn(request, timeout=timeout or self.timeout, metadata=self._metadata)
             except grpc.aio.AioRpcError as exc:
                 if exc.code() not in self.retry_codes or attempt == self.retries:
                     raise
