@@ -75,6 +75,10 @@ class PreparedRequest:
             for response in group.responses
         ]
 
+    def prefix_lengths(self) -> list[int]:
+        """Prompt length of every sequence of ``sequences()``: the part its group shares."""
+        return [len(group.prompt_ids) for group in self.groups for _ in group.responses]
+
     @property
     def num_tokens(self) -> int:
         return sum(len(group.prompt_ids) + len(r) for group in self.groups for r in group.responses)
@@ -117,7 +121,7 @@ class Engine:
         hidden = None
         start = time.perf_counter()
         if prepared.needs_hidden_states:
-            hidden = self.backend.hidden_states(prepared.sequences())
+            hidden = self.backend.hidden_states(prepared.sequences(), prepared.prefix_lengths())
         forward_seconds = time.perf_counter() - start
         result = self.compute(prepared, hidden)
         result.forward_seconds = forward_seconds

@@ -62,6 +62,7 @@ class ModelTooOld(Exception):
 class _Job:
     prepared: PreparedRequest
     sequences: list[np.ndarray]
+    prefix_lengths: list[int]
     future: asyncio.Future[EstimateResult]
     deadline: float | None
     admitted: float
@@ -268,6 +269,7 @@ class Scheduler:
         job = _Job(
             prepared=prepared,
             sequences=sequences,
+            prefix_lengths=prepared.prefix_lengths(),
             future=loop.create_future(),
             deadline=deadline,
             admitted=time.perf_counter(),
@@ -345,11 +347,12 @@ class Scheduler:
                 job.started = True
                 self.metrics.queue_wait_seconds.observe(now - job.admitted)
         sequences = [job.sequences[i] for job, i in step]
+        prefix_lengths = [job.prefix_lengths[i] for job, i in step]
         tokens = sum(len(s) for s in sequences)
         self._step_started = time.monotonic()
         try:
             hidden, model = await loop.run_in_executor(
-                self._model_thread, self._model_step, sequences
+                self._model_thread, self._model_step, sequences, prefix_lengths
             )
         except Exception as exc:  # a model failure fails the requests in this step, not the server
             log.exception("forward pass failed")
@@ -413,13 +416,15 @@ class Scheduler:
         if not job.future.done():
             job.future.set_result(result)
 
-    def _model_step(self, sequences: list[np.ndarray]) -> tuple[list[torch.Tensor], ModelIdentity]:
+    def _model_step(
+        self, sequences: list[np.ndarray], prefix_lengths: list[int]
+    ) -> tuple[list[torch.Tensor], ModelIdentity]:
         """One forward step on the model thread, with the identity of the weights it used.
 
         Reloads run on the same thread, so the identity read here is the one that ran.
         """
         backend = self.engine.backend
-        return backend.hidden_states(sequences), backend.identity
+        return backend.hidden_states(sequences, prefix_lengths), backend.identity
 
     async def reload(self, checkpoint: str, version: str | None = None) -> ModelIdentity:
         """Swap in the weights of a checkpoint directory without dropping accepted requests.

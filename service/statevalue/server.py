@@ -59,6 +59,7 @@ async def open_scheduler(
             dtype=settings.dtype,
             layer=settings.layer,
             max_batch_tokens=settings.max_batch_tokens,
+            forward_path=settings.forward_path,
         )
     engine = await asyncio.to_thread(
         Engine,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -22,6 +22,11 @@ class ServerSettings(BaseSettings):
         "auto", description="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16"
     )
     layer: int = Field(-1, description="hidden-state layer for Hista (-1 = last)")
+    forward_path: Literal["padded", "packed", "prompt_once"] = Field(
+        "padded",
+        description="how a forward batch is laid out: padded, packed (unpadded rows, block "
+        "mask) or prompt_once (each group's prompt once, its KV cache reused)",
+    )
 
     host: str = Field("127.0.0.1", description="address both front ends bind to")
     http_port: int = Field(8000, ge=0, le=65535, description="HTTP port (0 = any free port)")
