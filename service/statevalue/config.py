@@ -136,7 +136,7 @@ class HistaConfig(_Strict):
         "of n interior nodes (reference); 'linear' = a rounded ramp from k_max to k_min.",
     )
     neighbours: Neighbours = Field(
-        "top_k",
+        "with_ties",
         description="'top_k' = exactly k nearest (reference), ties at the k-th broken by "
         "candidate order (rollout, then node); 'with_ties' = every candidate tied with the "
         "k-th counts too.",
