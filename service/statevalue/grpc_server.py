@@ -107,6 +107,7 @@ def request_from_proto(message: pb.EstimateRequest) -> EstimateRequest:
         methods=tuple(message.methods) or METHODS,  # type: ignore[arg-type]
         config=params_from_proto(message.params),
         min_model_revision=message.min_model_revision,
+        step_id=message.step_id,
     )
 
 
@@ -188,8 +189,10 @@ class ValueServicer(pb_grpc.ValueServiceServicer):
             self._metrics.requests.labels("grpc", "Estimate", code.name).inc()
             self._metrics.request_seconds.labels("grpc", "Estimate").observe(elapsed)
             log.info(
-                "request_id=%s frontend=grpc rpc=Estimate status=%s groups=%d seconds=%.3f",
+                "request_id=%s step_id=%s frontend=grpc rpc=Estimate status=%s groups=%d "
+                "seconds=%.3f",
                 request_id,
+                request.step_id or "-",
                 code.name,
                 len(request.groups),
                 elapsed,

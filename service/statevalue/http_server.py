@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
 import uuid
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -22,6 +24,10 @@ from statevalue.scheduler import DeadlineExpired, ModelTooOld, NotAccepting, Que
 from statevalue.schema import InvalidRequest
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+# nginx's code for "client closed the request": logged and counted, never sent.
+CLIENT_CLOSED = 499
 
 
 def _error(status: int, field: str | None, message: str, **headers: str) -> JSONResponse:
@@ -42,6 +48,27 @@ def _request_timeout(header: str | None) -> float | None:
     if not (math.isfinite(seconds) and seconds > 0):
         raise ValueError(f"must be a positive number of seconds, not {header!r}")
     return seconds
+
+
+async def _client_gone(request: Request) -> None:
+    """Return once the client has closed the connection (the body was read already)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_client_leaves(request: Request, work: Awaitable[_T]) -> _T | None:
+    """``work``'s result, or None (and ``work`` cancelled) if the client goes away first."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_client_gone(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not task.done():
+            task.cancel()
+    if task.cancelled():
+        return None
+    return task.result()
 
 
 class BodyLimit:
@@ -126,7 +153,13 @@ def create_app(server: Any, metrics: Metrics, *, max_body_bytes: int) -> FastAPI
                 status = 400
                 return _error(400, "x-request-timeout", str(exc))
             try:
-                result = await scheduler.submit(body.to_request(), timeout=timeout)
+                # A client that disconnects cancels the request, like a gRPC cancel.
+                result = await _unless_client_leaves(
+                    request, scheduler.submit(body.to_request(), timeout=timeout)
+                )
+                if result is None:
+                    status = CLIENT_CLOSED
+                    return Response(status_code=CLIENT_CLOSED)
             except InvalidRequest as exc:
                 status = 400
                 return _error(400, exc.field, exc.message)
@@ -150,8 +183,10 @@ def create_app(server: Any, metrics: Metrics, *, max_body_bytes: int) -> FastAPI
             metrics.requests.labels("http", "estimate", str(status)).inc()
             metrics.request_seconds.labels("http", "estimate").observe(elapsed)
             log.info(
-                "request_id=%s frontend=http rpc=estimate status=%d groups=%d seconds=%.3f",
+                "request_id=%s step_id=%s frontend=http rpc=estimate status=%d groups=%d "
+                "seconds=%.3f",
                 request_id,
+                body.step_id or "-",
                 status,
                 len(body.groups),
                 elapsed,

@@ -4,8 +4,9 @@ Requests are checked and tokenised as they arrive, then queued. One batcher task
 each forward step from the queued requests' sequences — every waiting request gets a fair
 share of the step first, so one huge request cannot starve small ones — and runs the model
 on a dedicated thread. A request whose sequences are all done is handed to the estimator
-thread, which overlaps the next forward step. Work for a request whose caller went away or
-whose deadline passed is dropped before it reaches the model.
+thread, which overlaps the next forward step. A request whose caller went away or whose
+deadline passed is answered at once; the rest of its work is dropped before the next
+forward step (micro-batch), even when the request is half way through its forward pass.
 """
 
 from __future__ import annotations
@@ -40,7 +41,10 @@ class NotAccepting(Exception):
 
 
 class DeadlineExpired(Exception):
-    """The request's deadline passed before its work was done; the work was dropped."""
+    """The request's deadline passed before its work was done; the rest of it was dropped.
+
+    The message says where the request was when the deadline passed.
+    """
 
 
 class ModelTooOld(Exception):
@@ -52,7 +56,6 @@ class _Job:
     prepared: PreparedRequest
     sequences: list[np.ndarray]
     future: asyncio.Future[EstimateResult]
-    deadline: float | None
     admitted: float
     hidden: list[torch.Tensor | None] = field(default_factory=list)
     next_index: int = 0
@@ -60,13 +63,40 @@ class _Job:
     forward_seconds: float = 0.0
     started: bool = False
     model: ModelIdentity | None = None
+    steps: int = 0
 
     @property
     def tokens(self) -> int:
         return sum(len(s) for s in self.sequences)
 
-    def dead(self, now: float) -> bool:
-        return self.future.done() or (self.deadline is not None and now > self.deadline)
+    @property
+    def dead(self) -> bool:
+        """Answered already (failed, or given up by its caller): drop the rest of its work."""
+        return self.future.done()
+
+
+@dataclass
+class _Stage:
+    """Where a request is, for the message of an expired deadline."""
+
+    job: _Job | None = None
+    computing: bool = False
+
+    def describe(self, max_batch_tokens: int) -> str:
+        job = self.job
+        if self.computing or (job is not None and job.started and job.pending == 0):
+            return "while computing the estimators (the forward pass was done)"
+        if job is None:
+            return "while checking the request"
+        if not job.started:
+            return "while queued"
+        done = sum(len(job.sequences[i]) for i in range(job.next_index))
+        left = job.tokens - done
+        total = job.steps + -(-left // max_batch_tokens)
+        return (
+            f"during the forward pass, at micro-batch {job.steps} of about {total} "
+            f"({done} of {job.tokens} tokens taken)"
+        )
 
 
 class Scheduler:
@@ -148,8 +178,11 @@ class Scheduler:
     ) -> EstimateResult:
         """Estimate ``request``.
 
+        The answer comes at the latest at the deadline (``timeout`` seconds from now);
+        cancelling the call (the caller went away) drops the request's remaining work.
+
         Raises:
-            InvalidRequest, QueueFull, NotAccepting, DeadlineExpired.
+            InvalidRequest, QueueFull, NotAccepting, DeadlineExpired, ModelTooOld.
         """
         if not self._accepting:
             raise NotAccepting("the server is not accepting requests")
@@ -159,25 +192,37 @@ class Scheduler:
                 f"the request needs model revision {request.min_model_revision}, "
                 f"this server has {revision}"
             )
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
         self._in_flight += 1
         self._idle.clear()
+        stage = _Stage()
+        work = asyncio.ensure_future(self._process(request, stage))
         try:
-            prepared = await loop.run_in_executor(
-                self._prepare_threads, self.engine.prepare, request
-            )
-            for method in prepared.methods:
-                self.metrics.method_requests.labels(method=method).inc()
-            if not prepared.needs_hidden_states:
-                return await self._compute(prepared, None, 0.0, self.engine.backend.identity)
-            return await self._enqueue(prepared, deadline)
+            done, _ = await asyncio.wait({work}, timeout=timeout)
+            if work not in done:
+                raise DeadlineExpired(
+                    f"the deadline ({timeout:g} s) passed "
+                    f"{stage.describe(self.max_batch_tokens)}; the rest of its work was dropped"
+                )
+            return work.result()
         finally:
+            # Also reached when the caller is cancelled: the job's future is cancelled with
+            # the work, and the batcher drops what is left of it before the next step.
+            work.cancel()
             self._in_flight -= 1
             if self._in_flight == 0:
                 self._idle.set()
 
-    async def _enqueue(self, prepared: PreparedRequest, deadline: float | None) -> EstimateResult:
+    async def _process(self, request: EstimateRequest, stage: _Stage) -> EstimateResult:
+        loop = asyncio.get_running_loop()
+        prepared = await loop.run_in_executor(self._prepare_threads, self.engine.prepare, request)
+        for method in prepared.methods:
+            self.metrics.method_requests.labels(method=method).inc()
+        if not prepared.needs_hidden_states:
+            stage.computing = True
+            return await self._compute(prepared, None, 0.0, self.engine.backend.identity)
+        return await self._enqueue(prepared, stage)
+
+    async def _enqueue(self, prepared: PreparedRequest, stage: _Stage) -> EstimateResult:
         loop = asyncio.get_running_loop()
         tokens = prepared.num_tokens
         if tokens > self.max_queue_tokens:
@@ -196,11 +241,11 @@ class Scheduler:
             prepared=prepared,
             sequences=sequences,
             future=loop.create_future(),
-            deadline=deadline,
             admitted=time.perf_counter(),
             hidden=[None] * len(sequences),
             pending=len(sequences),
         )
+        stage.job = job
         self._add(job)
         self._wakeup.set()
         return await job.future
@@ -221,11 +266,8 @@ class Scheduler:
         self.metrics.queue_tokens.set(self._queued_tokens)
 
     def _drop_dead(self) -> None:
-        now = asyncio.get_running_loop().time()
         for job in list(self._jobs):
-            if job.dead(now):
-                if not job.future.done():
-                    job.future.set_exception(DeadlineExpired("deadline passed while queued"))
+            if job.dead:
                 self._remove(job)
 
     def _take_step(self) -> list[tuple[_Job, int]]:
@@ -268,6 +310,7 @@ class Scheduler:
         now = time.perf_counter()
         jobs = list(dict.fromkeys(job for job, _ in step))
         for job in jobs:
+            job.steps += 1
             if not job.started:
                 job.started = True
                 self.metrics.queue_wait_seconds.observe(now - job.admitted)

@@ -96,6 +96,8 @@ class StatevalueServer:
             "hidden_size": int(getattr(backend, "hidden_size", 0)),
             "device": str(backend.device),
             "revision": backend.identity.revision,
+            "max_request_tokens": self._engine.max_tokens,
+            "max_request_groups": self._engine.max_groups,
         }
 
     async def reload(self, checkpoint: str, version: str | None, authorization: str | None) -> None:
@@ -150,6 +152,7 @@ class StatevalueServer:
             backend,
             numca_store=InMemoryNumcaStore(settings.numca_max_prompts),
             max_groups=settings.max_groups_per_request,
+            max_tokens=settings.max_request_tokens,
         )
         scheduler = Scheduler(
             self._engine,

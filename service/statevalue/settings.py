@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from typing_extensions import Self
 
 
 class ServerSettings(BaseSettings):
@@ -31,6 +32,12 @@ class ServerSettings(BaseSettings):
         1_000_000, ge=1, description="queued tokens before 429 / RESOURCE_EXHAUSTED"
     )
     max_groups_per_request: int = Field(1024, ge=1, description="groups in one request")
+    max_request_tokens: int = Field(
+        65_536,
+        ge=1,
+        description="prompt+response tokens in one request (larger steps are split by the "
+        "client); at most max_queue_tokens",
+    )
     max_message_mb: int = Field(256, ge=1, description="gRPC and HTTP request size limit (MiB)")
     max_connection_age_s: float = Field(
         300.0, gt=0, description="gRPC connections close after this so clients re-resolve replicas"
@@ -44,3 +51,13 @@ class ServerSettings(BaseSettings):
     admin_token: str | None = Field(
         None, description="bearer token that allows weight reloads (unset: reloads disabled)"
     )
+
+    @model_validator(mode="after")
+    def _request_fits_the_queue(self) -> Self:
+        # A request over the queue limit could never be admitted.
+        if self.max_request_tokens > self.max_queue_tokens:
+            raise ValueError(
+                f"max_request_tokens ({self.max_request_tokens}) must not exceed "
+                f"max_queue_tokens ({self.max_queue_tokens})"
+            )
+        return self
