@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -64,11 +65,12 @@ async def _unless_client_leaves(request: Request, work: Awaitable[_T]) -> _T | N
         await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         gone.cancel()
-        if not task.done():
-            task.cancel()
-    if task.cancelled():
-        return None
-    return task.result()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return None
 
 
 class BodyLimit:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -92,7 +93,9 @@ class _Stage:
             return "while queued"
         done = sum(len(job.sequences[i]) for i in range(job.next_index))
         left = job.tokens - done
-        total = job.steps + -(-left // max_batch_tokens)
+        # Steps are shared with other requests, so the count ahead is an estimate.
+        per_step = done / job.steps if job.steps else max_batch_tokens
+        total = job.steps + math.ceil(left / per_step)
         return (
             f"during the forward pass, at micro-batch {job.steps} of about {total} "
             f"({done} of {job.tokens} tokens taken)"
