@@ -16,11 +16,13 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from pydantic import ValidationError
 
 from statevalue.backends.torch_backend import TorchBackend
 from statevalue.config import EstimatorConfig
 from statevalue.engine import Engine
 from statevalue.schema import EstimateRequest, GroupInput, RolloutInput
+from statevalue.settings import ServerSettings
 from statevalue_client import (
     AsyncValueClient,
     EstimateResult,
@@ -274,3 +276,8 @@ def test_a_request_over_the_limit_is_refused_saying_split_it(replicas: list[Serv
     assert "split it" in answer.json()["detail"]["message"]
     info = httpx.get(f"{replicas[0].http_url}/v1/model", timeout=10).json()
     assert (info["max_request_tokens"], info["max_request_groups"]) == (MAX_TOKENS, MAX_GROUPS)
+
+
+def test_the_request_limit_must_fit_the_queue() -> None:
+    with pytest.raises(ValidationError, match="max_request_tokens .* must not exceed"):
+        ServerSettings(max_request_tokens=2_000, max_queue_tokens=1_000)

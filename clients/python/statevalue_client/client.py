@@ -104,7 +104,8 @@ class EstimateResult:
 
 
 class StepFailed(grpc.RpcError):
-    """Some requests of a step failed after their retries; no partial result is returned.
+    """Some requests of a split step failed after their retries; no partial result is
+    returned. (A call sent as one request raises that request's error unchanged.)
 
     It is a ``grpc.RpcError`` whose ``code()`` and ``details()`` are the first failure's.
 
@@ -377,6 +378,8 @@ class _Step:
         """The merged result, in the order of the groups; raises StepFailed if any failed."""
         if self._bar is not None:
             self._bar.close()
+        if self._errors and len(self.plan) == 1:
+            raise self._errors[0]  # the whole call was this one request: its own error
         if self._errors:
             answered = set(self._results) | set(self._errors)
             raise StepFailed(
@@ -520,7 +523,8 @@ class ValueClient:
 
         Raises:
             ValueError: duplicate group ids, or a group alone over the token limit.
-            StepFailed: a request failed after its retries; it names the groups.
+            StepFailed: a request of a split step failed after its retries; it names the
+                groups. A call sent as one request raises its ``grpc.RpcError`` unchanged.
         """
         step = _Step(
             groups,
