@@ -104,6 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     print(f"# statevalue step, {datetime.date.today()}, {machine()}, device cpu")
     print(f"# command: python -m bench.step {shlex.join(argv or sys.argv[1:])}")
+    print(f"# replicas: torch threads {os.environ.get('OMP_NUM_THREADS', 'default')} each")
     flags = ("--max-request-tokens", str(args.max_request_tokens))
     servers = [ServerProcess(args.max_batch_tokens, *flags) for _ in range(2)]
     header = (
