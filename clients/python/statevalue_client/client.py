@@ -346,7 +346,9 @@ class _Step:
             try:
                 from tqdm.auto import tqdm
             except ImportError as exc:
-                raise ImportError("progress_bar=True needs tqdm: pip install tqdm") from exc
+                raise ImportError(
+                    'progress_bar=True needs tqdm: pip install "statevalue-client[progress]"'
+                ) from exc
             self._bar = tqdm(total=sum(tokens), unit="tok", desc="statevalue step")
 
     def done(self, index: int, response: pb.EstimateResponse) -> None:
