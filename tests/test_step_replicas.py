@@ -151,15 +151,21 @@ def test_a_split_step_equals_one_process(
     assert len(logged) == sum(served) and all("status=OK" in line for line in logged)
 
 
-def test_the_async_client_splits_the_same_way(replicas: list[ServerThread], engine: Engine) -> None:
+def test_the_async_client_splits_the_same_way(
+    replicas: list[ServerThread], engine: Engine, capsys: pytest.CaptureFixture[str]
+) -> None:
     groups = step_groups(1)
 
     async def run() -> EstimateResult:
         async with AsyncValueClient(target(replicas), max_in_flight=2) as client:
-            return await client.estimate(groups, METHODS, step_id="step-7", **PARAMS)
+            return await client.estimate(
+                groups, METHODS, step_id="step-7", progress_bar=True, **PARAMS
+            )
 
     result = asyncio.run(run())
     assert result.step_id == "step-7"
+    bar = capsys.readouterr().err
+    assert "statevalue step" in bar and "100%" in bar
     assert_same(result, one_process(engine, groups, **PARAMS), groups)
 
 
