@@ -216,7 +216,7 @@ class ValueServicer(pb_grpc.ValueServiceServicer):
         status = grpc.StatusCode.OK if info is not None else grpc.StatusCode.UNAVAILABLE
         self._metrics.requests.labels("grpc", "GetModelInfo", status.name).inc()
         if info is None:
-            await context.abort(status, "the model is not loaded yet")
+            await context.abort(status, "the model is not ready (not loaded yet)")
         return pb.ModelInfo(**info)
 
     async def ReloadWeights(
