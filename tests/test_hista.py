@@ -16,8 +16,19 @@ from statevalue.estimators import (
 )
 from statevalue.estimators import hista as hista_module
 
+# The rules these hand-checked cases were written for: the alternatives to the reference
+# rules (each reference rule has its own cases in tests/test_hista_reference.py).
+ALT = {
+    "ema_start": "zero",
+    "downsample": "causal",
+    "node_anchor": "response_start",
+    "end_node": "after_response",
+    "k_schedule": "linear",
+    "neighbours": "with_ties",
+    "own_nodes": "boundary",
+}
 # No smoothing and every vector kept: the representation is the hidden states themselves.
-RAW = {"ema_alpha": 0.0, "stride": 1, "node_spacing": 1, "tau": 1.0}
+RAW = {**ALT, "ema_alpha": 0.0, "stride": 1, "node_spacing": 1, "tau": 1.0}
 
 
 def states(*rows: list[float] | float) -> torch.Tensor:
@@ -44,7 +55,7 @@ def test_ema_by_hand() -> None:
 @pytest.mark.parametrize(("alpha", "length"), [(0.0, 7), (0.5, 150), (0.7, 150), (0.9, 500)])
 def test_ema_matches_the_recursion(alpha: float, length: int) -> None:
     x = torch.randn(3, length, 4, generator=torch.Generator().manual_seed(1))
-    got = ema_smooth(x, alpha)
+    got = ema_smooth(x, alpha, "zero")
     for b in range(3):
         np.testing.assert_allclose(got[b].numpy(), naive_ema(x[b], alpha).numpy(), atol=1e-5)
     np.testing.assert_array_equal(ema_smooth(x[1], alpha).numpy(), got[1].numpy())
@@ -90,10 +101,10 @@ def test_vectorised_prefix_distances_match_the_reference() -> None:
 
 
 def test_neighbour_counts_fall_linearly() -> None:
-    assert neighbour_counts(5, 66, 6).tolist() == [66, 51, 36, 21, 6]
-    assert neighbour_counts(1, 66, 6).tolist() == [66]
-    assert neighbour_counts(3, 4, 1).tolist() == [4, 3, 1]  # 2.5 rounds up
-    assert neighbour_counts(2, 5, 5).tolist() == [5, 5]
+    assert neighbour_counts(5, 66, 6, "linear").tolist() == [66, 51, 36, 21, 6]
+    assert neighbour_counts(1, 66, 6, "linear").tolist() == [66]
+    assert neighbour_counts(3, 4, 1, "linear").tolist() == [4, 3, 1]  # 2.5 rounds up
+    assert neighbour_counts(2, 5, 5, "linear").tolist() == [5, 5]
 
 
 # Rollout 0 (R=1): prompt 0, then 4, 4. Rollout 1 (R=0): prompt 0, then 3.
@@ -193,7 +204,7 @@ def test_sequence_shorter_than_the_stride_uses_its_last_state() -> None:
     # at d_min and every allowed candidate counts equally.
     gen = torch.Generator().manual_seed(0)
     hidden = [torch.randn(4, 2, generator=gen), torch.randn(2, 2, generator=gen)]
-    config = HistaConfig(stride=5, node_spacing=1, d_min=1.0, k_max=10, k_min=10)
+    config = HistaConfig(**ALT, stride=5, node_spacing=1, d_min=1.0, k_max=10, k_min=10)
     estimate = hista_values(hidden, 1, [3, 1], np.array([1.0, 0.0]), np.array([True, True]), config)
     # b=1: own start and itself (R=1) + rollout 1's two nodes (R=0) -> 2/4; b=2: 3/5.
     np.testing.assert_allclose(estimate.values[0], [0.5, 0.5, 0.6], rtol=1e-6)
@@ -204,7 +215,7 @@ def test_chunked_distances_give_the_same_values(monkeypatch: pytest.MonkeyPatch)
     lengths = [9, 0, 6, 11]
     hidden = [torch.randn(4 + t, 8, generator=gen) for t in lengths]
     rewards, rewarded = np.array([0.1, 0.9, 0.4, 0.6]), np.array([True, True, False, True])
-    config = HistaConfig(stride=2, node_spacing=3, d_min=0.1, k_max=5, k_min=2)
+    config = HistaConfig(**ALT, stride=2, node_spacing=3, d_min=0.1, k_max=5, k_min=2)
     whole = hista_values(hidden, 4, lengths, rewards, rewarded, config)
     monkeypatch.setattr(hista_module, "_CHUNK_BYTES", 1)
     chunked = hista_values(hidden, 4, lengths, rewards, rewarded, config)
@@ -262,7 +273,7 @@ def test_relative_d_min_is_a_fraction_of_the_median_complete_distance() -> None:
     hidden = [torch.randn(2 + n, 3, generator=gen) for n in lengths]
     rewards = np.array([1.0, 0.0, 1.0, 0.0])
     rewarded = np.array([True, True, True, False])
-    base = {"ema_alpha": 0.0, "stride": 1, "node_spacing": 2, "k_max": 3, "k_min": 1}
+    base = {**ALT, "ema_alpha": 0.0, "stride": 1, "node_spacing": 2, "k_max": 3, "k_min": 1}
     # The scale is over ordered pairs of the rewarded rollouts only: a query rollout must
     # not change it.
     full = [prefix_chamfer(hidden[i], hidden[j]) for i in range(3) for j in range(3) if i != j]

@@ -12,6 +12,7 @@ from statevalue.estimators import (
     number_boundaries,
     numca_path,
     numca_values,
+    read_numca_values,
 )
 
 E = frozenset()
@@ -52,13 +53,17 @@ def test_unknown_pattern() -> None:
         find_numbers("1", "roman")  # type: ignore[arg-type]
 
 
-def test_boundary_is_one_after_the_first_token_reaching_the_number() -> None:
+def test_boundary_is_after_the_token_holding_the_first_character() -> None:
     token_ends = np.array([2, 5, 9, 12])
-    # start 2: token 0 ends exactly there, so it is the token before the number -> 1.
-    # start 3 and 5: token 1 (end 5) is the first to reach them -> 2. 13: never -> 5.
+    # Start 2: token 0 ends there, so token 1 (chars 2-4) holds it -> 2 (reference) or 1.
+    # Starts 3 and 5: tokens 1 and 2 hold them. 12 and 13: no token -> 4 (+1).
     got = number_boundaries([0, 2, 3, 5, 12, 13], token_ends)
-    assert got.tolist() == [1, 1, 2, 2, 4, 5]
+    assert got.tolist() == [1, 2, 2, 3, 5, 5]
     assert got.dtype == np.int64
+    at = number_boundaries([0, 2, 3, 5, 12, 13], token_ends, "at_first_token")
+    assert at.tolist() == [0, 1, 1, 2, 4, 4]
+    with pytest.raises(ValueError, match="boundary"):
+        number_boundaries([0], token_ends, "later")  # type: ignore[arg-type]
 
 
 def test_merge_walks_from_the_end() -> None:
@@ -86,8 +91,10 @@ def test_path_repeated_number_makes_no_new_state_and_last_is_dropped() -> None:
 def test_path_boundary_past_the_end_is_discarded() -> None:
     text, ends = tokenised(TOKENS)
     kept = numca_path(text, ends, NumcaConfig(merge_distance=0, drop_last_number=False))
-    # "12" is in the last token: its boundary 12 equals the length, no token sees it.
+    # "12" is in the last token: its boundary 12 equals the length, no token sees it; the
+    # state it leads to is reached after the last token.
     assert kept.boundaries.tolist() == [0, 3, 5, 10]
+    assert kept.final_state == s("3", "5", "7", "12")
     text, ends = tokenised([*TOKENS, " ."])
     kept = numca_path(text, ends, NumcaConfig(merge_distance=0, drop_last_number=False))
     assert kept.boundaries.tolist() == [0, 3, 5, 10, 12]
@@ -125,7 +132,8 @@ def test_path_of_empty_and_number_free_responses() -> None:
 def test_table_counts_each_state_once_per_path() -> None:
     table = NumcaTable()
     table.add((E, s("a"), s("a")), 1.0)
-    table.add((), 3.0)  # an empty response still counts for the empty set
+    # An empty response still counts for the empty set.
+    table.add(numca_path("", np.zeros(0, dtype=np.int64), NumcaConfig()).table_states("chain"), 3.0)
     assert table.count(E) == 2 and table.value(E) == 2.0
     assert table.count(s("a")) == 1 and table.value(s("a")) == 1.0
     assert table.count(s("b")) == 0 and table.value(s("b")) is None
@@ -136,6 +144,15 @@ def path(boundaries: list[int], *states: frozenset[str]) -> NumcaPath:
     return NumcaPath(np.array(boundaries, dtype=np.int64), tuple(states))
 
 
+# The cases below count the states a path is valued with and let a query's unseen state
+# keep the previous value; the reference rules have their own cases further down.
+PATH_RULES = NumcaConfig(table_states="path", unseen_state="previous")
+
+
+def with_prior(count: float) -> NumcaConfig:
+    return PATH_RULES.model_copy(update={"prior_count": count})
+
+
 def test_table_accumulates_across_groups_of_one_prompt() -> None:
     table = NumcaTable()
     first = numca_values(
@@ -144,6 +161,7 @@ def test_table_accumulates_across_groups_of_one_prompt() -> None:
         np.array([1.0, 0.0, 0.5]),
         np.array([True, True, True]),
         table,
+        PATH_RULES,
     )
     # Empty set: 1.5 / 3; {a}: 1.5 / 2; {b} and {a, b}: 0 / 1.
     np.testing.assert_allclose(first.values[0], [0.5, 0.5, 0.75, 0.75])
@@ -162,6 +180,7 @@ def test_table_accumulates_across_groups_of_one_prompt() -> None:
         np.array([1.0, 1.0, 100.0]),
         np.array([True, True, False]),
         table,
+        PATH_RULES,
     )
     # Empty set: 3.5 / 5; {a}: 2.5 / 3; {b}: 1 / 2; {a, c}: 1 / 1; {a, d} never added.
     np.testing.assert_allclose(second.values[0], [0.7, 0.5], rtol=1e-6)
@@ -179,6 +198,7 @@ def test_query_whose_first_state_is_unseen_keeps_the_empty_set_value() -> None:
         np.array([0.25, 9.0]),
         np.array([True, False]),
         NumcaTable(),
+        PATH_RULES,
     )
     np.testing.assert_allclose(estimate.values[1], [0.25, 0.25, 0.25])
 
@@ -189,7 +209,7 @@ def test_values_from_text() -> None:
     other_text, other_ends = tokenised(["So", " 3", " then", " 4", " ok"])
     paths = [numca_path(text, ends, config), numca_path(other_text, other_ends, config)]
     estimate = numca_values(
-        paths, [12, 5], np.array([1.0, 0.0]), np.array([True, True]), NumcaTable()
+        paths, [12, 5], np.array([1.0, 0.0]), np.array([True, True]), NumcaTable(), PATH_RULES
     )
     # Shared: empty set (0.5) and {3} (0.5); the rest is seen by one response each.
     expected_first = [0.5] * 3 + [0.5] * 2 + [1.0] * 5 + [1.0] * 2
@@ -200,10 +220,15 @@ def test_values_from_text() -> None:
 
 def test_values_check_paths() -> None:
     with pytest.raises(ValueError, match="paths"):
-        numca_values([], [3], np.array([1.0]), np.array([True]), NumcaTable())
+        numca_values([], [3], np.array([1.0]), np.array([True]), NumcaTable(), PATH_RULES)
     with pytest.raises(ValueError, match="inside"):
         numca_values(
-            [path([0, 3], E, s("1"))], [3], np.array([1.0]), np.array([True]), NumcaTable()
+            [path([0, 3], E, s("1"))],
+            [3],
+            np.array([1.0]),
+            np.array([True]),
+            NumcaTable(),
+            PATH_RULES,
         )
 
 
@@ -214,26 +239,26 @@ def test_prior_count_shrinks_each_state_towards_its_parent() -> None:
         path([0, 2], E, s("a")),
     ]
     args = ([4, 5, 3], np.array([1.0, 0.0, 0.5]), np.array([True, True, True]))
-    estimate = numca_values(paths, *args, NumcaTable(), prior_count=1.0)
+    estimate = numca_values(paths, *args, NumcaTable(), with_prior(1.0))
     # Empty set 0.5 (never shrunk); {a}: (2·0.75 + 0.5) / 3; {b}: (0 + 0.5) / 2 = 0.25;
     # {a, b}: (0 + 1·0.25) / 2, shrunk towards {b}'s shrunk value.
     a = (2 * 0.75 + 0.5) / 3
     np.testing.assert_allclose(estimate.values[0], [0.5, 0.5, a, a], rtol=1e-6)
     np.testing.assert_allclose(estimate.values[1], [0.5, 0.25, 0.25, 0.125, 0.125], rtol=1e-6)
-    reference = numca_values(paths, *args, NumcaTable())
-    same = numca_values(paths, *args, NumcaTable(), prior_count=0.0)
+    reference = numca_values(paths, *args, NumcaTable(), PATH_RULES)
+    same = numca_values(paths, *args, NumcaTable(), with_prior(0.0))
     for got, want in zip(same.values, reference.values, strict=True):
         np.testing.assert_array_equal(got, want)
     table = NumcaTable()
     with pytest.raises(ValueError, match="prior_count"):
-        numca_values(paths, *args, table, prior_count=-1.0)
+        read_numca_values(paths, args[0], table, prior_count=-1.0)
     assert len(table) == 0  # a rejected call leaves the table alone
 
 
 def test_large_prior_count_approaches_the_group_mean() -> None:
     paths = [path([0, 1], E, s("a")), path([0, 1], E, s("b"))]
     estimate = numca_values(
-        paths, [2, 2], np.array([1.0, 0.0]), np.array([True, True]), NumcaTable(), 1e9
+        paths, [2, 2], np.array([1.0, 0.0]), np.array([True, True]), NumcaTable(), with_prior(1e9)
     )
     for values in estimate.values:
         np.testing.assert_allclose(values, [0.5, 0.5], atol=1e-6)

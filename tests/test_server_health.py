@@ -51,14 +51,15 @@ def probes(server: ServerThread) -> tuple[int, int]:
     return live, ready
 
 
-def assert_unavailable(server: ServerThread, client: ValueClient) -> None:
-    """Estimate is refused as UNAVAILABLE on gRPC and 503 on HTTP."""
+def assert_unavailable(server: ServerThread, client: ValueClient, why: str) -> None:
+    """Estimate is refused as UNAVAILABLE on gRPC and 503 on HTTP, saying ``why``."""
     with pytest.raises(grpc.RpcError) as caught:
         client.estimate([GROUP], ["hista"])
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert "not ready" in caught.value.details()
+    assert why in caught.value.details()
     response = httpx.post(f"{server.http_url}/v1/estimate", json=BODY, timeout=30)
     assert response.status_code == 503, response.text
+    assert why in response.json()["detail"]["message"]
 
 
 def test_health_follows_loading_ready_and_draining(backend: TorchBackend) -> None:
@@ -71,7 +72,7 @@ def test_health_follows_loading_ready_and_draining(backend: TorchBackend) -> Non
                 assert server.health() == NOT_SERVING
                 assert server.health(SERVICE_NAME) == NOT_SERVING
                 assert probes(server) == (200, 503)
-                assert_unavailable(server, client)
+                assert_unavailable(server, client, "not ready")
         server.wait_ready()
 
         # Ready.
@@ -92,7 +93,7 @@ def test_health_follows_loading_ready_and_draining(backend: TorchBackend) -> Non
                 wait_for(lambda: server.health() == NOT_SERVING, what="NOT_SERVING")
                 assert server.health(SERVICE_NAME) == NOT_SERVING
                 assert probes(server) == (200, 503)
-                assert_unavailable(server, client)
+                assert_unavailable(server, client, "draining")
                 assert not in_flight.done() and not stopping.done()
             # The accepted request still gets its whole answer, then the server stops.
             answer = in_flight.result(timeout=120)

@@ -1,11 +1,14 @@
-"""``statevalue serve`` as a process: SIGTERM lets an in-flight request finish, exit code 0."""
+"""``statevalue serve`` as a process: SIGTERM lets an in-flight request finish, exit code 0;
+with more work queued than the grace period, the rest is answered "draining" in time."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -21,39 +24,55 @@ from tests.servers import free_port, metric_value, wait_for
 ROLLOUTS, LENGTH = 8, 300
 
 
+Serve = tuple[subprocess.Popen[str], int, int, Path]
+
+
 @pytest.fixture
-def serve_process(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], int, int, Path]]:
-    """A ``statevalue serve`` subprocess on free loopback ports, killed if still running."""
-    grpc_port, http_port = free_port(), free_port()
-    log = tmp_path / "serve.log"
-    with log.open("w") as output:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "statevalue.cli",
-                "serve",
-                "--host",
-                "127.0.0.1",
-                "--grpc-port",
-                str(grpc_port),
-                "--http-port",
-                str(http_port),
-                "--device",
-                "cpu",
-                "--shutdown-grace-s",
-                "300",
-            ],
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+def start_serve(tmp_path: Path) -> Iterator[Callable[..., Serve]]:
+    """Starts ``statevalue serve`` subprocesses on free loopback ports; kills leftovers."""
+    processes: list[subprocess.Popen[str]] = []
+
+    def start(*flags: str, env: dict[str, str] | None = None) -> Serve:
+        grpc_port, http_port = free_port(), free_port()
+        log = tmp_path / f"serve-{len(processes)}.log"
+        with log.open("w") as output:
+            process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "statevalue.cli",
+                    "serve",
+                    "--host",
+                    "127.0.0.1",
+                    "--grpc-port",
+                    str(grpc_port),
+                    "--http-port",
+                    str(http_port),
+                    "--device",
+                    "cpu",
+                    *flags,
+                ],
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                text=True,
+                env={**os.environ, **(env or {})},
+            )
+        processes.append(process)
+        return process, grpc_port, http_port, log
+
     try:
-        yield process, grpc_port, http_port, log
+        yield start
     finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait(timeout=60)
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+            process.wait(timeout=60)
+
+
+@pytest.fixture
+def serve_process(start_serve: Callable[..., Serve]) -> Serve:
+    """A ``statevalue serve`` subprocess with a long grace period."""
+    return start_serve("--shutdown-grace-s", "300")
 
 
 def _ready(process: subprocess.Popen[str], http_port: int) -> bool:
@@ -79,9 +98,7 @@ def _queued(http_port: int) -> bool:
 
 
 @pytest.mark.slow
-def test_sigterm_drains_the_in_flight_request(
-    serve_process: tuple[subprocess.Popen[str], int, int, Path],
-) -> None:
+def test_sigterm_drains_the_in_flight_request(serve_process: Serve) -> None:
     process, grpc_port, http_port, log = serve_process
     wait_for(lambda: _ready(process, http_port), timeout=300, what="serve to be ready")
     # Any in-vocabulary ids do: the subprocess has its own model, this test needs none.
@@ -123,3 +140,62 @@ def test_sigterm_drains_the_in_flight_request(
     # The port is closed once the process is gone.
     with pytest.raises(httpx.TransportError):
         httpx.get(f"http://127.0.0.1:{http_port}/healthz", timeout=2)
+
+
+@pytest.mark.slow
+def test_sigterm_with_more_work_than_the_grace_answers_everything_in_time(
+    start_serve: Callable[..., Serve], tmp_path: Path
+) -> None:
+    grace = 4.0
+    admin_file = tmp_path / "admin-token"
+    admin_file.write_text("admin-secret-5d1e\n")
+    api_token = "api-secret-c27a"
+    process, _, http_port, log = start_serve(
+        "--shutdown-grace-s",
+        str(grace),
+        # Short forward steps: the process exits after the step in progress.
+        "--max-batch-tokens",
+        "1024",
+        # No time bound on admission: a busy machine's warm-up throughput says little.
+        "--max-queue-wait-s",
+        "1e9",
+        "--admin-token-file",
+        str(admin_file),
+        env={"STATEVALUE_API_TOKEN": api_token},
+    )
+    wait_for(lambda: _ready(process, http_port), timeout=600, what="serve to be ready")
+    ids = np.random.default_rng(1).integers(100, 40_000, size=(5, 500)).tolist()
+    body = {
+        "methods": ["hista"],
+        "groups": [
+            {
+                "prompt_ids": ids[0][:40],
+                "rollouts": [
+                    {"response_ids": r, "reward": float(j % 2)} for j, r in enumerate(ids[1:])
+                ],
+            }
+        ],
+    }
+    headers = {"authorization": f"Bearer {api_token}"}
+    url = f"http://127.0.0.1:{http_port}/v1/estimate"
+    with ThreadPoolExecutor(12) as threads:
+        posts = [
+            threads.submit(httpx.post, url, json=body, headers=headers, timeout=120)
+            for _ in range(12)
+        ]
+        wait_for(lambda: _queued(http_port), timeout=60, what="requests to be accepted")
+        process.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        answers = [post.result(timeout=120) for post in posts]
+    assert process.wait(timeout=120) == 0, log.read_text()
+    exit_seconds = time.monotonic() - signalled
+    codes = [a.status_code for a in answers]
+    assert set(codes) <= {200, 503}, [a.text for a in answers]
+    drained = [a for a in answers if a.status_code == 503]
+    assert drained, "the grace should not cover twelve requests"
+    assert all("draining" in a.json()["detail"]["message"] for a in drained)
+    # The process does not wait for the forward step still running on the model thread.
+    assert exit_seconds < grace + 3, exit_seconds
+    output = log.read_text()
+    assert "stopped (drain timed out)" in output
+    assert "admin-secret-5d1e" not in output and api_token not in output

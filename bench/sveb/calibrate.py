@@ -48,7 +48,12 @@ from bench.sveb.evaluate import (  # noqa: E402
     ratio_text,
 )
 from statevalue.config import HistaConfig, NumcaConfig  # noqa: E402
-from statevalue.estimators.hista import ema_smooth, prefix_distances  # noqa: E402
+from statevalue.estimators.hista import (  # noqa: E402
+    hista_nodes,
+    hista_representation,
+    node_prefix_lengths,
+    prefix_distances,
+)
 
 SPACINGS = (5, 10, 20, 50)
 D_MINS = (0.25, 0.5, 1.0, 2.0, 5.0)
@@ -84,14 +89,11 @@ def node_distances(
     rollout; the scale = median distance between complete rollouts).
     """
     prompt_len = len(group["prompt_ids"])
-    reps = []
-    for h in hidden:
-        smoothed = ema_smooth(h.float(), config.ema_alpha)
-        kept = smoothed[config.stride - 1 :: config.stride]
-        reps.append(kept if len(kept) else smoothed[-1:])
+    padded, counts = hista_representation(list(hidden), config)
+    reps = [padded[i, : counts[i]] for i in range(len(hidden))]
 
-    def prefixes(i: int, starts: np.ndarray) -> torch.Tensor:
-        return torch.as_tensor(np.clip((prompt_len + starts) // config.stride, 1, len(reps[i])))
+    def prefixes(i: int, positions: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(node_prefix_lengths(prompt_len, positions, len(reps[i]), config))
 
     def distances(i: int, x: torch.Tensor, j: int, y: torch.Tensor) -> np.ndarray:
         return prefix_distances(reps[i][None], reps[j][None], x[None], y[None])[0].numpy()
@@ -106,17 +108,18 @@ def node_distances(
     ]
     scale = float(np.median(full)) if full else 1.0
     lengths = [len(r["ids"]) for r in group["responses"]]
-    nodes = [np.arange(0, length + 1, config.node_spacing) for length in lengths]
+    nodes = [hista_nodes(prompt_len, length, config) for length in lengths]
     own, other = [], []
-    for i, length in enumerate(lengths):
-        interior = nodes[i][1:][nodes[i][1:] < length]
+    for i in range(len(lengths)):
+        interior = nodes[i].interior
         if not len(interior):
             continue
         query = prefixes(i, interior)
-        own.append(np.diag(distances(i, query, i, prefixes(i, interior - config.node_spacing))))
+        previous = nodes[i].candidates[np.searchsorted(nodes[i].candidates, interior) - 1]
+        own.append(np.diag(distances(i, query, i, prefixes(i, previous))))
         for j in range(len(reps)):
             if j != i:
-                other.append(distances(i, query, j, prefixes(j, nodes[j])).min(1))
+                other.append(distances(i, query, j, prefixes(j, nodes[j].candidates)).min(1))
     flat = [np.concatenate(parts) / scale if parts else np.zeros(0) for parts in (own, other)]
     return flat[0], flat[1], scale
 

@@ -1,4 +1,5 @@
-"""Admin operations shared by both front ends: authenticated weight reloads."""
+"""Access checks shared by both front ends: the admin token (weight reloads) and the
+optional API token (Estimate)."""
 
 from __future__ import annotations
 
@@ -32,3 +33,16 @@ def check_admin(authorization: str | None, admin_token: str | None) -> None:
             http_status=401,
             grpc_code=grpc.StatusCode.UNAUTHENTICATED,
         )
+
+
+class Unauthenticated(Exception):
+    """An Estimate without the API token the server requires."""
+
+
+def check_api_token(authorization: str | None, api_token: str | None) -> None:
+    """With an API token set, require ``Authorization: Bearer <api_token>``."""
+    if api_token is None:
+        return
+    scheme, _, token = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), api_token.encode()):
+        raise Unauthenticated("missing or wrong API token (Authorization: Bearer <token>)")

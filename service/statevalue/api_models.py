@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from statevalue.config import METHODS, EstimatorConfig
 from statevalue.schema import (
@@ -20,8 +20,8 @@ from statevalue.schema import (
 )
 
 # Token ids travel as int32 on the gRPC wire; the same range keeps huge JSON integers a
-# schema error instead of an overflow when they become arrays.
-TokenId = Annotated[int, Field(ge=-(2**31), lt=2**31)]
+# schema error instead of an overflow when they become arrays. Strict: "5" is not an id.
+TokenId = Annotated[StrictInt, Field(ge=-(2**31), lt=2**31)]
 
 
 class _Wire(BaseModel):
@@ -75,7 +75,25 @@ class GroupIn(_Wire):
         )
 
 
+# A small valid request: OpenAPI shows it, and API fuzzers start from it.
+ESTIMATE_EXAMPLE = {
+    "methods": ["numca", "hista", "group_mean"],
+    "groups": [
+        {
+            "group_id": "g1",
+            "prompt_ids": [1, 2, 3],
+            "rollouts": [
+                {"response_ids": [4, 5, 6], "reward": 1.0},
+                {"response_ids": [7, 8], "reward": 0.0},
+            ],
+        }
+    ],
+}
+
+
 class EstimateIn(_Wire):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [ESTIMATE_EXAMPLE]})
+
     methods: list[str] = Field(default_factory=lambda: list(METHODS))
     params: EstimatorConfig = Field(default_factory=EstimatorConfig)
     groups: list[GroupIn]

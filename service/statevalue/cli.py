@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import sys
 import time
@@ -161,7 +162,12 @@ def run_serve(args: argparse.Namespace) -> int:
             handler.setFormatter(JsonLogFormatter())
     logging.getLogger(__name__).info("settings %s", settings.model_dump_json())
     asyncio.run(serve(settings))
-    return 0
+    # Every answer is sent by now. A normal interpreter exit would first wait for the
+    # forward step still running on the model thread (seconds on a CPU), past the grace.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 class JsonLogFormatter(logging.Formatter):

@@ -1,7 +1,9 @@
-"""Typed configuration: estimator parameters (per request) and server settings (per process).
+"""Typed configuration: the estimator parameters of one request.
 
-Every estimator parameter of the paper's reference code is a field here, with the
-reference default. Requests may override any of them; unknown names are rejected.
+Every parameter and every rule of the paper's reference code is a field here. The
+defaults are the product's (measured on the SVEB dev split, see docs/design.md);
+``reference()`` gives the reference code's exact rules. Requests may override any field;
+unknown names are rejected.
 """
 
 from __future__ import annotations
@@ -11,6 +13,16 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 NumberPattern = Literal["digits", "decimal"]
+NumberBoundary = Literal["after_first_token", "at_first_token"]
+TableStates = Literal["chain", "path"]
+UnseenState = Literal["zero", "previous"]
+EmaStart = Literal["first", "zero"]
+Downsample = Literal["inclusive", "causal"]
+KSchedule = Literal["floor_step", "linear"]
+OwnNodes = Literal["prefix_length", "boundary"]
+EndNode = Literal["last_token", "after_response"]
+NodeAnchor = Literal["prompt_start", "response_start"]
+Neighbours = Literal["top_k", "with_ties"]
 ScaleMode = Literal["group", "batch", "none"]
 GaeMode = Literal["segment", "token"]
 Method = Literal["numca", "hista", "group_mean"]
@@ -23,7 +35,7 @@ class _Strict(BaseModel):
 
 
 class NumcaConfig(_Strict):
-    """Numca: numbers in the response text mark milestones (DESIGN §3.2)."""
+    """Numca: numbers in the response text mark milestones (docs/design.md, "Numca")."""
 
     number_pattern: NumberPattern = Field(
         "digits",
@@ -36,6 +48,22 @@ class NumcaConfig(_Strict):
     drop_last_number: bool = Field(
         True, description="Drop each response's last number (the answer)."
     )
+    number_boundary: NumberBoundary = Field(
+        "after_first_token",
+        description="Where a number's state starts: 'after_first_token' = after the token "
+        "holding its first character (reference); 'at_first_token' = at that token.",
+    )
+    table_states: TableStates = Field(
+        "chain",
+        description="States a rollout counts in: 'chain' = the empty set and every "
+        "distinct-number prefix of its unmerged number chain (reference); 'path' = only the "
+        "states its tokens are valued with after merging.",
+    )
+    unseen_state: UnseenState = Field(
+        "zero",
+        description="Value of a state the table never saw (only a query can reach one): "
+        "'zero' (reference) or 'previous' = the value of the state before it.",
+    )
     prior_count: float = Field(
         0.0,
         ge=0.0,
@@ -45,16 +73,48 @@ class NumcaConfig(_Strict):
 
     @classmethod
     def reference(cls, **changes: object) -> NumcaConfig:
-        """The paper's reference rule (no shrinkage), with ``changes`` applied."""
-        return cls.model_validate({"prior_count": 0.0, **changes})
+        """The reference code's exact rules, with ``changes`` applied."""
+        return cls.model_validate({**_NUMCA_REFERENCE, **changes})
+
+
+_NUMCA_REFERENCE: dict[str, object] = {
+    "number_pattern": "digits",
+    "merge_distance": 50,
+    "drop_last_number": True,
+    "number_boundary": "after_first_token",
+    "table_states": "chain",
+    "unseen_state": "zero",
+    "prior_count": 0.0,
+}
 
 
 class HistaConfig(_Strict):
-    """Hista: hidden-state nearest neighbours between rollouts of a group (DESIGN §3.3)."""
+    """Hista: hidden-state nearest neighbours between rollouts (docs/design.md, "Hista")."""
 
     ema_alpha: float = Field(0.7, ge=0.0, lt=1.0, description="EMA decay along the sequence.")
+    ema_start: EmaStart = Field(
+        "first",
+        description="EMA start: 'first' = e_0 is the first hidden state (reference); "
+        "'zero' = e_0 = 0, the textbook bias-corrected EMA.",
+    )
     stride: int = Field(5, ge=1, description="Keep every w-th smoothed hidden state.")
-    node_spacing: int = Field(50, ge=1, description="Response tokens between nodes (delta).")
+    downsample: Downsample = Field(
+        "inclusive",
+        description="'inclusive' = keep smoothed positions 0, w, 2w, ... and a node's prefix "
+        "includes its own token (reference); 'causal' = keep w-1, 2w-1, ... strictly before "
+        "the node's token.",
+    )
+    node_spacing: int = Field(50, ge=1, description="Tokens between nodes (delta).")
+    node_anchor: NodeAnchor = Field(
+        "prompt_start",
+        description="Node grid anchored at the first prompt token (reference) or at the "
+        "first response token.",
+    )
+    end_node: EndNode = Field(
+        "last_token",
+        description="'last_token' = the end node sits on the last response token, which is "
+        "valued at the reward and gets advantage 0 (reference); 'after_response' = after it.",
+    )
     d_min: float = Field(
         5.0,
         gt=0.0,
@@ -69,7 +129,23 @@ class HistaConfig(_Strict):
         "models with different hidden-state norms. 0 = the absolute d_min (reference).",
     )
     k_max: int = Field(66, ge=1, description="Neighbours at the first interior node.")
-    k_min: int = Field(6, ge=1, description="Neighbours at the last interior node.")
+    k_min: int = Field(6, ge=1, description="Neighbours towards the last interior node.")
+    k_schedule: KSchedule = Field(
+        "floor_step",
+        description="'floor_step' = k_i = k_max - floor((k_max - k_min) / n) * i for the i-th "
+        "of n interior nodes (reference); 'linear' = a rounded ramp from k_max to k_min.",
+    )
+    neighbours: Neighbours = Field(
+        "top_k",
+        description="'top_k' = exactly k nearest (reference), ties at the k-th broken by "
+        "candidate order (rollout, then node); 'with_ties' = every candidate tied with the "
+        "k-th counts too.",
+    )
+    own_nodes: OwnNodes = Field(
+        "prefix_length",
+        description="Which of the query rollout's own nodes are candidates: those whose "
+        "prefix is no longer than the query's (reference) or those at or before its boundary.",
+    )
     tau: float = Field(1.0, ge=0.0, description="Neighbour weight = 1 / distance**tau.")
     own_weight: float = Field(
         1.0,
@@ -81,8 +157,8 @@ class HistaConfig(_Strict):
 
     @classmethod
     def reference(cls, **changes: object) -> HistaConfig:
-        """The paper's reference rule (absolute d_min, own nodes at full weight), changed."""
-        return cls.model_validate({"relative_d_min": 0.0, "own_weight": 1.0, **changes})
+        """The reference code's exact rules, with ``changes`` applied."""
+        return cls.model_validate({**_HISTA_REFERENCE, **changes})
 
     @model_validator(mode="before")
     @classmethod
@@ -103,8 +179,27 @@ class HistaConfig(_Strict):
         return self
 
 
+_HISTA_REFERENCE: dict[str, object] = {
+    "ema_alpha": 0.7,
+    "ema_start": "first",
+    "stride": 5,
+    "downsample": "inclusive",
+    "node_spacing": 50,
+    "node_anchor": "prompt_start",
+    "end_node": "last_token",
+    "relative_d_min": 0.0,
+    "k_max": 66,
+    "k_min": 6,
+    "k_schedule": "floor_step",
+    "neighbours": "top_k",
+    "own_nodes": "prefix_length",
+    "tau": 1.0,
+    "own_weight": 1.0,
+}
+
+
 class AdvantageConfig(_Strict):
-    """Advantages from values (DESIGN §3.4-3.5)."""
+    """Advantages from values (docs/design.md, "Advantages")."""
 
     gae: GaeMode = Field("segment", description="'segment' (reference) or 'token' GAE.")
     gamma: float = Field(1.0, ge=0.0, le=1.0, description="Discount (token GAE only).")

@@ -16,12 +16,18 @@ import numpy as np
 import torch
 
 from statevalue.backends.base import ModelBackend, ModelIdentity
-from statevalue.config import METHODS, EstimatorConfig, Method
+from statevalue.config import METHODS, EstimatorConfig, Method, NumcaConfig
 from statevalue.estimators.advantages import scale_advantages, segment_gae, token_gae
 from statevalue.estimators.base import ValueEstimate
 from statevalue.estimators.group_mean import group_mean_values
 from statevalue.estimators.hista import hista_values
-from statevalue.estimators.numca import NumcaTable, numca_path, numca_values
+from statevalue.estimators.numca import (
+    NumcaPath,
+    NumcaTable,
+    add_to_table,
+    numca_path,
+    read_numca_values,
+)
 from statevalue.numca_store import InMemoryNumcaStore, NumcaStore
 from statevalue.schema import (
     EstimateRequest,
@@ -32,6 +38,10 @@ from statevalue.schema import (
     RolloutResult,
 )
 from statevalue.tokenization import TokenText
+
+# Rewards beyond this make the reward std, GAE sums or float32 answers overflow; no real
+# reward comes near it.
+MAX_ABS_REWARD = 1e15
 
 
 @dataclass
@@ -64,6 +74,10 @@ class PreparedRequest:
             for group in self.groups
             for response in group.responses
         ]
+
+    def prefix_lengths(self) -> list[int]:
+        """Prompt length of every sequence of ``sequences()``: the part its group shares."""
+        return [len(group.prompt_ids) for group in self.groups for _ in group.responses]
 
     @property
     def num_tokens(self) -> int:
@@ -109,7 +123,7 @@ class Engine:
         hidden = None
         start = time.perf_counter()
         if prepared.needs_hidden_states:
-            hidden = self.backend.hidden_states(prepared.sequences())
+            hidden = self.backend.hidden_states(prepared.sequences(), prepared.prefix_lengths())
         forward_seconds = time.perf_counter() - start
         result = self.compute(prepared, hidden)
         result.forward_seconds = forward_seconds
@@ -173,6 +187,10 @@ class Engine:
             if rollout.reward is not None:
                 if not math.isfinite(rollout.reward):
                     raise InvalidRequest(f"{at}.reward", f"must be finite, not {rollout.reward}")
+                if abs(rollout.reward) > MAX_ABS_REWARD:
+                    raise InvalidRequest(
+                        f"{at}.reward", f"must be within ±{MAX_ABS_REWARD:g}, not {rollout.reward}"
+                    )
                 rewards[j] = rollout.reward
                 rewarded[j] = True
             per_token = rollout.token_rewards
@@ -187,6 +205,10 @@ class Engine:
                     )
                 if not np.isfinite(per_token).all():
                     raise InvalidRequest(f"{at}.token_rewards", "must all be finite")
+                if per_token.size and np.abs(per_token).max() > MAX_ABS_REWARD:
+                    raise InvalidRequest(
+                        f"{at}.token_rewards", f"must all be within ±{MAX_ABS_REWARD:g}"
+                    )
             responses.append(response)
             token_rewards.append(per_token)
         if not rewarded.any():
@@ -255,16 +277,17 @@ class Engine:
         config = prepared.config
         if prepared.needs_hidden_states and hidden is None:
             raise ValueError("hista needs the hidden states of prepared.sequences()")
+        numca = self._numca(prepared) if "numca" in prepared.methods else []
         offset = 0
         per_group: list[dict[str, ValueEstimate]] = []
-        for group in prepared.groups:
+        for g, group in enumerate(prepared.groups):
             lengths = [len(r) for r in group.responses]
             estimates: dict[str, ValueEstimate] = {}
             for method in prepared.methods:
                 if method == "group_mean":
                     estimates[method] = group_mean_values(lengths, group.rewards, group.rewarded)
                 elif method == "numca":
-                    estimates[method] = self._numca(group, lengths, config)
+                    estimates[method] = numca[g]
                 else:
                     assert hidden is not None
                     estimates[method] = hista_values(
@@ -278,29 +301,67 @@ class Engine:
             offset += len(lengths)
             per_group.append(estimates)
         groups = self._advantages(prepared, per_group)
+        _check_finite(groups, config)
         result = EstimateResult(model=self.model, groups=groups)
         result.estimator_seconds = time.perf_counter() - start
         return result
 
-    def _numca(
-        self, group: PreparedGroup, lengths: list[int], config: EstimatorConfig
-    ) -> ValueEstimate:
-        paths = []
-        for response in group.responses:
-            text, ends = self.token_text.decode_with_offsets(response)
-            paths.append(numca_path(text, ends, config.numca))
-        numca = config.numca
-        if group.prompt_id is None:
-            return numca_values(
-                paths, lengths, group.rewards, group.rewarded, NumcaTable(), numca.prior_count
+    def _numca(self, prepared: PreparedRequest) -> list[ValueEstimate]:
+        """Numca values of every group, each table holding the whole request first.
+
+        Groups that share a ``prompt_id`` share the stored table of that prompt: all of
+        them are added before any is read, as the reference adds a whole batch. A group
+        without one gets a table of its own.
+        """
+        numca = prepared.config.numca
+        paths: list[list[NumcaPath]] = []
+        for group in prepared.groups:
+            group_paths = []
+            for response in group.responses:
+                text, ends = self.token_text.decode_with_offsets(response)
+                group_paths.append(numca_path(text, ends, numca))
+            paths.append(group_paths)
+
+        def read(table: NumcaTable, g: int) -> ValueEstimate:
+            lengths = [len(r) for r in prepared.groups[g].responses]
+            return read_numca_values(
+                paths[g], lengths, table, numca.unseen_state, numca.prior_count
             )
-        # Different number rules give different states, so they never share a table.
-        key = (group.prompt_id, numca.number_pattern, numca.merge_distance, numca.drop_last_number)
-        with self.numca_store.lock:
-            table = self.numca_store.table(key)
-            return numca_values(
-                paths, lengths, group.rewards, group.rewarded, table, numca.prior_count
-            )
+
+        def add(table: NumcaTable, g: int) -> None:
+            group = prepared.groups[g]
+            add_to_table(table, paths[g], group.rewards, group.rewarded, numca.table_states)
+
+        results: dict[int, ValueEstimate] = {}
+        shared: dict[str, list[int]] = {}
+        for g, group in enumerate(prepared.groups):
+            if group.prompt_id is None:
+                table = NumcaTable()
+                add(table, g)
+                results[g] = read(table, g)
+            else:
+                shared.setdefault(group.prompt_id, []).append(g)
+        if shared:
+            with self.numca_store.lock:
+                for prompt_id, members in shared.items():
+                    table = self.numca_store.table(self._table_key(prompt_id, numca))
+                    for g in members:
+                        add(table, g)
+                    for g in members:
+                        results[g] = read(table, g)
+        return [results[g] for g in range(len(prepared.groups))]
+
+    @staticmethod
+    def _table_key(prompt_id: str, numca: NumcaConfig) -> tuple[object, ...]:
+        """Rules that give different states or counts never share a table."""
+        return (
+            prompt_id,
+            numca.number_pattern,
+            numca.merge_distance,
+            numca.drop_last_number,
+            numca.number_boundary,
+            numca.table_states,
+        )
 
     def _advantages(
         self, prepared: PreparedRequest, per_group: list[dict[str, ValueEstimate]]
@@ -319,6 +380,7 @@ class Engine:
                 for j, values in enumerate(estimate.values):
                     terminal = float(group.rewards[j]) if group.rewarded[j] else None
                     if adv_config.gae == "segment":
+                        final = None if estimate.final_values is None else estimate.final_values[j]
                         raw.append(
                             segment_gae(
                                 values,
@@ -326,6 +388,7 @@ class Engine:
                                 terminal,
                                 adv_config.lam,
                                 group.token_rewards[j],
+                                final,
                             )
                         )
                     else:
@@ -356,3 +419,30 @@ class Engine:
             flat += len(group.responses)
             results.append(GroupResult(group_id=group.group_id, rollouts=rollouts))
         return results
+
+
+def _check_finite(groups: list[GroupResult], config: EstimatorConfig) -> None:
+    """Refuse to answer with a number that is not finite as the float32 the wire carries.
+
+    Bounded rewards keep values finite; a scale_eps too small for a group whose rewards are
+    (nearly) equal can still blow the scaled advantages up, so that is the field named.
+    """
+    for i, group in enumerate(groups):
+        for j, rollout in enumerate(group.rollouts):
+            for method, values in rollout.values.items():
+                at = f"groups[{i}].rollouts[{j}]"
+                if not np.isfinite(np.asarray(values, dtype=np.float32)).all():
+                    raise InvalidRequest(
+                        f"{at}.reward", f"the {method} values are not finite for these rewards"
+                    )
+                if not np.isfinite(np.asarray(rollout.advantages[method], dtype=np.float32)).all():
+                    field = (
+                        f"{at}.reward"
+                        if config.advantage.scale == "none"
+                        else "params.advantage.scale_eps"
+                    )
+                    raise InvalidRequest(
+                        field,
+                        f"the {method} advantages of {at} are not finite: the group's rewards "
+                        "are too close together for this scale_eps",
+                    )

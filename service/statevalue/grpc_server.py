@@ -5,25 +5,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from pydantic import ValidationError
 
-from statevalue.admin import ReloadRefused
 from statevalue.config import METHODS, EstimatorConfig
+from statevalue.errors import error_reply
 from statevalue.metrics import Metrics
-from statevalue.scheduler import (
-    DeadlineExpired,
-    ModelTooOld,
-    NotAccepting,
-    QueueFull,
-    Scheduler,
-)
+from statevalue.request_ids import HEADER, request_id
 from statevalue.schema import (
     EstimateRequest,
     EstimateResult,
@@ -48,7 +43,7 @@ def _packed(data: bytes, dtype: np.dtype, count: int, field: str) -> np.ndarray:
 
 
 def params_from_proto(params: pb.EstimatorParams) -> EstimatorConfig:
-    """Only the fields the caller set; the rest keep the reference defaults."""
+    """Only the fields the caller set; the rest keep the service defaults."""
     tree: dict[str, dict[str, Any]] = {}
     for section in ("numca", "hista", "advantage"):
         message = getattr(params, section)
@@ -149,52 +144,40 @@ class ValueServicer(pb_grpc.ValueServiceServicer):
         self._server = server
         self._metrics = metrics
 
-    def _scheduler(self, context: grpc.aio.ServicerContext) -> Scheduler | None:
-        scheduler = self._server.scheduler
-        return scheduler if scheduler is not None and scheduler.accepting else None
+    @property
+    def metrics(self) -> Metrics:
+        return self._metrics
 
     async def Estimate(
         self, request: pb.EstimateRequest, context: grpc.aio.ServicerContext
     ) -> pb.EstimateResponse:
-        request_id = uuid.uuid4().hex[:12]
+        metadata = dict(context.invocation_metadata() or ())
+        rid = request_id(metadata.get(HEADER))
+        echo = ((HEADER, rid),)
         started = time.perf_counter()
         code = grpc.StatusCode.OK
         try:
-            scheduler = self._scheduler(context)
-            if scheduler is None:
-                code = grpc.StatusCode.UNAVAILABLE
-                await context.abort(code, "the model is not ready")
             try:
-                engine_request = request_from_proto(request)
-                result = await scheduler.submit(
-                    engine_request, timeout=_answer_before(context.time_remaining())
+                result = await self._server.estimate(
+                    request_from_proto(request),
+                    metadata.get("authorization"),
+                    _answer_before(context.time_remaining()),
                 )
-            except InvalidRequest as exc:
-                code = grpc.StatusCode.INVALID_ARGUMENT
-                await context.abort(code, str(exc))
-            except QueueFull as exc:
-                code = grpc.StatusCode.RESOURCE_EXHAUSTED
-                await context.abort(code, str(exc))
-            except NotAccepting as exc:
-                code = grpc.StatusCode.UNAVAILABLE
-                await context.abort(code, str(exc))
-            except DeadlineExpired as exc:
-                code = grpc.StatusCode.DEADLINE_EXCEEDED
-                await context.abort(code, str(exc))
-            except ModelTooOld as exc:
-                code = grpc.StatusCode.FAILED_PRECONDITION
-                await context.abort(code, str(exc))
+            except asyncio.CancelledError:
+                # The caller went away or its deadline passed: no answer is sent.
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except Exception as exc:
+                reply = error_reply(exc)
+                if reply is None:
+                    code = grpc.StatusCode.INTERNAL
+                    log.exception("request_id=%s failed", rid)
+                    await context.abort(code, f"internal error (request {rid})", echo)
+                else:
+                    code = reply.grpc_code
+                    await context.abort(code, reply.details, echo)
+            context.set_trailing_metadata(echo)
             return response_to_proto(result)
-        except asyncio.CancelledError:
-            # The caller went away or its deadline passed: no answer is sent.
-            code = grpc.StatusCode.CANCELLED
-            raise
-        except Exception as exc:
-            if code == grpc.StatusCode.OK and not isinstance(exc, grpc.aio.AbortError):
-                code = grpc.StatusCode.INTERNAL
-                log.exception("request %s failed", request_id)
-                await context.abort(code, f"internal error (request {request_id})")
-            raise
         finally:
             elapsed = time.perf_counter() - started
             self._metrics.requests.labels("grpc", "Estimate", code.name).inc()
@@ -202,7 +185,7 @@ class ValueServicer(pb_grpc.ValueServiceServicer):
             log.info(
                 "request_id=%s step_id=%s frontend=grpc rpc=Estimate status=%s groups=%d "
                 "seconds=%.3f",
-                request_id,
+                rid,
                 request.step_id or "-",
                 code.name,
                 len(request.groups),
@@ -228,10 +211,13 @@ class ValueServicer(pb_grpc.ValueServiceServicer):
             await self._server.reload(
                 request.checkpoint, request.version or None, metadata.get("authorization")
             )
-        except ReloadRefused as exc:
-            code = exc.grpc_code
-            await context.abort(code, str(exc))
-        except ValueError as exc:
+        except Exception as exc:
+            reply = error_reply(exc)
+            if reply is not None:
+                code = reply.grpc_code
+                await context.abort(code, reply.details)
+            if not isinstance(exc, ValueError):
+                raise
             code = grpc.StatusCode.INVALID_ARGUMENT
             await context.abort(code, f"checkpoint: {exc}")
         finally:
@@ -253,7 +239,7 @@ def build_grpc_server(
             ("grpc.max_connection_age_grace_ms", 30_000),
         ]
     )
-    pb_grpc.add_ValueServiceServicer_to_server(servicer, server)
+    _add_value_service(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -264,4 +250,63 @@ def build_grpc_server(
         ),
         server,
     )
+    # Last, so it only sees methods nobody serves.
+    server.add_generic_rpc_handlers((_UnknownMethod(),))
     return server, health_servicer
+
+
+Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+
+# How much of an unknown method's name an error repeats: callers control the name.
+_SHOWN_METHOD_CHARS = 100
+
+
+class _UnknownMethod(grpc.GenericRpcHandler):
+    """UNIMPLEMENTED for any method nobody serves, naming at most the start of it."""
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        method = str(handler_call_details.method)
+        shown = method[:_SHOWN_METHOD_CHARS] + ("..." if len(method) > _SHOWN_METHOD_CHARS else "")
+
+        async def refuse(request: bytes, context: grpc.aio.ServicerContext) -> None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"unknown method {shown}")
+
+        return grpc.unary_unary_rpc_method_handler(refuse)
+
+
+def _decoding(rpc: str, message_type: Any, handler: Handler, metrics: Metrics) -> Handler:
+    """``handler`` behind a decoder that answers undecodable bytes INVALID_ARGUMENT.
+
+    Left to grpc, a message that fails to parse ends as UNKNOWN with a traceback in the log.
+    """
+
+    async def decode_then_handle(data: bytes, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            message = message_type.FromString(data)
+        except DecodeError:
+            metrics.requests.labels("grpc", rpc, grpc.StatusCode.INVALID_ARGUMENT.name).inc()
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"the request is not a valid {message_type.DESCRIPTOR.full_name} message",
+            )
+        return await handler(message, context)
+
+    return decode_then_handle
+
+
+def _add_value_service(servicer: ValueServicer, server: grpc.aio.Server) -> None:
+    """Register the value service with request decoding in our hands (see _decoding)."""
+    rpcs = {
+        "Estimate": (pb.EstimateRequest, pb.EstimateResponse, servicer.Estimate),
+        "GetModelInfo": (pb.GetModelInfoRequest, pb.ModelInfo, servicer.GetModelInfo),
+        "ReloadWeights": (pb.ReloadWeightsRequest, pb.ModelInfo, servicer.ReloadWeights),
+    }
+    handlers = {
+        name: grpc.unary_unary_rpc_method_handler(
+            _decoding(name, request_type, handler, servicer.metrics),
+            response_serializer=response_type.SerializeToString,
+        )
+        for name, (request_type, response_type, handler) in rpcs.items()
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)

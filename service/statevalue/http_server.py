@@ -7,21 +7,21 @@ import contextlib
 import logging
 import math
 import time
-import uuid
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from statevalue import __version__
-from statevalue.admin import ReloadRefused
 from statevalue.api_models import EstimateIn, EstimateOut, ReloadIn
+from statevalue.errors import ErrorReply, error_reply
 from statevalue.metrics import Metrics
-from statevalue.scheduler import DeadlineExpired, ModelTooOld, NotAccepting, QueueFull
+from statevalue.request_ids import HEADER, request_id
 from statevalue.schema import InvalidRequest
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,13 @@ def _error(status: int, field: str | None, message: str, **headers: str) -> JSON
     return JSONResponse({"detail": detail}, status_code=status, headers=headers or None)
 
 
+def _reply(reply: ErrorReply) -> JSONResponse:
+    headers = {}
+    if reply.retry_after is not None:
+        headers["Retry-After"] = str(max(1, round(reply.retry_after)))
+    return _error(reply.http_status, reply.field, reply.message, **headers)
+
+
 def _request_timeout(header: str | None) -> float | None:
     """Seconds left for the request from the ``x-request-timeout`` header; None if unset."""
     if not header:
@@ -47,7 +54,9 @@ def _request_timeout(header: str | None) -> float | None:
     except ValueError:
         seconds = math.nan
     if not (math.isfinite(seconds) and seconds > 0):
-        raise ValueError(f"must be a positive number of seconds, not {header!r}")
+        raise InvalidRequest(
+            "x-request-timeout", f"must be a positive number of seconds, not {header[:40]!r}"
+        )
     return seconds
 
 
@@ -71,6 +80,63 @@ async def _unless_client_leaves(request: Request, work: Awaitable[_T]) -> _T | N
     with contextlib.suppress(asyncio.CancelledError):
         await task
     return None
+
+
+# The API routes, counted and logged under these RPC names.
+_RPCS = {"/v1/estimate": "estimate", "/v1/admin/reload": "reload", "/v1/model": "model"}
+
+
+class RequestLog:
+    """Every API reply, whatever answered it (a route, validation, the body limit or a
+    crash), is counted with its real status, logged once and carries ``X-Request-Id``."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = request_id(Headers(scope=scope).get(HEADER))
+        scope.setdefault("state", {})["request_id"] = rid
+        started = time.perf_counter()
+        status = 500
+        answered = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status, answered
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                answered = True
+                message = {
+                    **message,
+                    "headers": [*message.get("headers", []), (HEADER.encode(), rid.encode())],
+                }
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            log.exception("request_id=%s failed", rid)
+            if answered:
+                raise
+            reply = _error(500, None, f"internal error (request {rid})")
+            await reply(scope, receive, send_with_id)
+        finally:
+            rpc = _RPCS.get(scope["path"])
+            if rpc is not None:
+                elapsed = time.perf_counter() - started
+                self.metrics.requests.labels("http", rpc, str(status)).inc()
+                self.metrics.request_seconds.labels("http", rpc).observe(elapsed)
+                log.info(
+                    "request_id=%s step_id=%s frontend=http rpc=%s status=%d seconds=%.3f",
+                    rid,
+                    scope["state"].get("step_id") or "-",
+                    rpc,
+                    status,
+                    elapsed,
+                )
 
 
 class BodyLimit:
@@ -122,77 +188,49 @@ class BodyLimit:
 
 def create_app(server: Any, metrics: Metrics, *, max_body_bytes: int) -> FastAPI:
     """The HTTP API over ``server`` (a StatevalueServer: scheduler, model info, readiness)."""
-    app = FastAPI(
+    # Swagger UI and ReDoc from assets inside the installed package, not a CDN.
+    app = FastAPIOffline(
         title="statevalue",
         version=__version__,
         description="Per-token state values (Numca, Hista, group mean) for LLM RL trainers.",
     )
 
+    # Added last, so outermost: it also sees the body limit's 413s.
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    app.add_middleware(RequestLog, metrics=metrics)
 
     @app.post(
         "/v1/estimate",
         response_model=EstimateOut,
         responses={
             400: {"description": "a field failed a check; detail names it"},
+            401: {"description": "missing or wrong API token (when the server requires one)"},
             429: {"description": "queue full; retry after the Retry-After seconds"},
-            503: {"description": "model not ready or shutting down"},
+            503: {"description": "model not ready, or draining for shutdown: retry elsewhere"},
         },
     )
     async def estimate(body: EstimateIn, request: Request) -> Any:
         """Per-token values and advantages for a batch of groups."""
-        request_id = uuid.uuid4().hex[:12]
-        started = time.perf_counter()
-        status = 200
         try:
-            scheduler = server.scheduler
-            if scheduler is None or not scheduler.accepting:
-                status = 503
-                return _error(503, None, "the model is not ready")
-            try:
-                timeout = _request_timeout(request.headers.get("x-request-timeout"))
-            except ValueError as exc:
-                status = 400
-                return _error(400, "x-request-timeout", str(exc))
-            try:
-                # A client that disconnects cancels the request, like a gRPC cancel.
-                result = await _unless_client_leaves(
-                    request, scheduler.submit(body.to_request(), timeout=timeout)
-                )
-                if result is None:
-                    status = CLIENT_CLOSED
-                    return Response(status_code=CLIENT_CLOSED)
-            except InvalidRequest as exc:
-                status = 400
-                return _error(400, exc.field, exc.message)
-            except QueueFull as exc:
-                status = 429
-                return _error(
-                    429, None, str(exc), **{"Retry-After": str(int(exc.retry_after) or 1)}
-                )
-            except NotAccepting as exc:
-                status = 503
-                return _error(503, None, str(exc))
-            except DeadlineExpired as exc:
-                status = 504
-                return _error(504, None, str(exc))
-            except ModelTooOld as exc:
-                status = 409
-                return _error(409, "min_model_revision", str(exc))
-            return EstimateOut.from_result(result)
-        finally:
-            elapsed = time.perf_counter() - started
-            metrics.requests.labels("http", "estimate", str(status)).inc()
-            metrics.request_seconds.labels("http", "estimate").observe(elapsed)
-            log.info(
-                "request_id=%s step_id=%s frontend=http rpc=estimate status=%d groups=%d "
-                "seconds=%.3f",
-                request_id,
-                body.step_id or "-",
-                status,
-                len(body.groups),
-                elapsed,
+            # Logged by RequestLog with the request id.
+            request.state.step_id = body.step_id
+            # A client that disconnects cancels the request, like a gRPC cancel.
+            result = await _unless_client_leaves(
+                request,
+                server.estimate(
+                    body.to_request(),
+                    request.headers.get("authorization"),
+                    _request_timeout(request.headers.get("x-request-timeout")),
+                ),
             )
+            if result is None:
+                return Response(status_code=CLIENT_CLOSED)
+        except Exception as exc:
+            reply = error_reply(exc)
+            if reply is None:
+                raise
+            return _reply(reply)
+        return EstimateOut.from_result(result)
 
     @app.get("/v1/model")
     async def model() -> Any:
@@ -215,24 +253,34 @@ def create_app(server: Any, metrics: Metrics, *, max_body_bytes: int) -> FastAPI
 
         Accepted requests are not dropped; every answer names the weights that produced it.
         """
-        status = 200
         try:
             await server.reload(
                 body.checkpoint, body.version or None, request.headers.get("authorization")
             )
-        except ReloadRefused as exc:
-            status = exc.http_status
-            return _error(status, None, str(exc))
-        except ValueError as exc:
-            status = 400
-            return _error(400, "checkpoint", str(exc))
-        finally:
-            metrics.requests.labels("http", "reload", str(status)).inc()
+        except Exception as exc:
+            reply = error_reply(exc)
+            if reply is not None:
+                return _reply(reply)
+            if isinstance(exc, ValueError):
+                return _error(400, "checkpoint", str(exc))
+            raise
         return server.model_info()
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
-        """Liveness: the process answers."""
+        """The process answers (always 200; use /livez for a liveness probe)."""
+        return {"status": "alive"}
+
+    @app.get("/livez", responses={503: {"description": "the batcher is stuck or stopped"}})
+    async def livez() -> Any:
+        """Liveness: 503 once the batcher died or a forward step hangs past the stall limit.
+
+        A blocked event loop fails it too: the probe gets no answer.
+        """
+        scheduler = server.scheduler
+        problem = None if scheduler is None else scheduler.stalled(server.settings.liveness_stall_s)
+        if problem:
+            return _error(503, None, problem)
         return {"status": "alive"}
 
     @app.get("/readyz")
@@ -240,7 +288,7 @@ def create_app(server: Any, metrics: Metrics, *, max_body_bytes: int) -> FastAPI
         """Readiness: the model is loaded and warmed and the server accepts work."""
         if server.ready:
             return {"status": "ready"}
-        return _error(503, None, "not ready")
+        return _error(503, None, "draining" if server.draining else "not ready")
 
     @app.get("/metrics")
     async def prometheus() -> Response:

@@ -80,6 +80,11 @@ class Metrics:
             "Tokens waiting for the model.",
             registry=r,
         )
+        self.throughput = Gauge(
+            "statevalue_throughput_tokens_per_second",
+            "Measured model throughput that admission uses to estimate queue waits.",
+            registry=r,
+        )
         self.tokens = Counter(
             "statevalue_tokens",
             "Tokens run through the model.",

@@ -7,6 +7,11 @@ on a dedicated thread. A request whose sequences are all done is handed to the e
 thread, which overlaps the next forward step. A request whose caller went away or whose
 deadline passed is answered at once; the rest of its work is dropped before the next
 forward step (micro-batch), even when the request is half way through its forward pass.
+
+Admission bounds time as well as size: the batcher measures the model's throughput, and a
+request that would wait longer than ``max_queue_wait_s`` behind the queued tokens is
+refused at once. A drain that runs out of time answers every request still open with
+NotAccepting, so nothing accepted is left without an answer.
 """
 
 from __future__ import annotations
@@ -41,6 +46,12 @@ class NotAccepting(Exception):
     """The scheduler is not running: not started yet, or draining for shutdown."""
 
 
+DRAINING = "draining: the server is shutting down; retry on another replica"
+
+# Weight of the newest forward step in the throughput estimate (an exponential average).
+_THROUGHPUT_WEIGHT = 0.3
+
+
 class DeadlineExpired(Exception):
     """The request's deadline passed before its work was done; the rest of it was dropped.
 
@@ -56,6 +67,7 @@ class ModelTooOld(Exception):
 class _Job:
     prepared: PreparedRequest
     sequences: list[np.ndarray]
+    prefix_lengths: list[int]
     future: asyncio.Future[EstimateResult]
     admitted: float
     hidden: list[torch.Tensor | None] = field(default_factory=list)
@@ -111,6 +123,8 @@ class Scheduler:
         max_batch_tokens: tokens per forward step (the backend pads sub-batches within it).
         max_wait_s: how long a step waits for more requests to merge.
         max_queue_requests, max_queue_tokens: admission limits (QueueFull past them).
+        max_queue_wait_s: refuse (QueueFull) a request whose estimated wait behind the
+            queued tokens, at the measured throughput, is longer than this.
     """
 
     def __init__(
@@ -122,6 +136,7 @@ class Scheduler:
         max_wait_s: float = 0.005,
         max_queue_requests: int = 256,
         max_queue_tokens: int = 1_000_000,
+        max_queue_wait_s: float = 20.0,
     ) -> None:
         self.engine = engine
         self.metrics = metrics
@@ -129,6 +144,10 @@ class Scheduler:
         self.max_wait_s = max_wait_s
         self.max_queue_requests = max_queue_requests
         self.max_queue_tokens = max_queue_tokens
+        self.max_queue_wait_s = max_queue_wait_s
+        self.tokens_per_second: float | None = None
+        self._step_tokens: float | None = None
+        self._step_seconds: float | None = None
         self._jobs: list[_Job] = []
         self._queued_tokens = 0
         self._in_flight = 0
@@ -136,7 +155,12 @@ class Scheduler:
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
+        self._draining = False
+        # Set when a drain runs out of time: every open submit() then answers at once.
+        self._abandon = asyncio.Event()
         self._batcher: asyncio.Task[None] | None = None
+        # When the forward step now running began (monotonic clock); None between steps.
+        self._step_started: float | None = None
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="statevalue-model")
         self._estimator_thread = ThreadPoolExecutor(1, thread_name_prefix="statevalue-estimator")
         self._prepare_threads = ThreadPoolExecutor(2, thread_name_prefix="statevalue-prepare")
@@ -149,26 +173,54 @@ class Scheduler:
     def queue_depth(self) -> int:
         return len(self._jobs)
 
+    def stalled(self, limit_s: float) -> str | None:
+        """Why the batcher counts as stuck, or None while it makes progress.
+
+        Stuck: the batcher task ended while the scheduler still accepts work, or one forward
+        step has run for more than ``limit_s`` seconds (a hung device or kernel).
+        """
+        if self._accepting and self._batcher is not None and self._batcher.done():
+            return "the batcher stopped"
+        started = self._step_started
+        if started is not None and time.monotonic() - started > limit_s:
+            return f"a forward step has run for more than {limit_s:g} s"
+        return None
+
     async def start(self, *, warmup: bool = True) -> None:
-        """Start the batcher; with ``warmup`` run one forward pass first (first-call latency)."""
+        """Start the batcher; with ``warmup`` run one forward pass first (first-call latency).
+
+        A second, warm pass gives the first throughput measurement for admission (the
+        first one pays one-off start-up costs).
+        """
         if warmup:
             loop = asyncio.get_running_loop()
-            await loop.run_in_executor(
-                self._model_thread,
-                self.engine.backend.hidden_states,
-                [np.arange(1, 33, dtype=np.int32)],
-            )
+            sequence = np.arange(1, 257, dtype=np.int32)
+            for _ in range(2):
+                started = time.perf_counter()
+                await loop.run_in_executor(
+                    self._model_thread, self.engine.backend.hidden_states, [sequence]
+                )
+            self._measure(len(sequence), time.perf_counter() - started)
         self._batcher = asyncio.create_task(self._run(), name="statevalue-batcher")
         self._accepting = True
 
     async def drain(self, timeout: float) -> bool:
-        """Stop accepting, finish everything already accepted; True if it all finished."""
+        """Stop accepting and finish what was accepted within ``timeout`` seconds.
+
+        Requests still open when the time is up are answered with NotAccepting (retryable
+        elsewhere). Returns True if everything finished.
+        """
         self._accepting = False
+        self._draining = True
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
             drained = True
         except asyncio.TimeoutError:
             drained = False
+            log.warning("drain: %d requests unfinished after %.1f s", self._in_flight, timeout)
+            self._abandon.set()
+            # Every open submit() wakes on the abandon event and answers at once.
+            await self._idle.wait()
         if self._batcher is not None:
             self._batcher.cancel()
         self._model_thread.shutdown(wait=False, cancel_futures=True)
@@ -188,7 +240,7 @@ class Scheduler:
             InvalidRequest, QueueFull, NotAccepting, DeadlineExpired, ModelTooOld.
         """
         if not self._accepting:
-            raise NotAccepting("the server is not accepting requests")
+            raise NotAccepting(DRAINING if self._draining else "the server is not ready")
         revision = self.engine.backend.identity.revision
         if request.min_model_revision > revision:
             raise ModelTooOld(
@@ -198,24 +250,31 @@ class Scheduler:
         self._in_flight += 1
         self._idle.clear()
         stage = _Stage()
-        work = asyncio.ensure_future(self._process(request, stage))
+        work = asyncio.ensure_future(self._estimate(request, stage))
+        abandon = asyncio.ensure_future(self._abandon.wait())
         try:
-            done, _ = await asyncio.wait({work}, timeout=timeout)
-            if work not in done:
-                raise DeadlineExpired(
-                    f"the deadline ({timeout:g} s) passed "
-                    f"{stage.describe(self.max_batch_tokens)}; the rest of its work was dropped"
-                )
-            return work.result()
+            await asyncio.wait(
+                (work, abandon), timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+            if work.done():
+                return work.result()
+            if abandon.done():
+                raise NotAccepting(DRAINING)
+            raise DeadlineExpired(
+                f"the deadline ({timeout:g} s) passed "
+                f"{stage.describe(self.max_batch_tokens)}; the rest of its work was dropped"
+            )
         finally:
-            # Also reached when the caller is cancelled: the job's future is cancelled with
-            # the work, and the batcher drops what is left of it before the next step.
+            # Also reached when the caller is cancelled or the drain gave up on it: the job's
+            # future is cancelled with the work, and the batcher drops what is left of it
+            # before the next step.
             work.cancel()
+            abandon.cancel()
             self._in_flight -= 1
             if self._in_flight == 0:
                 self._idle.set()
 
-    async def _process(self, request: EstimateRequest, stage: _Stage) -> EstimateResult:
+    async def _estimate(self, request: EstimateRequest, stage: _Stage) -> EstimateResult:
         loop = asyncio.get_running_loop()
         prepared = await loop.run_in_executor(self._prepare_threads, self.engine.prepare, request)
         for method in prepared.methods:
@@ -224,6 +283,12 @@ class Scheduler:
             stage.computing = True
             return await self._compute(prepared, None, 0.0, self.engine.backend.identity)
         return await self._enqueue(prepared, stage)
+
+    def estimated_wait(self) -> float:
+        """Seconds the model needs for the queued tokens at the measured throughput."""
+        if not self.tokens_per_second:
+            return 0.0
+        return self._queued_tokens / self.tokens_per_second
 
     async def _enqueue(self, prepared: PreparedRequest, stage: _Stage) -> EstimateResult:
         loop = asyncio.get_running_loop()
@@ -239,10 +304,17 @@ class Scheduler:
             raise QueueFull(f"queue is full ({self.max_queue_requests} requests waiting)")
         if self._queued_tokens + tokens > self.max_queue_tokens:
             raise QueueFull(f"queue is full ({self._queued_tokens} tokens waiting)")
+        wait = self.estimated_wait()
+        if wait > self.max_queue_wait_s:
+            raise QueueFull(
+                f"queue is full (estimated wait {wait:.1f} s, limit {self.max_queue_wait_s:g} s)",
+                retry_after=max(1.0, wait - self.max_queue_wait_s),
+            )
         sequences = prepared.sequences()
         job = _Job(
             prepared=prepared,
             sequences=sequences,
+            prefix_lengths=prepared.prefix_lengths(),
             future=loop.create_future(),
             admitted=time.perf_counter(),
             hidden=[None] * len(sequences),
@@ -318,10 +390,12 @@ class Scheduler:
                 job.started = True
                 self.metrics.queue_wait_seconds.observe(now - job.admitted)
         sequences = [job.sequences[i] for job, i in step]
+        prefix_lengths = [job.prefix_lengths[i] for job, i in step]
         tokens = sum(len(s) for s in sequences)
+        self._step_started = time.monotonic()
         try:
             hidden, model = await loop.run_in_executor(
-                self._model_thread, self._model_step, sequences
+                self._model_thread, self._model_step, sequences, prefix_lengths
             )
         except Exception as exc:  # a model failure fails the requests in this step, not the server
             log.exception("forward pass failed")
@@ -330,7 +404,10 @@ class Scheduler:
                     job.future.set_exception(exc)
                 self._remove(job)
             return
+        finally:
+            self._step_started = None
         elapsed = time.perf_counter() - now
+        self._measure(tokens, elapsed)
         self.metrics.forward_seconds.observe(elapsed)
         self.metrics.batch_requests.observe(len(jobs))
         self.metrics.batch_sequences.observe(len(sequences))
@@ -355,6 +432,22 @@ class Scheduler:
                 if not job.future.done():
                     asyncio.ensure_future(self._finish(job))
 
+    def _measure(self, tokens: int, seconds: float) -> None:
+        """Fold one forward step into the throughput estimate used for admission.
+
+        Tokens and seconds are averaged apart, so a big step weighs more than a tiny one
+        whose time is mostly fixed overhead.
+        """
+        if seconds <= 0:
+            return
+        if self._step_tokens is None or self._step_seconds is None:
+            self._step_tokens, self._step_seconds = float(tokens), seconds
+        else:
+            self._step_tokens += _THROUGHPUT_WEIGHT * (tokens - self._step_tokens)
+            self._step_seconds += _THROUGHPUT_WEIGHT * (seconds - self._step_seconds)
+        self.tokens_per_second = self._step_tokens / self._step_seconds
+        self.metrics.throughput.set(self.tokens_per_second)
+
     async def _finish(self, job: _Job) -> None:
         try:
             assert job.model is not None
@@ -366,13 +459,15 @@ class Scheduler:
         if not job.future.done():
             job.future.set_result(result)
 
-    def _model_step(self, sequences: list[np.ndarray]) -> tuple[list[torch.Tensor], ModelIdentity]:
+    def _model_step(
+        self, sequences: list[np.ndarray], prefix_lengths: list[int]
+    ) -> tuple[list[torch.Tensor], ModelIdentity]:
         """One forward step on the model thread, with the identity of the weights it used.
 
         Reloads run on the same thread, so the identity read here is the one that ran.
         """
         backend = self.engine.backend
-        return backend.hidden_states(sequences), backend.identity
+        return backend.hidden_states(sequences, prefix_lengths), backend.identity
 
     async def reload(self, checkpoint: str, version: str | None = None) -> ModelIdentity:
         """Swap in the weights of a checkpoint directory without dropping accepted requests.

@@ -2,7 +2,8 @@
 
 Start-up: both front ends listen at once (liveness answers, readiness says no), the model
 loads and warms on a worker thread, then health turns SERVING. SIGTERM: stop accepting,
-health NOT_SERVING, drain accepted work, stop the front ends.
+health NOT_SERVING, drain accepted work, stop the front ends — all within the grace period:
+requests the drain cannot finish in time are answered 503 / UNAVAILABLE ("draining").
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import contextlib
 import logging
 import signal
 import socket
+import ssl
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,20 +21,65 @@ import grpc
 import uvicorn
 from grpc_health.v1 import health_pb2
 
-from statevalue.admin import ReloadRefused, check_admin
+from statevalue.admin import ReloadRefused, check_admin, check_api_token
 from statevalue.backends.base import ModelBackend
 from statevalue.engine import Engine
 from statevalue.grpc_server import SERVICE_NAME, ValueServicer, build_grpc_server
 from statevalue.http_server import create_app
 from statevalue.metrics import Metrics
 from statevalue.numca_store import InMemoryNumcaStore
-from statevalue.scheduler import Scheduler
+from statevalue.scheduler import DRAINING, NotAccepting, Scheduler
+from statevalue.schema import EstimateRequest, EstimateResult
 from statevalue.settings import ServerSettings
 
 log = logging.getLogger(__name__)
 
+# The part of the shutdown grace kept for sending the last answers after the drain.
+_SEND_RESERVE_S = 2.0
+
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+async def open_scheduler(
+    settings: ServerSettings, metrics: Metrics, backend: ModelBackend | None = None
+) -> Scheduler:
+    """Load the model (unless ``backend`` is given), build the engine, start a scheduler.
+
+    The model loads on a worker thread, so the event loop keeps answering meanwhile. Every
+    front end over one model (this server, the Ray Serve deployment) starts here.
+    """
+    if backend is None:
+        from statevalue.backends.torch_backend import TorchBackend
+
+        backend = await asyncio.to_thread(
+            TorchBackend,
+            settings.model,
+            device=settings.device,
+            dtype=settings.dtype,
+            layer=settings.layer,
+            max_batch_tokens=settings.max_batch_tokens,
+            forward_path=settings.forward_path,
+        )
+    engine = await asyncio.to_thread(
+        Engine,
+        backend,
+        numca_store=InMemoryNumcaStore(settings.numca_max_prompts),
+        max_groups=settings.max_groups_per_request,
+        max_tokens=settings.max_request_tokens,
+    )
+    scheduler = Scheduler(
+        engine,
+        metrics,
+        max_batch_tokens=settings.max_batch_tokens,
+        max_wait_s=settings.max_wait_ms / 1000,
+        max_queue_requests=settings.max_queue_requests,
+        max_queue_tokens=settings.max_queue_tokens,
+        max_queue_wait_s=settings.max_queue_wait_s,
+    )
+    await scheduler.start(warmup=settings.warmup)
+    metrics.set_model(backend.identity.name, backend.identity.version)
+    return scheduler
 
 
 class _HttpServer(uvicorn.Server):
@@ -73,8 +120,14 @@ class StatevalueServer:
             max_connection_age_s=settings.max_connection_age_s,
         )
         app = create_app(self, self.metrics, max_body_bytes=max_bytes)
+        tls: dict[str, Any] = {}
+        if settings.tls_cert is not None:
+            tls = {"ssl_certfile": str(settings.tls_cert), "ssl_keyfile": str(settings.tls_key)}
+            if settings.tls_client_ca is not None:
+                tls["ssl_ca_certs"] = str(settings.tls_client_ca)
+                tls["ssl_cert_reqs"] = ssl.CERT_REQUIRED
         self._http = _HttpServer(
-            uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
+            uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", **tls)
         )
         self._http_task: asyncio.Task[None] | None = None
         self._reload_lock = asyncio.Lock()
@@ -83,6 +136,11 @@ class StatevalueServer:
     @property
     def ready(self) -> bool:
         return not self._stopping and self.scheduler is not None and self.scheduler.accepting
+
+    @property
+    def draining(self) -> bool:
+        """SIGTERM arrived: accepted work drains, new work gets 503 / UNAVAILABLE."""
+        return self._stopping
 
     def model_info(self) -> dict[str, Any] | None:
         if self._engine is None:
@@ -100,9 +158,26 @@ class StatevalueServer:
             "max_request_groups": self._engine.max_groups,
         }
 
+    async def estimate(
+        self, request: EstimateRequest, authorization: str | None, timeout: float | None
+    ) -> EstimateResult:
+        """One Estimate from either front end.
+
+        Raises:
+            Unauthenticated, NotAccepting (not ready yet, or draining), and whatever
+            :meth:`Scheduler.submit` raises.
+        """
+        check_api_token(authorization, self.settings.secret("api_token"))
+        scheduler = self.scheduler
+        if self._stopping:
+            raise NotAccepting(DRAINING)
+        if scheduler is None or not scheduler.accepting:
+            raise NotAccepting("the model is not ready")
+        return await scheduler.submit(request, timeout=timeout)
+
     async def reload(self, checkpoint: str, version: str | None, authorization: str | None) -> None:
         """Authenticated weight reload; raises ReloadRefused, or ValueError for a bad checkpoint."""
-        check_admin(authorization, self.settings.admin_token)
+        check_admin(authorization, self.settings.secret("admin_token"))
         if self.scheduler is None:
             raise ReloadRefused(
                 "the model is not loaded yet",
@@ -117,7 +192,12 @@ class StatevalueServer:
         """Listen on both ports and begin loading the model; returns before it is ready."""
         host = self.settings.host
         await self._set_health(NOT_SERVING)
-        self.grpc_port = self._grpc.add_insecure_port(f"{host}:{self.settings.grpc_port}")
+        address = f"{host}:{self.settings.grpc_port}"
+        credentials = self._grpc_credentials()
+        if credentials is None:
+            self.grpc_port = self._grpc.add_insecure_port(address)
+        else:
+            self.grpc_port = self._grpc.add_secure_port(address, credentials)
         await self._grpc.start()
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
@@ -125,8 +205,26 @@ class StatevalueServer:
         sock.bind((host, self.settings.http_port))
         self.http_port = sock.getsockname()[1]
         self._http_task = asyncio.create_task(self._http.serve(sockets=[sock]))
-        log.info("listening: grpc %s:%d, http %s:%d", host, self.grpc_port, host, self.http_port)
+        log.info(
+            "listening%s: grpc %s:%d, http %s:%d",
+            " with TLS" if credentials is not None else "",
+            host,
+            self.grpc_port,
+            host,
+            self.http_port,
+        )
         self._load_task = asyncio.create_task(self._load())
+
+    def _grpc_credentials(self) -> grpc.ServerCredentials | None:
+        settings = self.settings
+        if settings.tls_cert is None or settings.tls_key is None:
+            return None
+        client_ca = settings.tls_client_ca.read_bytes() if settings.tls_client_ca else None
+        return grpc.ssl_server_credentials(
+            [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())],
+            root_certificates=client_ca,
+            require_client_auth=client_ca is not None,
+        )
 
     async def wait_ready(self) -> None:
         """Wait until the model is loaded and warmed (re-raises a load failure)."""
@@ -134,37 +232,10 @@ class StatevalueServer:
         await self._load_task
 
     async def _load(self) -> None:
-        settings = self.settings
-        backend = self._backend
-        if backend is None:
-            from statevalue.backends.torch_backend import TorchBackend
-
-            backend = await asyncio.to_thread(
-                TorchBackend,
-                settings.model,
-                device=settings.device,
-                dtype=settings.dtype,
-                layer=settings.layer,
-                max_batch_tokens=settings.max_batch_tokens,
-            )
-        self._engine = await asyncio.to_thread(
-            Engine,
-            backend,
-            numca_store=InMemoryNumcaStore(settings.numca_max_prompts),
-            max_groups=settings.max_groups_per_request,
-            max_tokens=settings.max_request_tokens,
-        )
-        scheduler = Scheduler(
-            self._engine,
-            self.metrics,
-            max_batch_tokens=settings.max_batch_tokens,
-            max_wait_s=settings.max_wait_ms / 1000,
-            max_queue_requests=settings.max_queue_requests,
-            max_queue_tokens=settings.max_queue_tokens,
-        )
-        await scheduler.start(warmup=settings.warmup)
+        scheduler = await open_scheduler(self.settings, self.metrics, self._backend)
+        self._engine = scheduler.engine
         self.scheduler = scheduler
-        self.metrics.set_model(backend.identity.name, backend.identity.version)
+        backend = scheduler.engine.backend
         if not self._stopping:
             await self._set_health(SERVING)
             log.info("ready: %s %s", backend.identity.name, backend.identity.version)
@@ -174,17 +245,24 @@ class StatevalueServer:
             await self._health.set(name, status)
 
     async def stop(self, grace: float | None = None) -> bool:
-        """Stop accepting, drain accepted work, close both front ends; True if all drained."""
+        """Stop accepting, drain accepted work, close both front ends; True if all drained.
+
+        Everything ends within ``grace`` seconds (the settings' by default): the drain gets
+        most of it, the front ends the rest to send the last answers.
+        """
         grace = self.settings.shutdown_grace_s if grace is None else grace
+        loop = asyncio.get_running_loop()
+        end = loop.time() + grace
         self._stopping = True
         await self._set_health(NOT_SERVING)
         if self._load_task is not None and not self._load_task.done():
             self._load_task.cancel()
         drained = True
         if self.scheduler is not None:
-            drained = await self.scheduler.drain(grace)
-        # Answers of drained requests are already sent or being sent; give them the grace.
-        await self._grpc.stop(grace=min(grace, 5.0))
+            drained = await self.scheduler.drain(grace - min(_SEND_RESERVE_S, grace / 4))
+        left = max(end - loop.time(), 0.1)
+        await self._grpc.stop(grace=left)
+        self._http.config.timeout_graceful_shutdown = max(end - loop.time(), 0.1)
         self._http.should_exit = True
         if self._http_task is not None:
             await self._http_task

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-from pydantic import Field, model_validator
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from typing_extensions import Self
+
+_SECRETS = ("admin_token", "api_token")
 
 
 class ServerSettings(BaseSettings):
@@ -18,6 +23,11 @@ class ServerSettings(BaseSettings):
         "auto", description="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16"
     )
     layer: int = Field(-1, description="hidden-state layer for Hista (-1 = last)")
+    forward_path: Literal["padded", "packed", "prompt_once"] = Field(
+        "padded",
+        description="how a forward batch is laid out: padded, packed (unpadded rows, block "
+        "mask) or prompt_once (each group's prompt once, its KV cache reused)",
+    )
 
     host: str = Field("127.0.0.1", description="address both front ends bind to")
     http_port: int = Field(8000, ge=0, le=65535, description="HTTP port (0 = any free port)")
@@ -30,6 +40,12 @@ class ServerSettings(BaseSettings):
     )
     max_queue_tokens: int = Field(
         1_000_000, ge=1, description="queued tokens before 429 / RESOURCE_EXHAUSTED"
+    )
+    max_queue_wait_s: float = Field(
+        20.0,
+        gt=0,
+        description="refuse (429 / RESOURCE_EXHAUSTED) a request whose estimated wait behind "
+        "the queued work, at the measured throughput, is longer than this",
     )
     max_groups_per_request: int = Field(1024, ge=1, description="groups in one request")
     max_request_tokens: int = Field(
@@ -44,13 +60,59 @@ class ServerSettings(BaseSettings):
     )
     numca_max_prompts: int = Field(100_000, ge=1, description="prompt tables kept for Numca (LRU)")
     shutdown_grace_s: float = Field(
-        30.0, ge=0, description="time to drain in-flight work on SIGTERM"
+        30.0,
+        ge=0,
+        description="SIGTERM: time to drain accepted work; what is left then gets 503 / "
+        "UNAVAILABLE",
+    )
+    liveness_stall_s: float = Field(
+        120.0, gt=0, description="/livez fails once one forward step has run this long"
     )
     warmup: bool = Field(True, description="run one forward pass before reporting ready")
     log_json: bool = Field(False, description="structured JSON log lines")
-    admin_token: str | None = Field(
-        None, description="bearer token that allows weight reloads (unset: reloads disabled)"
+    admin_token: SecretStr | None = Field(
+        None,
+        description="bearer token that allows weight reloads (unset: reloads disabled); "
+        "prefer --admin-token-file or the environment, which ps does not show",
     )
+    admin_token_file: Path | None = Field(None, description="file holding the admin token")
+    api_token: SecretStr | None = Field(
+        None, description="bearer token every Estimate must carry (unset: no authentication)"
+    )
+    api_token_file: Path | None = Field(None, description="file holding the API token")
+    tls_cert: Path | None = Field(
+        None, description="PEM certificate chain: serve TLS on both ports"
+    )
+    tls_key: Path | None = Field(None, description="PEM private key of --tls-cert")
+    tls_client_ca: Path | None = Field(
+        None, description="PEM CA bundle: require client certificates signed by it (mTLS)"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _secrets_from_files(cls, data: Any) -> Any:
+        # A token read from a file never appears on a command line.
+        if not isinstance(data, dict):
+            return data
+        for name in _SECRETS:
+            path = data.get(f"{name}_file")
+            if path:
+                if data.get(name):
+                    raise ValueError(f"give {name} or {name}_file, not both")
+                data = {**data, name: Path(path).read_text().strip()}
+        return data
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ServerSettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca needs tls_cert and tls_key")
+        for name in _SECRETS:
+            secret = getattr(self, name)
+            if secret is not None and not secret.get_secret_value():
+                raise ValueError(f"{name} is empty")
+        return self
 
     @model_validator(mode="after")
     def _request_fits_the_queue(self) -> Self:
@@ -61,3 +123,8 @@ class ServerSettings(BaseSettings):
                 f"max_queue_tokens ({self.max_queue_tokens})"
             )
         return self
+
+    def secret(self, name: str) -> str | None:
+        """The plain value of the ``admin_token`` or ``api_token`` setting."""
+        value: SecretStr | None = getattr(self, name)
+        return None if value is None else value.get_secret_value()

@@ -8,11 +8,22 @@ INT32 = np.dtype("<i4")
 FLOAT32 = np.dtype("<f4")
 
 
+_INT32_RANGE = np.iinfo(INT32)
+
+
 def pack_int32(values: np.ndarray | list[int]) -> bytes:
-    """Token ids or boundaries as int32 little-endian bytes."""
+    """Token ids or boundaries as int32 little-endian bytes.
+
+    Raises:
+        TypeError: the values are not integers.
+        ValueError: a value does not fit in int32 (it would wrap to another id).
+    """
     array = np.asarray(values)
     if array.size and not np.issubdtype(array.dtype, np.integer):
         raise TypeError(f"expected integer ids, got dtype {array.dtype}")
+    if array.size and (array.min() < _INT32_RANGE.min or array.max() > _INT32_RANGE.max):
+        bad = next(int(v) for v in array.flat if not _INT32_RANGE.min <= v <= _INT32_RANGE.max)
+        raise ValueError(f"id {bad} does not fit in int32")
     return np.ascontiguousarray(array, dtype=INT32).tobytes()
 
 

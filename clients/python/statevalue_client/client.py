@@ -191,15 +191,41 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def channel_options(max_message_bytes: int, round_robin: bool) -> list[tuple[str, Any]]:
+def channel_options(max_message_bytes: int, target: str) -> list[tuple[str, Any]]:
     options: list[tuple[str, Any]] = [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
     ]
-    if round_robin:
-        # Spread calls over every address the target names (one per replica).
+    if is_multi_address(target):
+        # Spread calls over every address of the target (one per replica); gRPC's default
+        # (pick_first) would send everything to the first address that answers.
         options.append(("grpc.lb_policy_name", "round_robin"))
     return options
+
+
+def _replica_channel(
+    module: Any,
+    address: str,
+    target: str,
+    max_message_bytes: int,
+    credentials: grpc.ChannelCredentials | None,
+) -> Any:
+    """A channel to one replica behind ``target`` (``module`` is grpc or grpc.aio).
+
+    Over TLS the certificate is checked against the target's host name, not the
+    replica's address.
+    """
+    options = channel_options(max_message_bytes, address)
+    if credentials is None:
+        return module.insecure_channel(address, options=options)
+    host = target.split("///", 1)[-1].rsplit(":", 1)[0].strip("[]")
+    options.append(("grpc.ssl_target_name_override", host))
+    return module.secure_channel(address, credentials, options=options)
+
+
+def auth_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    """The bearer-token metadata of ``token``; none without one."""
+    return () if token is None else (("authorization", f"Bearer {token}"),)
 
 
 def build_request(
@@ -245,7 +271,7 @@ def reload_request(
 ) -> tuple[pb.ReloadWeightsRequest, tuple[tuple[str, str], ...]]:
     """The ReloadWeights message and its bearer-token metadata."""
     request = pb.ReloadWeightsRequest(checkpoint=checkpoint, version=version)
-    return request, (("authorization", f"Bearer {admin_token}"),)
+    return request, auth_metadata(admin_token)
 
 
 def parse_model(info: pb.ModelInfo) -> ModelInfo:
@@ -455,11 +481,14 @@ class ValueClient:
         target: ``host:port``, or ``dns:///name:port`` / ``ipv4:a:port,b:port`` (round-robin
             over every replica).
         timeout: seconds per request (the server drops work whose deadline passed).
-        retries: extra attempts on UNAVAILABLE (e.g. a replica restarting) and
+        retries: extra attempts on UNAVAILABLE (e.g. a replica restarting or draining) and
             RESOURCE_EXHAUSTED (a full queue), with back-off.
         backoff: first back-off in seconds; doubles per attempt, jittered.
         max_message_bytes: send/receive limit; must not exceed the server's.
         max_in_flight: requests of one ``estimate()`` call sent at once.
+        credentials: TLS channel credentials (``grpc.ssl_channel_credentials``) for a
+            server started with a certificate; plaintext without.
+        api_token: bearer token for a server that requires one on Estimate.
     """
 
     def __init__(
@@ -472,6 +501,8 @@ class ValueClient:
         max_message_bytes: int = 256 << 20,
         retry_codes: Sequence[grpc.StatusCode] = RETRY_CODES,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        credentials: grpc.ChannelCredentials | None = None,
+        api_token: str | None = None,
     ) -> None:
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be at least 1, not {max_in_flight}")
@@ -482,16 +513,21 @@ class ValueClient:
         self.retry_codes = tuple(retry_codes)
         self.max_in_flight = max_in_flight
         self._max_message_bytes = max_message_bytes
+        self._credentials = credentials
         self._limits: RequestLimits | None = None
-        self._channel = grpc.insecure_channel(
-            target, options=channel_options(max_message_bytes, is_multi_address(target))
+        options = channel_options(max_message_bytes, target)
+        self._metadata = auth_metadata(api_token)
+        self._channel = (
+            grpc.insecure_channel(target, options=options)
+            if credentials is None
+            else grpc.secure_channel(target, credentials, options=options)
         )
         self._stub = pb_grpc.ValueServiceStub(self._channel)
 
     def _call(self, fn: Callable[..., _T], request: Any, timeout: float | None) -> _T:
         for attempt in range(self.retries + 1):
             try:
-                return fn(request, timeout=timeout or self.timeout)
+                return fn(request, timeout=timeout or self.timeout, metadata=self._metadata)
             except grpc.RpcError as exc:
                 if exc.code() not in self.retry_codes or attempt == self.retries:
                     raise
@@ -593,8 +629,9 @@ class ValueClient:
                 return parse_model(
                     stub.ReloadWeights(request, timeout=timeout or self.timeout, metadata=metadata)
                 )
-            options = channel_options(self._max_message_bytes, False)
-            with grpc.insecure_channel(address, options=options) as channel:
+            with _replica_channel(
+                grpc, address, self.target, self._max_message_bytes, self._credentials
+            ) as channel:
                 stub = pb_grpc.ValueServiceStub(channel)
                 return parse_model(
                     stub.ReloadWeights(request, timeout=timeout or self.timeout, metadata=metadata)
@@ -627,6 +664,8 @@ class AsyncValueClient:
         max_message_bytes: int = 256 << 20,
         retry_codes: Sequence[grpc.StatusCode] = RETRY_CODES,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        credentials: grpc.ChannelCredentials | None = None,
+        api_token: str | None = None,
     ) -> None:
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be at least 1, not {max_in_flight}")
@@ -637,16 +676,21 @@ class AsyncValueClient:
         self.retry_codes = tuple(retry_codes)
         self.max_in_flight = max_in_flight
         self._max_message_bytes = max_message_bytes
+        self._credentials = credentials
         self._limits: RequestLimits | None = None
-        self._channel = grpc.aio.insecure_channel(
-            target, options=channel_options(max_message_bytes, is_multi_address(target))
+        options = channel_options(max_message_bytes, target)
+        self._metadata = auth_metadata(api_token)
+        self._channel = (
+            grpc.aio.insecure_channel(target, options=options)
+            if credentials is None
+            else grpc.aio.secure_channel(target, credentials, options=options)
         )
         self._stub = pb_grpc.ValueServiceStub(self._channel)
 
     async def _call(self, fn: Callable[..., Any], request: Any, timeout: float | None) -> Any:
         for attempt in range(self.retries + 1):
             try:
-                return await fn(request, timeout=timeout or self.timeout)
+                return await fn(request, timeout=timeout or self.timeout, metadata=self._metadata)
             except grpc.aio.AioRpcError as exc:
                 if exc.code() not in self.retry_codes or attempt == self.retries:
                     raise
@@ -730,8 +774,9 @@ class AsyncValueClient:
                     request, timeout=timeout or self.timeout, metadata=metadata
                 )
                 return parse_model(response)
-            options = channel_options(self._max_message_bytes, False)
-            async with grpc.aio.insecure_channel(address, options=options) as channel:
+            async with _replica_channel(
+                grpc.aio, address, self.target, self._max_message_bytes, self._credentials
+            ) as channel:
                 stub = pb_grpc.ValueServiceStub(channel)
                 response = await stub.ReloadWeights(
                     request, timeout=timeout or self.timeout, metadata=metadata

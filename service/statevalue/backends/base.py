@@ -54,8 +54,17 @@ class ModelBackend(Protocol):
     @property
     def device(self) -> torch.device: ...
 
-    def hidden_states(self, sequences: Sequence[np.ndarray]) -> list[torch.Tensor]:
-        """Hidden states of the configured layer: one (len(seq), hidden) tensor per sequence."""
+    def hidden_states(
+        self, sequences: Sequence[np.ndarray], prefix_lengths: Sequence[int] | None = None
+    ) -> list[torch.Tensor]:
+        """Hidden states of the configured layer: one (len(seq), hidden) tensor per sequence.
+
+        The tensors stay on the model's device in its dtype (bfloat16 on a GPU by default);
+        consumers upcast where they need float32. ``prefix_lengths[i]``, when given, is the
+        length of sequence i's prompt, which other sequences of the call (the rest of its
+        group) may share: a hint a backend may use to run that prompt once. It never
+        changes the result.
+        """
         ...
 
     def read_checkpoint(self, checkpoint: str) -> LoadedWeights:

@@ -3,21 +3,32 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
 from statevalue.backends.base import LoadedWeights, ModelIdentity
 from statevalue.backends.embedded import EMBEDDED_MODEL, EMBEDDED_NAME, embedded_model_file
+from statevalue.backends.layout import (
+    PrefixGroup,
+    group_shared_prefixes,
+    pack_rows,
+    row_attention_mask,
+    row_positions,
+)
 
 log = logging.getLogger(__name__)
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
+
+ForwardPath = Literal["padded", "packed", "prompt_once"]
+FORWARD_PATHS: tuple[ForwardPath, ...] = ("padded", "packed", "prompt_once")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -39,6 +50,32 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
         raise ValueError(
             f"dtype must be auto, float32, bfloat16 or float16, not {dtype!r}"
         ) from None
+
+
+def check_forward_path(path: str) -> ForwardPath:
+    """``path`` if it names a forward path (docs/design.md says why ``padded`` is the default)."""
+    if path not in FORWARD_PATHS:
+        raise ValueError(
+            f"forward path must be one of auto, {', '.join(FORWARD_PATHS)}, not {path!r}"
+        )
+    return path  # type: ignore[return-value]
+
+
+def _as_ids(ids: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(ids, dtype=np.int64))
+
+
+def _expanded_cache(cache: Any, copies: int, config: Any) -> Any:
+    """A new KV cache holding ``copies`` rows of a one-row cache (the prompt's)."""
+    from transformers import DynamicCache
+
+    return DynamicCache(
+        [
+            (layer.keys.expand(copies, -1, -1, -1), layer.values.expand(copies, -1, -1, -1))
+            for layer in cache.layers
+        ],
+        config=config,
+    )
 
 
 def _file_digest(path: Path) -> str:
@@ -89,7 +126,10 @@ class TorchBackend:
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
         dtype: ``"auto"`` (bf16 on GPU, fp32 on CPU), ``"float32"``, ``"bfloat16"``, ``"float16"``.
         layer: hidden-state layer; -1 is the last (after the final norm), 0 the embeddings.
-        max_batch_tokens: padded tokens per forward batch.
+        max_batch_tokens: tokens per forward batch (padding and repeated prompts included).
+        forward_path: ``"padded"`` (right-padded batches), ``"packed"`` (unpadded
+            rows with a block mask, each shared prompt once) or ``"prompt_once"`` (each
+            shared prompt once, its KV cache reused by every rollout).
     """
 
     def __init__(
@@ -100,6 +140,7 @@ class TorchBackend:
         dtype: str = "auto",
         layer: int = -1,
         max_batch_tokens: int = 8192,
+        forward_path: str = "padded",
     ) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -107,6 +148,7 @@ class TorchBackend:
         self._dtype = resolve_dtype(dtype, self._device)
         self._layer = layer
         self._max_batch_tokens = max_batch_tokens
+        self._forward_path = check_forward_path(forward_path)
         self._lock = threading.Lock()
 
         source, kwargs, name, version = self._locate(model)
@@ -116,6 +158,10 @@ class TorchBackend:
         causal_lm.eval().to(self._device)
         self._causal_lm = causal_lm
         self._decoder = causal_lm.get_decoder()
+        # Newer transformers call the KV cache argument `cache`; earlier 5.x releases only
+        # know `past_key_values`.
+        forward_args = inspect.signature(self._decoder.forward).parameters
+        self._cache_argument = "cache" if "cache" in forward_args else "past_key_values"
         config = causal_lm.config
         num_layers = int(config.num_hidden_layers)
         if not -(num_layers + 1) <= layer <= num_layers:
@@ -167,28 +213,128 @@ class TorchBackend:
     def device(self) -> torch.device:
         return self._device
 
-    def hidden_states(self, sequences: Sequence[np.ndarray]) -> list[torch.Tensor]:
-        """Per-sequence hidden states (len, hidden) in float32 on the model's device.
+    @property
+    def dtype(self) -> torch.dtype:
+        """The model's dtype, which is also the dtype of the hidden states it returns."""
+        return self._dtype
 
-        Sequences run in length-sorted batches under the token budget; right padding keeps
-        every real position's causal context unchanged.
+    @property
+    def forward_path(self) -> ForwardPath:
+        """How ``hidden_states`` lays out a call: ``padded``, ``packed`` or ``prompt_once``."""
+        return self._forward_path
+
+    @forward_path.setter
+    def forward_path(self, path: str) -> None:
+        resolved = check_forward_path(path)
+        with self._lock:
+            self._forward_path = resolved
+
+    def hidden_states(
+        self, sequences: Sequence[np.ndarray], prefix_lengths: Sequence[int] | None = None
+    ) -> list[torch.Tensor]:
+        """Per-sequence hidden states (len, hidden) on the model's device, in its dtype.
+
+        ``prefix_lengths[i]`` says how many leading tokens of sequence i are a prompt shared
+        with other sequences of the call; the ``packed`` and ``prompt_once`` paths run such
+        a prompt once (checked on the ids, so a wrong hint only costs speed). The ``padded``
+        path ignores it. Every path gives each sequence the causal context it has alone.
+        """
+        out: list[torch.Tensor] = [torch.empty(0)] * len(sequences)
+        with self._lock, torch.inference_mode():
+            if self._forward_path == "padded":
+                self._padded(sequences, range(len(sequences)), out)
+                return out
+            groups = group_shared_prefixes(sequences, prefix_lengths)
+            if self._forward_path == "packed":
+                self._packed(sequences, groups, out)
+            else:
+                self._prompt_once(sequences, groups, out)
+        return out
+
+    def _padded(
+        self, sequences: Sequence[np.ndarray], indices: Iterable[int], out: list[torch.Tensor]
+    ) -> None:
+        """``sequences[indices]`` in length-sorted, right-padded batches under the token budget.
+
+        Right padding keeps every real position's causal context unchanged.
+        """
+        chosen = list(indices)
+        lengths = [len(sequences[i]) for i in chosen]
+        for batch in plan_batches(lengths, self._max_batch_tokens):
+            width = max(lengths[i] for i in batch)
+            ids = torch.zeros((len(batch), width), dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, position in enumerate(batch):
+                ids[row, : lengths[position]] = _as_ids(sequences[chosen[position]])
+                mask[row, : lengths[position]] = 1
+            states = self._forward(ids.to(self._device), mask.to(self._device))
+            for row, position in enumerate(batch):
+                out[chosen[position]] = states[row, : lengths[position]]
+
+    def _packed(
+        self, sequences: Sequence[np.ndarray], groups: list[PrefixGroup], out: list[torch.Tensor]
+    ) -> None:
+        """One unpadded row per forward step, each shared prompt once per row.
+
+        The row's mask is block-diagonal per sequence, and a sequence's own tokens also see
+        their group's prompt, so each sequence keeps exactly its causal context.
         """
         lengths = [len(seq) for seq in sequences]
-        out: list[torch.Tensor | None] = [None] * len(sequences)
-        with self._lock, torch.inference_mode():
-            for batch in plan_batches(lengths, self._max_batch_tokens):
-                width = max(lengths[i] for i in batch)
+        for row in pack_rows(lengths, groups, self._max_batch_tokens):
+            ids = np.concatenate([sequences[s.source][s.offset : s.offset + s.length] for s in row])
+            states = self._forward(
+                _as_ids(ids)[None].to(self._device),
+                row_attention_mask(row, self._dtype, self._device),
+                torch.from_numpy(row_positions(row))[None].to(self._device),
+            )[0]
+            for segment in row:
+                if segment.is_prefix:
+                    continue
+                own = states[segment.start : segment.start + segment.length]
+                if segment.parent is not None:
+                    prefix = row[segment.parent]
+                    own = torch.cat([states[prefix.start : prefix.start + prefix.length], own])
+                out[segment.source] = own
+
+    def _prompt_once(
+        self, sequences: Sequence[np.ndarray], groups: list[PrefixGroup], out: list[torch.Tensor]
+    ) -> None:
+        """Each shared prompt through the model once; its KV cache serves every member.
+
+        Members' own tokens run in right-padded batches after an expansion of the prompt's
+        cache; sequences that share nothing take the padded path.
+        """
+        for group in groups:
+            if group.prefix_length == 0:
+                self._padded(sequences, group.members, out)
+                continue
+            prefix_len = group.prefix_length
+            members = list(group.members)
+            prompt = _as_ids(sequences[members[0]][:prefix_len])[None].to(self._device)
+            prompt_states, cache = self._forward_cached(prompt)
+            own_lengths = [len(sequences[i]) - prefix_len for i in members]
+            # The budget counts the prompt the way attention sees it: once per member row.
+            for batch in plan_batches(
+                [n + prefix_len for n in own_lengths], self._max_batch_tokens
+            ):
+                width = max(own_lengths[i] for i in batch)
                 ids = torch.zeros((len(batch), width), dtype=torch.long)
-                mask = torch.zeros((len(batch), width), dtype=torch.long)
-                for row, index in enumerate(batch):
-                    ids[row, : lengths[index]] = torch.from_numpy(
-                        np.asarray(sequences[index], dtype=np.int64)
+                mask = torch.zeros((len(batch), prefix_len + width), dtype=torch.long)
+                mask[:, :prefix_len] = 1
+                for row, position in enumerate(batch):
+                    ids[row, : own_lengths[position]] = _as_ids(
+                        sequences[members[position]][prefix_len:]
                     )
-                    mask[row, : lengths[index]] = 1
-                states = self._forward(ids.to(self._device), mask.to(self._device))
-                for row, index in enumerate(batch):
-                    out[index] = states[row, : lengths[index]].float()
-        return [state for state in out if state is not None]
+                    mask[row, prefix_len : prefix_len + own_lengths[position]] = 1
+                states = self._forward(
+                    ids.to(self._device),
+                    mask.to(self._device),
+                    past=_expanded_cache(cache, len(batch), self._causal_lm.config),
+                )
+                for row, position in enumerate(batch):
+                    out[members[position]] = torch.cat(
+                        [prompt_states[0], states[row, : own_lengths[position]]]
+                    )
 
     def read_checkpoint(self, checkpoint: str) -> LoadedWeights:
         """The weights of a Hugging Face checkpoint directory (safetensors), checked for fit.
@@ -246,11 +392,35 @@ class TorchBackend:
         )
         return self._identity
 
-    def _forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _forward(
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        past: Any = None,
+    ) -> torch.Tensor:
+        """Hidden states of the configured layer for a (batch, len) block of ids."""
+        outputs = self._decoder(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=past is not None,
+            **({self._cache_argument: past} if past is not None else {}),
+            output_hidden_states=self._layer != -1,
+        )
         if self._layer == -1:
-            return self._decoder(input_ids=ids, attention_mask=mask).last_hidden_state
-        outputs = self._decoder(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+            return outputs.last_hidden_state
         return outputs.hidden_states[self._layer]
+
+    def _forward_cached(self, ids: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """Hidden states of one unpadded (1, len) block and the KV cache it leaves."""
+        outputs = self._decoder(
+            input_ids=ids, use_cache=True, output_hidden_states=self._layer != -1
+        )
+        states = (
+            outputs.last_hidden_state if self._layer == -1 else outputs.hidden_states[self._layer]
+        )
+        return states, outputs.past_key_values
 
     def generate(
         self,

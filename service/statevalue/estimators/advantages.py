@@ -1,4 +1,4 @@
-"""Advantages from per-token values: segment or token GAE, then reward-std scaling (§3.4-3.5).
+"""Advantages from per-token values: segment or token GAE, then reward-std scaling.
 
 A rollout with a reward (or token rewards) is terminal: the value after its last token is
 0. A query rollout has neither: it bootstraps from its own last value and gets no reward.
@@ -26,10 +26,10 @@ def _rewards(
     return rewards, terminal_reward is not None
 
 
-def _reverse_discounted_sum(deltas: np.ndarray, factor: float) -> np.ndarray:
-    """A_k = deltas_k + factor·A_{k+1}, A past the end = 0 (one O(n) reverse pass)."""
+def _reverse_discounted_sum(deltas: np.ndarray, factor: float, tail: float = 0.0) -> np.ndarray:
+    """A_k = deltas_k + factor·A_{k+1}, A past the end = ``tail`` (one O(n) reverse pass)."""
     out = np.empty(len(deltas))
-    running = 0.0
+    running = tail
     for k, delta in zip(range(len(deltas) - 1, -1, -1), deltas[::-1].tolist(), strict=True):
         running = delta + factor * running
         out[k] = running
@@ -42,12 +42,18 @@ def segment_gae(
     terminal_reward: float | None,
     lam: float,
     token_rewards: np.ndarray | None = None,
+    final_value: float | None = None,
 ) -> np.ndarray:
     """GAE over segments (the reference): every token of segment k gets A_k.
 
     δ_k = (rewards inside segment k) + V(next segment start) − V(segment start), the value
     after the last segment being 0 for a terminal rollout; A_k = δ_k + lam·A_{k+1}. With a
     reward and lam = 1 this is A = R − V(segment start).
+
+    ``final_value`` is the value of a state reached after the last token and before its
+    reward: the last segment then ends in that state (δ = V_final − V(start), the last
+    token's reward excluded) and a segment of no tokens follows with δ = r_last − V_final.
+    A query bootstraps from it instead of from its last value.
     """
     values = np.asarray(values, dtype=np.float64)
     length = len(values)
@@ -58,11 +64,19 @@ def segment_gae(
     if len(starts) == 0 or starts[0] != 0 or np.any(np.diff(starts) <= 0) or starts[-1] >= length:
         raise ValueError("boundaries must increase from 0 and lie inside the response")
     start_values = values[starts]
-    after_last = 0.0 if terminal else values[-1]
+    tail = 0.0
+    if not terminal:
+        after_last = values[-1] if final_value is None else final_value
+    elif final_value is None:
+        after_last = 0.0
+    else:
+        after_last = final_value
+        tail = rewards[-1] - final_value
+        rewards = np.append(rewards[:-1], 0.0)
     deltas = (
         np.add.reduceat(rewards, starts) + np.append(start_values[1:], after_last) - start_values
     )
-    advantages = _reverse_discounted_sum(deltas, lam)
+    advantages = _reverse_discounted_sum(deltas, lam, tail)
     return np.repeat(advantages, np.diff(np.append(starts, length))).astype(np.float32)
 
 

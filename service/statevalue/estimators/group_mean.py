@@ -1,4 +1,4 @@
-"""Group mean (GRPO) baseline: every token's value is the mean reward of the group (DESIGN §3.1)."""
+"""Group mean (GRPO) baseline: every token's value is the mean reward of the group."""
 
 from __future__ import annotations
 

@@ -1,34 +1,32 @@
-"""Hista: nearest neighbours in hidden-state space between the rollouts of a group (DESIGN §3.3).
+"""Hista: nearest neighbours in hidden-state space between the rollouts of a group.
 
 Each rollout is represented by its smoothed, downsampled hidden states r_1..r_m. A node is
-a prefix of that sequence at a response boundary and carries its rollout's reward; the
-value of an interior node is the inverse-distance weighted reward of its k nearest nodes.
+a prefix of that sequence at a boundary and carries its rollout's reward; the value of an
+interior node is the inverse-distance weighted reward of its k nearest nodes. The rules
+are described, with every option and its measured effect, in docs/design.md ("Hista").
 
-Choices beyond the design:
+Choices where the reference code leaves nothing to follow:
 
-- A prefix holds the first ``floor(position / stride)`` vectors, but at least one: a
-  sequence shorter than the stride is represented by its last smoothed vector alone.
-- Between prefixes of equal length the Chamfer distance is taken over the query's vectors.
-- Candidates tied with the k-th nearest distance are all neighbours, so the result does
-  not depend on the order of the rollouts (the reference's top-k would pick by position).
-- The k schedule rounds half up.
-
-Two rules beyond the reference: ``relative_d_min`` (the clamp as a fraction of the group's
-own distance scale; the configuration's default) and ``own_weight`` (down-weighting the
-query rollout's own prefix nodes, which all repeat its own reward; off by default).
+- Between prefixes of equal length the Chamfer distance is taken over the query's vectors
+  (as the reference's distance computation does).
+- Rollouts without a reward (queries) are valued but are never candidates.
+- With ``downsample = "causal"`` a sequence shorter than the stride is represented by its
+  last smoothed vector alone.
+- A candidate excluded from a query (an own node past it) never counts, whatever ``tau``.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
-from statevalue.config import HistaConfig
+from statevalue.config import EmaStart, HistaConfig, KSchedule
 from statevalue.estimators._group import check_group, piecewise
 from statevalue.estimators.base import ValueEstimate
 
@@ -42,12 +40,15 @@ _MIN_D_MIN = 1e-6
 _NO_NODE = np.iinfo(np.int64).max
 
 
-def ema_smooth(x: torch.Tensor, alpha: float) -> torch.Tensor:
+def ema_smooth(x: torch.Tensor, alpha: float, start: EmaStart = "zero") -> torch.Tensor:
     """Bias-corrected EMA along the sequence axis of (L, H) or (B, L, H), in float32.
 
-    e_0 = 0, e_t = alpha·e_{t-1} + (1 − alpha)·x_t, output e_t / (1 − alpha^t). The
-    exponential kernel is truncated where alpha^n < 1e-9 and applied as two block-Toeplitz
-    matrix products (current and previous block), so there is no loop over the sequence.
+    Output at position k (0-based) is e_k / (1 − alpha^(k+1)) with
+    e_k = alpha·e_(k−1) + (1 − alpha)·x_k. ``start = "zero"``: e_(−1) = 0, the textbook
+    bias-corrected mean. ``start = "first"`` (the reference): e_0 = x_0, which gives x_0 a
+    weight alpha^k instead of (1 − alpha)·alpha^k, i.e. adds x_0·alpha^(k+1)/(1 − alpha^(k+1)).
+    The exponential kernel is truncated where alpha^n < 1e-9 and applied as two
+    block-Toeplitz matrix products (current and previous block): no loop over the sequence.
     """
     batched = x.dim() == 3
     x = (x if batched else x[None]).float()
@@ -67,7 +68,12 @@ def ema_smooth(x: torch.Tensor, alpha: float) -> torch.Tensor:
     across = ((1 - alpha) * decay.pow(lag + block)).float()
     smoothed = (within @ blocks + across @ previous).flatten(1, 2)[:, :length]
     steps = torch.arange(1, length + 1, dtype=torch.float64, device=x.device)
-    smoothed = smoothed / (1 - decay.pow(steps)).float()[:, None]
+    remaining = decay.pow(steps)  # alpha^(k+1)
+    smoothed = smoothed / (1 - remaining).float()[:, None]
+    if start == "first":
+        smoothed = smoothed + (remaining / (1 - remaining)).float()[:, None] * x[:, :1]
+    elif start != "zero":
+        raise ValueError(f"unknown EMA start {start!r}")
     return smoothed if batched else smoothed[0]
 
 
@@ -96,26 +102,109 @@ def prefix_distances(
     neighbour inside every prefix of the other sequence; a running sum along the other axis
     then gives the sum for every prefix pair.
     """
-    d = torch.cdist(x.float(), y.float())
+    # float64: the first hidden states of a sequence can have norms in the thousands, and
+    # cdist's matrix-product form loses the small distances between such vectors in float32.
+    d = torch.cdist(x.double(), y.double())
     rows, cols = d.shape[1], d.shape[2]
     x_at = (x_lengths - 1)[:, :, None]
     y_at = (y_lengths - 1)[:, None, :]
     # x prefix is the longer one: sum over x vectors of the nearest y vector in the prefix.
     nearest_y = d.cummin(dim=2).values.gather(2, y_at.expand(-1, rows, -1))
-    from_x = nearest_y.double().cumsum(1).gather(1, x_at.expand(-1, -1, y_at.shape[2]))
+    from_x = nearest_y.cumsum(1).gather(1, x_at.expand(-1, -1, y_at.shape[2]))
     nearest_x = d.cummin(dim=1).values.gather(1, x_at.expand(-1, -1, cols))
-    from_y = nearest_x.double().cumsum(2).gather(2, y_at.expand(-1, x_at.shape[1], -1))
+    from_y = nearest_x.cumsum(2).gather(2, y_at.expand(-1, x_at.shape[1], -1))
     x_len = x_lengths[:, :, None].double()
     y_len = y_lengths[:, None, :].double()
     return torch.where(x_len >= y_len, from_x / x_len, from_y / y_len)
 
 
-def neighbour_counts(n: int, k_max: int, k_min: int) -> np.ndarray:
-    """k for each of n interior nodes, falling linearly from k_max (first) to k_min (last)."""
-    if n == 1:
-        return np.array([k_max], dtype=np.int64)
-    ramp = k_max - (k_max - k_min) * np.arange(n) / (n - 1)
-    return np.floor(ramp + 0.5).astype(np.int64)
+def neighbour_counts(n: int, k_max: int, k_min: int, schedule: KSchedule) -> np.ndarray:
+    """k for each of n interior nodes.
+
+    ``"floor_step"`` (the reference): k_i = k_max − ⌊(k_max − k_min) / n⌋·i, which never
+    quite reaches k_min and stays at k_max for every node when n > k_max − k_min.
+    ``"linear"``: k falls linearly from k_max (first) to k_min (last), rounded half up.
+    """
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    if schedule == "floor_step":
+        return k_max - ((k_max - k_min) // n) * np.arange(n, dtype=np.int64)
+    if schedule == "linear":
+        if n == 1:
+            return np.array([k_max], dtype=np.int64)
+        ramp = k_max - (k_max - k_min) * np.arange(n) / (n - 1)
+        return np.floor(ramp + 0.5).astype(np.int64)
+    raise ValueError(f"unknown k schedule {schedule!r}")
+
+
+@dataclass(frozen=True)
+class HistaNodes:
+    """The node positions of one rollout, as response token indices.
+
+    ``interior`` are the nodes that get an estimate; ``candidates`` (start, interior and
+    end, sorted, without repeats) are the nodes a rewarded rollout offers to the others.
+    """
+
+    interior: np.ndarray
+    candidates: np.ndarray
+
+
+def hista_nodes(prompt_len: int, length: int, config: HistaConfig) -> HistaNodes:
+    """Where the nodes of a response of ``length`` tokens after ``prompt_len`` sit.
+
+    The end node is on the last response token (``end_node = "last_token"``, reference) or
+    after it. Interior nodes lie strictly between the start and the end node, on a grid of
+    ``node_spacing`` tokens anchored at the first prompt token (reference) or at the first
+    response token.
+    """
+    spacing = config.node_spacing
+    end = length - 1 if config.end_node == "last_token" else length
+    if config.node_anchor == "prompt_start":
+        first = (prompt_len // spacing + 1) * spacing - prompt_len
+    else:
+        first = spacing
+    interior = np.arange(first, max(end, 0), spacing, dtype=np.int64)
+    candidates = np.unique(np.concatenate([[0], interior, [max(end, 0)]])).astype(np.int64)
+    return HistaNodes(interior=interior, candidates=candidates)
+
+
+def hista_representation(
+    hidden: Sequence[torch.Tensor], config: HistaConfig
+) -> tuple[torch.Tensor, np.ndarray]:
+    """Smoothed, downsampled states of every rollout, zero-padded to (G, M, H), and each m_i.
+
+    ``downsample = "inclusive"`` keeps positions 0, w, 2w, …; ``"causal"`` keeps w − 1,
+    2w − 1, … (a sequence shorter than w keeps its last position).
+    """
+    stride = config.stride
+    seq_lengths = np.array([len(h) for h in hidden])
+    padded = pad_sequence([h.float() for h in hidden], batch_first=True)
+    smoothed = ema_smooth(padded, config.ema_alpha, config.ema_start)
+    offset = 0 if config.downsample == "inclusive" else stride - 1
+    counts = np.maximum((seq_lengths - offset + stride - 1) // stride, 0)
+    longest = int(counts.max())
+    reps = smoothed.new_zeros(len(hidden), max(1, longest), smoothed.shape[2])
+    reps[:, :longest] = smoothed[:, offset : offset + longest * stride : stride]
+    short = np.flatnonzero(counts == 0)
+    if short.size:
+        rows = torch.from_numpy(short).to(smoothed.device)
+        ends = torch.from_numpy(seq_lengths[short] - 1).to(smoothed.device)
+        reps[rows, 0] = smoothed[rows, ends]
+        counts[short] = 1
+    return reps, counts
+
+
+def node_prefix_lengths(
+    prompt_len: int, positions: np.ndarray, count: int, config: HistaConfig
+) -> np.ndarray:
+    """How many representation vectors the node at each response position holds.
+
+    ``"inclusive"``: the kept vectors up to and including the node's own token;
+    ``"causal"``: those strictly before it. At least one, at most ``count``.
+    """
+    absolute = prompt_len + np.asarray(positions, dtype=np.int64)
+    held = absolute // config.stride + (1 if config.downsample == "inclusive" else 0)
+    return np.clip(held, 1, count)
 
 
 def _padded(rows: list[np.ndarray], fill: int, device: torch.device) -> torch.Tensor:
@@ -125,26 +214,6 @@ def _padded(rows: list[np.ndarray], fill: int, device: torch.device) -> torch.Te
     for i, row in enumerate(rows):
         out[i, : len(row)] = row
     return torch.from_numpy(out).to(device)
-
-
-def _representations(
-    hidden: Sequence[torch.Tensor], alpha: float, stride: int
-) -> tuple[torch.Tensor, np.ndarray]:
-    """Smoothed, downsampled states of every rollout, zero-padded to (G, M, H), and each m_i."""
-    seq_lengths = np.array([len(h) for h in hidden])
-    smoothed = ema_smooth(pad_sequence([h.float() for h in hidden], batch_first=True), alpha)
-    counts = seq_lengths // stride
-    longest = int(counts.max())
-    reps = smoothed.new_zeros(len(hidden), max(1, longest), smoothed.shape[2])
-    reps[:, :longest] = smoothed[:, stride - 1 : longest * stride : stride]
-    short = np.flatnonzero(counts == 0)
-    if short.size:
-        # Shorter than one stride: the last smoothed vector stands for the whole sequence.
-        rows = torch.from_numpy(short).to(smoothed.device)
-        ends = torch.from_numpy(seq_lengths[short] - 1).to(smoothed.device)
-        reps[rows, 0] = smoothed[rows, ends]
-        counts[short] = 1
-    return reps, counts
 
 
 def _cross_prefix_distances(
@@ -162,7 +231,7 @@ def _cross_prefix_distances(
     n_r, n_c = len(rows), len(cols)
     pair_r = torch.arange(n_r, device=reps.device).repeat_interleave(n_c)
     pair_c = torch.arange(n_c, device=reps.device).repeat(n_r)
-    per_pair = 32 * reps.shape[1] ** 2  # distances, running minima and their indices
+    per_pair = 48 * reps.shape[1] ** 2  # float64 distances, running minima and their indices
     chunk = max(1, _CHUNK_BYTES // per_pair)
     dist = torch.empty(
         n_r, row_len.shape[1], n_c, col_len.shape[1], dtype=torch.float64, device=reps.device
@@ -192,6 +261,30 @@ def group_distance_scale(reps: torch.Tensor, counts: np.ndarray, rollouts: np.nd
     return float(dist[others].quantile(0.5))
 
 
+def _select_neighbours(
+    dist: torch.Tensor, valid: torch.Tensor, query_k: torch.Tensor, config: HistaConfig
+) -> torch.Tensor:
+    """0/1 mask (Q, A, N) of the neighbours of every query node.
+
+    ``dist`` holds the clamped distances to every real candidate node in candidate order
+    (rollout by rollout, node by node), +inf where a candidate is excluded.
+    """
+    if config.neighbours == "with_ties":
+        # Every candidate at most as far as the k-th nearest counts, so the result does
+        # not depend on the order of the rollouts.
+        nearest = torch.sort(dist, dim=-1).values
+        available = torch.isfinite(nearest).sum(-1)
+        k = torch.minimum(query_k, available).clamp_min(1)
+        kth = nearest.gather(-1, (k - 1)[:, :, None])
+        return valid[:, :, None] & torch.isfinite(dist) & (dist <= kth)
+    # Exactly k: among candidates tied at the k-th distance the earlier ones in candidate
+    # order count. Sorting float32 keys makes distances equal up to rounding ties.
+    order = torch.sort(dist.float(), dim=-1, stable=True).indices
+    positions = torch.arange(dist.shape[-1], device=dist.device).expand_as(order)
+    rank = torch.empty_like(order).scatter_(-1, order, positions)
+    return valid[:, :, None] & torch.isfinite(dist) & (rank < query_k[:, :, None])
+
+
 def hista_values(
     hidden: Sequence[torch.Tensor],
     prompt_len: int,
@@ -203,7 +296,9 @@ def hista_values(
     """Hista values of one group; ``hidden[i]`` is (prompt_len + lengths[i], H).
 
     Tokens before the first interior node get the group mean; the segment from interior
-    node k gets that node's neighbour estimate. Computed on the device of ``hidden``.
+    node k gets that node's neighbour estimate. With ``end_node = "last_token"`` a rewarded
+    rollout's last token is a segment of its own valued at its reward. Computed on the
+    device of ``hidden``.
     """
     rewards, rewarded, mean = check_group(lengths, rewards, rewarded)
     if len(hidden) != len(lengths):
@@ -214,34 +309,74 @@ def hista_values(
                 f"hidden[{i}] has shape {tuple(states.shape)}, expected "
                 f"({prompt_len + length}, H) with at least one row"
             )
-    spacing, stride = config.node_spacing, config.stride
-    starts = [np.arange(0, length, spacing) for length in lengths]
-    boundaries = [b.astype(np.int64) for b in starts]
-    values = [np.full(length, mean, dtype=np.float32) for length in lengths]
-    queries = [i for i, b in enumerate(starts) if len(b) > 1]
-    if not queries:
-        return ValueEstimate(values=values, boundaries=boundaries)
+    nodes = [hista_nodes(prompt_len, length, config) for length in lengths]
+    queries = [i for i, n in enumerate(nodes) if len(n.interior)]
+    node_values: dict[int, np.ndarray] = {}
+    if queries:
+        node_values = _interior_values(
+            hidden, prompt_len, nodes, queries, rewards, rewarded, mean, config
+        )
 
+    values, boundaries = [], []
+    for i, length in enumerate(lengths):
+        interior = nodes[i].interior
+        starts = np.concatenate([[0], interior]).astype(np.int64)
+        segment_values = np.concatenate([[mean], node_values.get(i, np.zeros(0))])
+        if length == 0:
+            starts, segment_values = np.zeros(0, dtype=np.int64), np.zeros(0)
+        elif config.end_node == "last_token" and rewarded[i]:
+            # The reference's end node is the last token: valued at the reward, so its
+            # segment advantage is R − R = 0.
+            if length == 1:
+                starts, segment_values = np.zeros(1, dtype=np.int64), np.array([rewards[i]])
+            else:
+                starts = np.append(starts, length - 1)
+                segment_values = np.append(segment_values, rewards[i])
+        boundaries.append(starts)
+        values.append(piecewise(starts, segment_values, length))
+    return ValueEstimate(values=values, boundaries=boundaries)
+
+
+def _interior_values(
+    hidden: Sequence[torch.Tensor],
+    prompt_len: int,
+    nodes: Sequence[HistaNodes],
+    queries: Sequence[int],
+    rewards: np.ndarray,
+    rewarded: np.ndarray,
+    mean: float,
+    config: HistaConfig,
+) -> dict[int, np.ndarray]:
+    """Neighbour estimate at every interior node of each rollout in ``queries``."""
     device = hidden[0].device
-    reps, counts = _representations(hidden, config.ema_alpha, stride)
+    reps, counts = hista_representation(hidden, config)
 
-    def prefix_len(i: int, b: np.ndarray) -> np.ndarray:
-        return np.clip((prompt_len + b) // stride, 1, counts[i])
+    def prefix_len(i: int, positions: np.ndarray) -> np.ndarray:
+        return node_prefix_lengths(prompt_len, positions, int(counts[i]), config)
 
     # Query side: the interior nodes of every rollout that has some.
-    query_b = [starts[i][1:] for i in queries]
+    query_pos = [nodes[i].interior for i in queries]
     query_len = _padded(
-        [prefix_len(i, b) for i, b in zip(queries, query_b, strict=True)], 1, device
+        [prefix_len(i, b) for i, b in zip(queries, query_pos, strict=True)], 1, device
     )
-    query_bound = _padded(query_b, 0, device)
+    query_bound = _padded(query_pos, 0, device)
     query_k = _padded(
-        [neighbour_counts(len(b), config.k_max, config.k_min) for b in query_b], 0, device
+        [
+            neighbour_counts(len(b), config.k_max, config.k_min, config.k_schedule)
+            for b in query_pos
+        ],
+        0,
+        device,
     )
+    valid_query = query_k > 0
     # Candidate side: start, interior and end nodes of every rewarded rollout.
     cands = np.flatnonzero(rewarded)
-    cand_b = [np.append(starts[j], lengths[j]) for j in cands]
-    cand_len = _padded([prefix_len(j, b) for j, b in zip(cands, cand_b, strict=True)], 1, device)
-    cand_bound = _padded(cand_b, _NO_NODE, device)
+    cand_pos = [nodes[j].candidates for j in cands]
+    cand_len = _padded([prefix_len(j, b) for j, b in zip(cands, cand_pos, strict=True)], 1, device)
+    cand_bound = _padded(cand_pos, _NO_NODE, device)
+    cand_prefix = _padded(
+        [prefix_len(j, b) for j, b in zip(cands, cand_pos, strict=True)], _NO_NODE, device
+    )
 
     query_rollout = torch.as_tensor(queries, device=device)
     cand_rollout = torch.as_tensor(cands, device=device)
@@ -250,34 +385,27 @@ def hista_values(
     if config.relative_d_min > 0 and len(cands) > 1:
         d_min = config.relative_d_min * group_distance_scale(reps, counts, cands)
     dist = dist.flatten(2).clamp_min(max(d_min, _MIN_D_MIN))
-    cand_owner = cand_rollout.repeat_interleave(cand_len.shape[1])
-    cand_bound = cand_bound.flatten()
+    # Only real candidate nodes, rollout by rollout: the reference's candidate order.
+    real = torch.nonzero(cand_bound.flatten() != _NO_NODE).flatten()
+    dist = dist[:, :, real]
+    cand_owner = cand_rollout.repeat_interleave(cand_len.shape[1])[real]
     own = cand_owner[None, None, :] == query_rollout[:, None, None]
-    # Padding nodes, and a rollout's own nodes beyond the query node, are not candidates.
-    excluded = (cand_bound[None, None, :] == _NO_NODE) | (
-        own & (cand_bound[None, None, :] > query_bound[:, :, None])
-    )
+    if config.own_nodes == "prefix_length":
+        beyond = cand_prefix.flatten()[real][None, None, :] > query_len[:, :, None]
+    else:
+        beyond = cand_bound.flatten()[real][None, None, :] > query_bound[:, :, None]
+    excluded = own & beyond
     if config.own_weight == 0:
         excluded = excluded | own
     dist = dist.masked_fill(excluded, math.inf)
     cand_reward = torch.as_tensor(rewards[cands], device=device).repeat_interleave(
         cand_len.shape[1]
-    )
-    # The k-th smallest distance of each query node; every candidate at most that far is a
-    # neighbour, so candidates tied with the k-th (common: identical prompt prefixes, the
-    # d_min clamp) all count and the result does not depend on the rollouts' order.
-    nearest = torch.sort(dist, dim=-1).values
-    available = torch.isfinite(nearest).sum(-1)
-    k = torch.minimum(query_k, available).clamp_min(1)
-    kth = nearest.gather(-1, (k - 1)[:, :, None])
-    weight = torch.where(torch.isfinite(dist) & (dist <= kth), dist.pow(-config.tau), 0.0)
+    )[real]
+    chosen = _select_neighbours(dist, valid_query, query_k, config)
+    weight = torch.where(chosen, dist.double().pow(-config.tau), 0.0)
     weight = torch.where(own, weight * config.own_weight, weight)
     total = weight.sum(-1)
     # No candidate at all (own nodes excluded and no other rewarded rollout): group mean.
-    node_values = torch.where(total > 0, (weight * cand_reward).sum(-1) / total, mean)
-    node_values = node_values.cpu().numpy()
-
-    for row, i in enumerate(queries):
-        segment_values = np.append(mean, node_values[row, : len(query_b[row])])
-        values[i] = piecewise(boundaries[i], segment_values, lengths[i])
-    return ValueEstimate(values=values, boundaries=boundaries)
+    estimates = torch.where(total > 0, (weight * cand_reward).sum(-1) / total, mean)
+    estimates = estimates.cpu().numpy()
+    return {i: estimates[row, : len(query_pos[row])] for row, i in enumerate(queries)}

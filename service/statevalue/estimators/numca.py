@@ -1,4 +1,4 @@
-"""Numca: the numbers written so far in a response mark its state (DESIGN §3.2).
+"""Numca: the numbers written so far in a response mark its state (docs/design.md, "Numca").
 
 A response's state after a token is the set of distinct numbers it has written. A table
 per prompt maps each state to the mean reward of the responses that passed through it.
@@ -12,7 +12,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from statevalue.config import NumberPattern, NumcaConfig
+from statevalue.config import (
+    NumberBoundary,
+    NumberPattern,
+    NumcaConfig,
+    TableStates,
+    UnseenState,
+)
 from statevalue.estimators._group import check_group, piecewise
 from statevalue.estimators.base import ValueEstimate
 
@@ -52,15 +58,26 @@ def find_numbers(text: str, pattern: NumberPattern) -> list[tuple[int, str]]:
     raise ValueError(f"unknown number pattern {pattern!r}")
 
 
-def number_boundaries(number_starts: Sequence[int], token_ends: np.ndarray) -> np.ndarray:
-    """Boundary of each number: 1 + index of the first token ending at or after its start.
+def number_boundaries(
+    number_starts: Sequence[int],
+    token_ends: np.ndarray,
+    rule: NumberBoundary = "after_first_token",
+) -> np.ndarray:
+    """Token index where the state holding each number starts.
 
-    A token that ends exactly where the number begins is thus the token before the number.
-    A number no token reaches gets ``len(token_ends) + 1``.
+    ``token_ends[t]`` is the character offset where token t ends. The token holding a
+    number's first character is the first one ending after that character's offset.
+    ``"after_first_token"`` (the reference): the state starts after that token;
+    ``"at_first_token"``: at it. A number no token reaches gets ``len(token_ends)`` (+1).
     """
     ends = np.asarray(token_ends, dtype=np.int64)
     starts = np.asarray(number_starts, dtype=np.int64)
-    return (np.searchsorted(ends, starts, side="left") + 1).astype(np.int64)
+    holding = np.searchsorted(ends, starts, side="right").astype(np.int64)
+    if rule == "after_first_token":
+        return holding + 1
+    if rule == "at_first_token":
+        return holding
+    raise ValueError(f"unknown number boundary rule {rule!r}")
 
 
 def merge_boundaries(boundaries: np.ndarray, merge_distance: int) -> np.ndarray:
@@ -81,40 +98,64 @@ class NumcaPath:
     """The states one response passes through.
 
     ``states[k]`` (the set of distinct numbers seen so far) holds from token
-    ``boundaries[k]`` to the next boundary; the first state is the empty set from token 0.
+    ``boundaries[k]`` to the next boundary; the first state holds from token 0.
+    ``final_state`` is the state a number in the last token leads to: it is reached after
+    the last token and before the reward (None when there is none). ``chain`` holds the
+    empty set and every distinct-number prefix of the response's numbers before merging,
+    the states the reference counts the response in.
     """
 
     boundaries: np.ndarray
     states: tuple[frozenset[str], ...]
+    final_state: frozenset[str] | None = None
+    chain: tuple[frozenset[str], ...] = (_EMPTY,)
+
+    def table_states(self, rule: TableStates) -> tuple[frozenset[str], ...]:
+        """The states this response counts in under ``rule`` (each once)."""
+        if rule == "chain":
+            return tuple(dict.fromkeys(self.chain))
+        if rule == "path":
+            final = () if self.final_state is None else (self.final_state,)
+            return tuple(dict.fromkeys([_EMPTY, *self.states, *final]))
+        raise ValueError(f"unknown table_states rule {rule!r}")
 
 
 def numca_path(text: str, token_ends: np.ndarray, config: NumcaConfig) -> NumcaPath:
     """Segment a response by its numbers; ``token_ends[t]`` = character end of token t in text."""
     length = len(token_ends)
-    if length == 0:
-        return NumcaPath(np.zeros(0, dtype=np.int64), ())
     numbers = find_numbers(text, config.number_pattern)
     if config.drop_last_number:
         numbers = numbers[:-1]
+    chain = [_EMPTY]
+    seen: set[str] = set()
+    for _, number in numbers:
+        if number not in seen:
+            seen.add(number)
+            chain.append(frozenset(seen))
+    if length == 0:
+        return NumcaPath(np.zeros(0, dtype=np.int64), (), None, tuple(chain))
     positions = merge_boundaries(
-        number_boundaries([start for start, _ in numbers], token_ends), config.merge_distance
+        number_boundaries([start for start, _ in numbers], token_ends, config.number_boundary),
+        config.merge_distance,
     )
     starts = [0]
     states = [_EMPTY]
-    seen: set[str] = set()
+    final: frozenset[str] | None = None
+    seen = set()
     # Boundaries are sorted (merging keeps the order), so numbers are taken in order.
     for position, (_, number) in zip(positions.tolist(), numbers, strict=True):
-        if position >= length:
-            break  # no token is generated in this state
         if number in seen:
             continue
         seen.add(number)
-        if starts[-1] == position:
-            states[-1] = frozenset(seen)  # several numbers share this boundary
+        state = frozenset(seen)
+        if position >= length:
+            final = state  # reached after the last token
+        elif starts[-1] == position:
+            states[-1] = state  # several numbers share this boundary
         else:
             starts.append(position)
-            states.append(frozenset(seen))
-    return NumcaPath(np.array(starts, dtype=np.int64), tuple(states))
+            states.append(state)
+    return NumcaPath(np.array(starts, dtype=np.int64), tuple(states), final, tuple(chain))
 
 
 class NumcaTable:
@@ -126,25 +167,91 @@ class NumcaTable:
     def __init__(self) -> None:
         self._stats: dict[frozenset[str], list[float]] = {}
 
-    def add(self, path_states: Sequence[frozenset[str]], reward: float) -> None:
-        """Count one response: the empty set and each distinct state on its path, once each."""
-        for state in dict.fromkeys([_EMPTY, *path_states]):
+    def add(self, states: Sequence[frozenset[str]], reward: float) -> None:
+        """Count one response in each of ``states`` (a repeated state counts once)."""
+        for state in dict.fromkeys(states):
             stats = self._stats.setdefault(state, [0, 0.0])
             stats[0] += 1
             stats[1] += reward
 
     def value(self, state: frozenset[str]) -> float | None:
-        """Mean reward of the responses that passed through ``state``; None if none did."""
+        """Mean reward of the responses counted in ``state``; None if none was."""
         stats = self._stats.get(state)
         return None if stats is None else stats[1] / stats[0]
 
     def count(self, state: frozenset[str]) -> int:
-        """How many responses passed through ``state``."""
+        """How many responses were counted in ``state``."""
         stats = self._stats.get(state)
         return 0 if stats is None else int(stats[0])
 
     def __len__(self) -> int:
         return len(self._stats)
+
+
+def check_paths(paths: Sequence[NumcaPath], lengths: Sequence[int]) -> None:
+    """Raise ValueError unless each path fits its response length."""
+    if len(paths) != len(lengths):
+        raise ValueError(f"{len(paths)} paths for {len(lengths)} rollouts")
+    for path, length in zip(paths, lengths, strict=True):
+        if len(path.boundaries) != len(path.states) or (len(path.boundaries) == 0) != (length == 0):
+            raise ValueError("a path must have one state per boundary, and none iff length 0")
+        if length and (path.boundaries[0] != 0 or path.boundaries[-1] >= length):
+            raise ValueError("path boundaries must start at 0 and lie inside the response")
+
+
+def add_to_table(
+    table: NumcaTable,
+    paths: Sequence[NumcaPath],
+    rewards: np.ndarray,
+    rewarded: np.ndarray,
+    rule: TableStates,
+) -> None:
+    """Count every rewarded response of a group in ``table`` (queries add nothing)."""
+    for path, reward, has_reward in zip(paths, rewards, rewarded, strict=True):
+        if has_reward:
+            table.add(path.table_states(rule), float(reward))
+
+
+def read_numca_values(
+    paths: Sequence[NumcaPath],
+    lengths: Sequence[int],
+    table: NumcaTable,
+    unseen_state: UnseenState = "zero",
+    prior_count: float = 0.0,
+) -> ValueEstimate:
+    """Every token's value from ``table``, which must already hold the batch.
+
+    A state the table never saw (only a query can reach one) reads 0.0 (``"zero"``, the
+    reference) or the value of the state before it (``"previous"``). With ``prior_count``
+    m > 0 a state seen by n responses with mean reward v gets (n·v + m·V(parent)) / (n + m),
+    V(parent) being the value of the previous state on the path: a state only one or two
+    responses reached no longer echoes their rewards. m = 0 is the reference rule.
+    """
+    if prior_count < 0:
+        raise ValueError("prior_count must be >= 0")
+    check_paths(paths, lengths)
+    values, finals = [], []
+    for path, length in zip(paths, lengths, strict=True):
+        empty = table.value(_EMPTY)
+        known = 0.0 if empty is None else empty
+        segment_values = []
+        for state in (*path.states, *(() if path.final_state is None else (path.final_state,))):
+            value = table.value(state)
+            if value is None:
+                value = 0.0 if unseen_state == "zero" else known
+            elif state != _EMPTY and prior_count:
+                count = table.count(state)
+                value = (count * value + prior_count * known) / (count + prior_count)
+            known = value
+            segment_values.append(value)
+        if path.final_state is not None:
+            finals.append(segment_values.pop())
+        else:
+            finals.append(None)
+        values.append(piecewise(path.boundaries, np.array(segment_values), length))
+    return ValueEstimate(
+        values=values, boundaries=[path.boundaries for path in paths], final_values=finals
+    )
 
 
 def numca_values(
@@ -153,39 +260,12 @@ def numca_values(
     rewards: np.ndarray,
     rewarded: np.ndarray,
     table: NumcaTable,
-    prior_count: float = 0.0,
+    config: NumcaConfig,
 ) -> ValueEstimate:
-    """Add the group's rewarded paths to ``table`` (mutating it), then read every token's value.
-
-    A state the table never saw (only a query rollout can have one) keeps the value of the
-    previous state on its path. With ``prior_count`` m > 0 a state seen by n responses with
-    mean reward v gets (n·v + m·V(parent)) / (n + m), V(parent) being the value of the
-    previous state on the path (the empty set's is the table's mean): a state only one or
-    two responses reached no longer echoes their rewards. m = 0 is the reference rule.
-    """
+    """One group: add its rewarded paths to ``table`` (mutating it), then read every value."""
     rewards, rewarded, _ = check_group(lengths, rewards, rewarded)
-    if prior_count < 0:
+    check_paths(paths, lengths)
+    if config.prior_count < 0:
         raise ValueError("prior_count must be >= 0")
-    if len(paths) != len(lengths):
-        raise ValueError(f"{len(paths)} paths for {len(lengths)} rollouts")
-    for path, length in zip(paths, lengths, strict=True):
-        if len(path.boundaries) != len(path.states) or (len(path.boundaries) == 0) != (length == 0):
-            raise ValueError("a path must have one state per boundary, and none iff length 0")
-        if length and (path.boundaries[0] != 0 or path.boundaries[-1] >= length):
-            raise ValueError("path boundaries must start at 0 and lie inside the response")
-    for path, reward, has_reward in zip(paths, rewards, rewarded, strict=True):
-        if has_reward:
-            table.add(path.states, float(reward))
-    values = []
-    for path, length in zip(paths, lengths, strict=True):
-        known = table.value(_EMPTY)
-        segment_values = []
-        for state in path.states:
-            value = table.value(state)
-            if value is not None and state != _EMPTY:
-                count = table.count(state)
-                value = (count * value + prior_count * known) / (count + prior_count)
-            known = known if value is None else value
-            segment_values.append(known)
-        values.append(piecewise(path.boundaries, np.array(segment_values), length))
-    return ValueEstimate(values=values, boundaries=[path.boundaries for path in paths])
+    add_to_table(table, paths, rewards, rewarded, config.table_states)
+    return read_numca_values(paths, lengths, table, config.unseen_state, config.prior_count)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1estatevalue/v1/statevalue.proto\x12\rstatevalue.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x98\x01\n\x07Rollout\x12\x14\n\x0cresponse_ids\x18\x01 \x01(\x0c\x12\x12\n\nnum_tokens\x18\x02 \x01(\r\x12\x13\n\x06reward\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x15\n\rtoken_rewards\x18\x04 \x01(\x0c\x12\x1a\n\rresponse_text\x18\x05 \x01(\tH\x01\x88\x01\x01\x42\t\n\x07_rewardB\x10\n\x0e_response_text\"\xdd\x01\n\x05Group\x12\x10\n\x08group_id\x18\x01 \x01(\t\x12\x11\n\tprompt_id\x18\x02 \x01(\t\x12\x12\n\nprompt_ids\x18\x03 \x01(\x0c\x12\x19\n\x11prompt_num_tokens\x18\x04 \x01(\r\x12\x18\n\x0bprompt_text\x18\x05 \x01(\tH\x00\x88\x01\x01\x12,\n\x08messages\x18\x06 \x03(\x0b\x32\x1a.statevalue.v1.ChatMessage\x12(\n\x08rollouts\x18\x07 \x03(\x0b\x32\x16.statevalue.v1.RolloutB\x0e\n\x0c_prompt_text\"\xcb\x01\n\x0bNumcaParams\x12\x1b\n\x0enumber_pattern\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x1b\n\x0emerge_distance\x18\x02 \x01(\rH\x01\x88\x01\x01\x12\x1d\n\x10\x64rop_last_number\x18\x03 \x01(\x08H\x02\x88\x01\x01\x12\x18\n\x0bprior_count\x18\x04 \x01(\x01H\x03\x88\x01\x01\x42\x11\n\x0f_number_patternB\x11\n\x0f_merge_distanceB\x13\n\x11_drop_last_numberB\x0e\n\x0c_prior_count\"\xcb\x02\n\x0bHistaParams\x12\x16\n\tema_alpha\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x13\n\x06stride\x18\x02 \x01(\rH\x01\x88\x01\x01\x12\x19\n\x0cnode_spacing\x18\x03 \x01(\rH\x02\x88\x01\x01\x12\x12\n\x05\x64_min\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x12\n\x05k_max\x18\x05 \x01(\rH\x04\x88\x01\x01\x12\x12\n\x05k_min\x18\x06 \x01(\rH\x05\x88\x01\x01\x12\x10\n\x03tau\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x1b\n\x0erelative_d_min\x18\x08 \x01(\x01H\x07\x88\x01\x01\x12\x17\n\nown_weight\x18\t \x01(\x01H\x08\x88\x01\x01\x42\x0c\n\n_ema_alphaB\t\n\x07_strideB\x0f\n\r_node_spacingB\x08\n\x06_d_minB\x08\n\x06_k_maxB\x08\n\x06_k_minB\x06\n\x04_tauB\x11\n\x0f_relative_d_minB\r\n\x0b_own_weight\"\xa7\x01\n\x0f\x41\x64vantageParams\x12\x10\n\x03gae\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x12\n\x05gamma\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x10\n\x03lam\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05scale\x18\x04 \x01(\tH\x03\x88\x01\x01\x12\x16\n\tscale_eps\x18\x05 \x01(\x01H\x04\x88\x01\x01\x42\x06\n\x04_gaeB\x08\n\x06_gammaB\x06\n\x04_lamB\x08\n\x06_scaleB\x0c\n\n_scale_eps\"\x9a\x01\n\x0f\x45stimatorParams\x12)\n\x05numca\x18\x01 \x01(\x0b\x32\x1a.statevalue.v1.NumcaParams\x12)\n\x05hista\x18\x02 \x01(\x0b\x32\x1a.statevalue.v1.HistaParams\x12\x31\n\tadvantage\x18\x03 \x01(\x0b\x32\x1e.statevalue.v1.AdvantageParams\"\xa5\x01\n\x0f\x45stimateRequest\x12\x0f\n\x07methods\x18\x01 \x03(\t\x12.\n\x06params\x18\x02 \x01(\x0b\x32\x1e.statevalue.v1.EstimatorParams\x12$\n\x06groups\x18\x03 \x03(\x0b\x32\x14.statevalue.v1.Group\x12\x1a\n\x12min_model_revision\x18\x04 \x01(\x04\x12\x0f\n\x07step_id\x18\x05 \x01(\t\"F\n\x0cMethodOutput\x12\x0e\n\x06values\x18\x01 \x01(\x0c\x12\x12\n\nadvantages\x18\x02 \x01(\x0c\x12\x12\n\nboundaries\x18\x03 \x01(\x0c\"\xac\x01\n\rRolloutOutput\x12\x12\n\nnum_tokens\x18\x01 \x01(\r\x12:\n\x07methods\x18\x02 \x03(\x0b\x32).statevalue.v1.RolloutOutput.MethodsEntry\x1aK\n\x0cMethodsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12*\n\x05value\x18\x02 \x01(\x0b\x32\x1b.statevalue.v1.MethodOutput:\x02\x38\x01\"O\n\x0bGroupOutput\x12\x10\n\x08group_id\x18\x01 \x01(\t\x12.\n\x08rollouts\x18\x02 \x03(\x0b\x32\x1c.statevalue.v1.RolloutOutput\"\x9b\x01\n\x10\x45stimateResponse\x12\'\n\x05model\x18\x01 \x01(\x0b\x32\x18.statevalue.v1.ModelInfo\x12*\n\x06groups\x18\x02 \x03(\x0b\x32\x1a.statevalue.v1.GroupOutput\x12\x17\n\x0f\x66orward_seconds\x18\x03 \x01(\x01\x12\x19\n\x11\x65stimator_seconds\x18\x04 \x01(\x01\"\x15\n\x13GetModelInfoRequest\"\xc1\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x12\n\nmax_length\x18\x04 \x01(\r\x12\x13\n\x0bhidden_size\x18\x05 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\x10\n\x08revision\x18\x07 \x01(\x04\x12\x1a\n\x12max_request_tokens\x18\x08 \x01(\x04\x12\x1a\n\x12max_request_groups\x18\t \x01(\r\";\n\x14ReloadWeightsRequest\x12\x12\n\ncheckpoint\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t2\xf9\x01\n\x0cValueService\x12K\n\x08\x45stimate\x12\x1e.statevalue.v1.EstimateRequest\x1a\x1f.statevalue.v1.EstimateResponse\x12L\n\x0cGetModelInfo\x12\".statevalue.v1.GetModelInfoRequest\x1a\x18.statevalue.v1.ModelInfo\x12N\n\rReloadWeights\x12#.statevalue.v1.ReloadWeightsRequest\x1a\x18.statevalue.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1estatevalue/v1/statevalue.proto\x12\rstatevalue.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x98\x01\n\x07Rollout\x12\x14\n\x0cresponse_ids\x18\x01 \x01(\x0c\x12\x12\n\nnum_tokens\x18\x02 \x01(\r\x12\x13\n\x06reward\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x15\n\rtoken_rewards\x18\x04 \x01(\x0c\x12\x1a\n\rresponse_text\x18\x05 \x01(\tH\x01\x88\x01\x01\x42\t\n\x07_rewardB\x10\n\x0e_response_text\"\xdd\x01\n\x05Group\x12\x10\n\x08group_id\x18\x01 \x01(\t\x12\x11\n\tprompt_id\x18\x02 \x01(\t\x12\x12\n\nprompt_ids\x18\x03 \x01(\x0c\x12\x19\n\x11prompt_num_tokens\x18\x04 \x01(\r\x12\x18\n\x0bprompt_text\x18\x05 \x01(\tH\x00\x88\x01\x01\x12,\n\x08messages\x18\x06 \x03(\x0b\x32\x1a.statevalue.v1.ChatMessage\x12(\n\x08rollouts\x18\x07 \x03(\x0b\x32\x16.statevalue.v1.RolloutB\x0e\n\x0c_prompt_text\"\xd5\x02\n\x0bNumcaParams\x12\x1b\n\x0enumber_pattern\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x1b\n\x0emerge_distance\x18\x02 \x01(\rH\x01\x88\x01\x01\x12\x1d\n\x10\x64rop_last_number\x18\x03 \x01(\x08H\x02\x88\x01\x01\x12\x18\n\x0bprior_count\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x1c\n\x0fnumber_boundary\x18\x05 \x01(\tH\x04\x88\x01\x01\x12\x19\n\x0ctable_states\x18\x06 \x01(\tH\x05\x88\x01\x01\x12\x19\n\x0cunseen_state\x18\x07 \x01(\tH\x06\x88\x01\x01\x42\x11\n\x0f_number_patternB\x11\n\x0f_merge_distanceB\x13\n\x11_drop_last_numberB\x0e\n\x0c_prior_countB\x12\n\x10_number_boundaryB\x0f\n\r_table_statesB\x0f\n\r_unseen_state\"\xdd\x04\n\x0bHistaParams\x12\x16\n\tema_alpha\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x13\n\x06stride\x18\x02 \x01(\rH\x01\x88\x01\x01\x12\x19\n\x0cnode_spacing\x18\x03 \x01(\rH\x02\x88\x01\x01\x12\x12\n\x05\x64_min\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x12\n\x05k_max\x18\x05 \x01(\rH\x04\x88\x01\x01\x12\x12\n\x05k_min\x18\x06 \x01(\rH\x05\x88\x01\x01\x12\x10\n\x03tau\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x1b\n\x0erelative_d_min\x18\x08 \x01(\x01H\x07\x88\x01\x01\x12\x17\n\nown_weight\x18\t \x01(\x01H\x08\x88\x01\x01\x12\x16\n\tema_start\x18\n \x01(\tH\t\x88\x01\x01\x12\x17\n\ndownsample\x18\x0b \x01(\tH\n\x88\x01\x01\x12\x18\n\x0bnode_anchor\x18\x0c \x01(\tH\x0b\x88\x01\x01\x12\x15\n\x08\x65nd_node\x18\r \x01(\tH\x0c\x88\x01\x01\x12\x17\n\nk_schedule\x18\x0e \x01(\tH\r\x88\x01\x01\x12\x17\n\nneighbours\x18\x0f \x01(\tH\x0e\x88\x01\x01\x12\x16\n\town_nodes\x18\x10 \x01(\tH\x0f\x88\x01\x01\x42\x0c\n\n_ema_alphaB\t\n\x07_strideB\x0f\n\r_node_spacingB\x08\n\x06_d_minB\x08\n\x06_k_maxB\x08\n\x06_k_minB\x06\n\x04_tauB\x11\n\x0f_relative_d_minB\r\n\x0b_own_weightB\x0c\n\n_ema_startB\r\n\x0b_downsampleB\x0e\n\x0c_node_anchorB\x0b\n\t_end_nodeB\r\n\x0b_k_scheduleB\r\n\x0b_neighboursB\x0c\n\n_own_nodes\"\xa7\x01\n\x0f\x41\x64vantageParams\x12\x10\n\x03gae\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x12\n\x05gamma\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x10\n\x03lam\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05scale\x18\x04 \x01(\tH\x03\x88\x01\x01\x12\x16\n\tscale_eps\x18\x05 \x01(\x01H\x04\x88\x01\x01\x42\x06\n\x04_gaeB\x08\n\x06_gammaB\x06\n\x04_lamB\x08\n\x06_scaleB\x0c\n\n_scale_eps\"\x9a\x01\n\x0f\x45stimatorParams\x12)\n\x05numca\x18\x01 \x01(\x0b\x32\x1a.statevalue.v1.NumcaParams\x12)\n\x05hista\x18\x02 \x01(\x0b\x32\x1a.statevalue.v1.HistaParams\x12\x31\n\tadvantage\x18\x03 \x01(\x0b\x32\x1e.statevalue.v1.AdvantageParams\"\xa5\x01\n\x0f\x45stimateRequest\x12\x0f\n\x07methods\x18\x01 \x03(\t\x12.\n\x06params\x18\x02 \x01(\x0b\x32\x1e.statevalue.v1.EstimatorParams\x12$\n\x06groups\x18\x03 \x03(\x0b\x32\x14.statevalue.v1.Group\x12\x1a\n\x12min_model_revision\x18\x04 \x01(\x04\x12\x0f\n\x07step_id\x18\x05 \x01(\t\"F\n\x0cMethodOutput\x12\x0e\n\x06values\x18\x01 \x01(\x0c\x12\x12\n\nadvantages\x18\x02 \x01(\x0c\x12\x12\n\nboundaries\x18\x03 \x01(\x0c\"\xac\x01\n\rRolloutOutput\x12\x12\n\nnum_tokens\x18\x01 \x01(\r\x12:\n\x07methods\x18\x02 \x03(\x0b\x32).statevalue.v1.RolloutOutput.MethodsEntry\x1aK\n\x0cMethodsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12*\n\x05value\x18\x02 \x01(\x0b\x32\x1b.statevalue.v1.MethodOutput:\x02\x38\x01\"O\n\x0bGroupOutput\x12\x10\n\x08group_id\x18\x01 \x01(\t\x12.\n\x08rollouts\x18\x02 \x03(\x0b\x32\x1c.statevalue.v1.RolloutOutput\"\x9b\x01\n\x10\x45stimateResponse\x12\'\n\x05model\x18\x01 \x01(\x0b\x32\x18.statevalue.v1.ModelInfo\x12*\n\x06groups\x18\x02 \x03(\x0b\x32\x1a.statevalue.v1.GroupOutput\x12\x17\n\x0f\x66orward_seconds\x18\x03 \x01(\x01\x12\x19\n\x11\x65stimator_seconds\x18\x04 \x01(\x01\"\x15\n\x13GetModelInfoRequest\"\xc1\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x12\n\nmax_length\x18\x04 \x01(\r\x12\x13\n\x0bhidden_size\x18\x05 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\x10\n\x08revision\x18\x07 \x01(\x04\x12\x1a\n\x12max_request_tokens\x18\x08 \x01(\x04\x12\x1a\n\x12max_request_groups\x18\t \x01(\r\";\n\x14ReloadWeightsRequest\x12\x12\n\ncheckpoint\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t2\xf9\x01\n\x0cValueService\x12K\n\x08\x45stimate\x12\x1e.statevalue.v1.EstimateRequest\x1a\x1f.statevalue.v1.EstimateResponse\x12L\n\x0cGetModelInfo\x12\".statevalue.v1.GetModelInfoRequest\x1a\x18.statevalue.v1.ModelInfo\x12N\n\rReloadWeights\x12#.statevalue.v1.ReloadWeightsRequest\x1a\x18.statevalue.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,31 +41,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GROUP']._serialized_start=251
   _globals['_GROUP']._serialized_end=472
   _globals['_NUMCAPARAMS']._serialized_start=475
-  _globals['_NUMCAPARAMS']._serialized_end=678
-  _globals['_HISTAPARAMS']._serialized_start=681
-  _globals['_HISTAPARAMS']._serialized_end=1012
-  _globals['_ADVANTAGEPARAMS']._serialized_start=1015
-  _globals['_ADVANTAGEPARAMS']._serialized_end=1182
-  _globals['_ESTIMATORPARAMS']._serialized_start=1185
-  _globals['_ESTIMATORPARAMS']._serialized_end=1339
-  _globals['_ESTIMATEREQUEST']._serialized_start=1342
-  _globals['_ESTIMATEREQUEST']._serialized_end=1507
-  _globals['_METHODOUTPUT']._serialized_start=1509
-  _globals['_METHODOUTPUT']._serialized_end=1579
-  _globals['_ROLLOUTOUTPUT']._serialized_start=1582
-  _globals['_ROLLOUTOUTPUT']._serialized_end=1754
-  _globals['_ROLLOUTOUTPUT_METHODSENTRY']._serialized_start=1679
-  _globals['_ROLLOUTOUTPUT_METHODSENTRY']._serialized_end=1754
-  _globals['_GROUPOUTPUT']._serialized_start=1756
-  _globals['_GROUPOUTPUT']._serialized_end=1835
-  _globals['_ESTIMATERESPONSE']._serialized_start=1838
-  _globals['_ESTIMATERESPONSE']._serialized_end=1993
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1995
-  _globals['_GETMODELINFOREQUEST']._serialized_end=2016
-  _globals['_MODELINFO']._serialized_start=2019
-  _globals['_MODELINFO']._serialized_end=2212
-  _globals['_RELOADWEIGHTSREQUEST']._serialized_start=2214
-  _globals['_RELOADWEIGHTSREQUEST']._serialized_end=2273
-  _globals['_VALUESERVICE']._serialized_start=2276
-  _globals['_VALUESERVICE']._serialized_end=2525
+  _globals['_NUMCAPARAMS']._serialized_end=816
+  _globals['_HISTAPARAMS']._serialized_start=819
+  _globals['_HISTAPARAMS']._serialized_end=1424
+  _globals['_ADVANTAGEPARAMS']._serialized_start=1427
+  _globals['_ADVANTAGEPARAMS']._serialized_end=1594
+  _globals['_ESTIMATORPARAMS']._serialized_start=1597
+  _globals['_ESTIMATORPARAMS']._serialized_end=1751
+  _globals['_ESTIMATEREQUEST']._serialized_start=1754
+  _globals['_ESTIMATEREQUEST']._serialized_end=1919
+  _globals['_METHODOUTPUT']._serialized_start=1921
+  _globals['_METHODOUTPUT']._serialized_end=1991
+  _globals['_ROLLOUTOUTPUT']._serialized_start=1994
+  _globals['_ROLLOUTOUTPUT']._serialized_end=2166
+  _globals['_ROLLOUTOUTPUT_METHODSENTRY']._serialized_start=2091
+  _globals['_ROLLOUTOUTPUT_METHODSENTRY']._serialized_end=2166
+  _globals['_GROUPOUTPUT']._serialized_start=2168
+  _globals['_GROUPOUTPUT']._serialized_end=2247
+  _globals['_ESTIMATERESPONSE']._serialized_start=2250
+  _globals['_ESTIMATERESPONSE']._serialized_end=2405
+  _globals['_GETMODELINFOREQUEST']._serialized_start=2407
+  _globals['_GETMODELINFOREQUEST']._serialized_end=2428
+  _globals['_MODELINFO']._serialized_start=2431
+  _globals['_MODELINFO']._serialized_end=2624
+  _globals['_RELOADWEIGHTSREQUEST']._serialized_start=2626
+  _globals['_RELOADWEIGHTSREQUEST']._serialized_end=2685
+  _globals['_VALUESERVICE']._serialized_start=2688
+  _globals['_VALUESERVICE']._serialized_end=2937
 # @@protoc_insertion_point(module_scope)

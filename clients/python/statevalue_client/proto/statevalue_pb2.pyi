@@ -48,19 +48,25 @@ class Group(_message.Message):
     def __init__(self, group_id: _Optional[str] = ..., prompt_id: _Optional[str] = ..., prompt_ids: _Optional[bytes] = ..., prompt_num_tokens: _Optional[int] = ..., prompt_text: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., rollouts: _Optional[_Iterable[_Union[Rollout, _Mapping]]] = ...) -> None: ...
 
 class NumcaParams(_message.Message):
-    __slots__ = ("number_pattern", "merge_distance", "drop_last_number", "prior_count")
+    __slots__ = ("number_pattern", "merge_distance", "drop_last_number", "prior_count", "number_boundary", "table_states", "unseen_state")
     NUMBER_PATTERN_FIELD_NUMBER: _ClassVar[int]
     MERGE_DISTANCE_FIELD_NUMBER: _ClassVar[int]
     DROP_LAST_NUMBER_FIELD_NUMBER: _ClassVar[int]
     PRIOR_COUNT_FIELD_NUMBER: _ClassVar[int]
+    NUMBER_BOUNDARY_FIELD_NUMBER: _ClassVar[int]
+    TABLE_STATES_FIELD_NUMBER: _ClassVar[int]
+    UNSEEN_STATE_FIELD_NUMBER: _ClassVar[int]
     number_pattern: str
     merge_distance: int
     drop_last_number: bool
     prior_count: float
-    def __init__(self, number_pattern: _Optional[str] = ..., merge_distance: _Optional[int] = ..., drop_last_number: _Optional[bool] = ..., prior_count: _Optional[float] = ...) -> None: ...
+    number_boundary: str
+    table_states: str
+    unseen_state: str
+    def __init__(self, number_pattern: _Optional[str] = ..., merge_distance: _Optional[int] = ..., drop_last_number: _Optional[bool] = ..., prior_count: _Optional[float] = ..., number_boundary: _Optional[str] = ..., table_states: _Optional[str] = ..., unseen_state: _Optional[str] = ...) -> None: ...
 
 class HistaParams(_message.Message):
-    __slots__ = ("ema_alpha", "stride", "node_spacing", "d_min", "k_max", "k_min", "tau", "relative_d_min", "own_weight")
+    __slots__ = ("ema_alpha", "stride", "node_spacing", "d_min", "k_max", "k_min", "tau", "relative_d_min", "own_weight", "ema_start", "downsample", "node_anchor", "end_node", "k_schedule", "neighbours", "own_nodes")
     EMA_ALPHA_FIELD_NUMBER: _ClassVar[int]
     STRIDE_FIELD_NUMBER: _ClassVar[int]
     NODE_SPACING_FIELD_NUMBER: _ClassVar[int]
@@ -70,6 +76,13 @@ class HistaParams(_message.Message):
     TAU_FIELD_NUMBER: _ClassVar[int]
     RELATIVE_D_MIN_FIELD_NUMBER: _ClassVar[int]
     OWN_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    EMA_START_FIELD_NUMBER: _ClassVar[int]
+    DOWNSAMPLE_FIELD_NUMBER: _ClassVar[int]
+    NODE_ANCHOR_FIELD_NUMBER: _ClassVar[int]
+    END_NODE_FIELD_NUMBER: _ClassVar[int]
+    K_SCHEDULE_FIELD_NUMBER: _ClassVar[int]
+    NEIGHBOURS_FIELD_NUMBER: _ClassVar[int]
+    OWN_NODES_FIELD_NUMBER: _ClassVar[int]
     ema_alpha: float
     stride: int
     node_spacing: int
@@ -79,7 +92,14 @@ class HistaParams(_message.Message):
     tau: float
     relative_d_min: float
     own_weight: float
-    def __init__(self, ema_alpha: _Optional[float] = ..., stride: _Optional[int] = ..., node_spacing: _Optional[int] = ..., d_min: _Optional[float] = ..., k_max: _Optional[int] = ..., k_min: _Optional[int] = ..., tau: _Optional[float] = ..., relative_d_min: _Optional[float] = ..., own_weight: _Optional[float] = ...) -> None: ...
+    ema_start: str
+    downsample: str
+    node_anchor: str
+    end_node: str
+    k_schedule: str
+    neighbours: str
+    own_nodes: str
+    def __init__(self, ema_alpha: _Optional[float] = ..., stride: _Optional[int] = ..., node_spacing: _Optional[int] = ..., d_min: _Optional[float] = ..., k_max: _Optional[int] = ..., k_min: _Optional[int] = ..., tau: _Optional[float] = ..., relative_d_min: _Optional[float] = ..., own_weight: _Optional[float] = ..., ema_start: _Optional[str] = ..., downsample: _Optional[str] = ..., node_anchor: _Optional[str] = ..., end_node: _Optional[str] = ..., k_schedule: _Optional[str] = ..., neighbours: _Optional[str] = ..., own_nodes: _Optional[str] = ...) -> None: ...
 
 class AdvantageParams(_message.Message):
     __slots__ = ("gae", "gamma", "lam", "scale", "scale_eps")

