@@ -224,15 +224,17 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """`statevalue serve` in a subprocess, on free loopback ports."""
+    """`statevalue serve` in a subprocess, on free loopback ports; ``flags`` are added."""
 
-    def __init__(self, model: str, device: str, dtype: str, max_batch_tokens: int) -> None:
+    def __init__(
+        self, model: str, device: str, dtype: str, max_batch_tokens: int, *flags: str
+    ) -> None:
         self.grpc_port, self.http_port = free_port(), free_port()
         command = [
             sys.executable, "-m", "statevalue.cli", "serve", "--model", model,
             "--device", device, "--dtype", dtype,
             "--grpc-port", str(self.grpc_port), "--http-port", str(self.http_port),
-            "--max-batch-tokens", str(max_batch_tokens),
+            "--max-batch-tokens", str(max_batch_tokens), *flags,
         ]  # fmt: skip
         self.process = subprocess.Popen(
             command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL

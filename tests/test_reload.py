@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from statevalue.backends.torch_backend import TorchBackend
-from statevalue_client import EstimateResult, Group, Rollout, ValueClient
+from statevalue_client import EstimateResult, Group, ReloadFailed, Rollout, ValueClient
 from tests.servers import ServerThread, running_server
 
 TOKEN = "s3cret"
@@ -135,3 +135,39 @@ def test_requests_in_flight_survive_a_reload(
     for result in results:
         assert result.model.revision in (0, 1)
         assert all(len(r.values["hista"]) == 200 for r in result.groups[0].rollouts)
+
+
+def test_reload_reaches_every_replica(embedded_checkpoint: Path, updated_checkpoint: Path) -> None:
+    # One model per replica: a reload through each must change each one once.
+    backends = [TorchBackend(str(embedded_checkpoint), device="cpu") for _ in range(3)]
+    with (
+        running_server(backends[0], admin_token=TOKEN) as one,
+        running_server(backends[1], admin_token=TOKEN) as two,
+        running_server(backends[2], admin_token="another") as other,
+    ):
+        target = f"ipv4:{one.grpc_target},{two.grpc_target}"
+        with ValueClient(target, retries=0) as client:
+            reloaded = client.reload_weights(
+                str(updated_checkpoint), admin_token=TOKEN, version="step-1"
+            )
+            assert set(reloaded.replicas) == {one.grpc_target, two.grpc_target}
+            for info in reloaded.replicas.values():
+                assert (info.version, info.revision) == ("step-1", 1)
+            assert (reloaded.version, reloaded.revision) == ("step-1", 1)
+            for replica in (one, two):
+                assert client_model_info(replica)["revision"] == 1
+            # Every replica now answers requests that need the new weights.
+            for _ in range(4):
+                result = client.estimate([group()], ("group_mean",), min_model_revision=1)
+                assert result.model.version == "step-1"
+        # A replica that refuses is named, and the others' reloads are reported.
+        mixed = f"ipv4:{one.grpc_target},{other.grpc_target}"
+        with ValueClient(mixed, retries=0) as client:
+            with pytest.raises(ReloadFailed) as caught:
+                client.reload_weights(str(updated_checkpoint), admin_token=TOKEN)
+        failure = caught.value
+        assert set(failure.errors) == {other.grpc_target}
+        assert failure.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert other.grpc_target in str(failure)
+        assert failure.reloaded[one.grpc_target].revision == 2
+        assert client_model_info(other)["revision"] == 0

@@ -25,8 +25,14 @@ MAX_MESSAGE_MB = 1
 
 @pytest.fixture(scope="module")
 def server(backend: TorchBackend) -> Iterator[ServerThread]:
-    """A ready server whose gRPC messages and HTTP bodies are limited to 1 MiB."""
-    with running_server(backend, max_message_mb=MAX_MESSAGE_MB) as running:
+    """A ready server whose gRPC messages and HTTP bodies are limited to 1 MiB.
+
+    Its per-request token limit is above what 1 MiB holds, so the message size is what a
+    huge request meets first.
+    """
+    with running_server(
+        backend, max_message_mb=MAX_MESSAGE_MB, max_request_tokens=1_000_000
+    ) as running:
         yield running
 
 

@@ -17,6 +17,8 @@ import pytest
 from statevalue.backends.torch_backend import TorchBackend
 from statevalue_client import AsyncValueClient, Group, Rollout, ValueClient
 from statevalue_client import EstimateResult as ClientResult
+from statevalue_client.client import build_request
+from statevalue_client.proto import statevalue_pb2_grpc as pb_grpc
 from tests.servers import (
     SERVING,
     ServerThread,
@@ -60,8 +62,8 @@ def one_slot(backend: TorchBackend) -> Iterator[ServerThread]:
 
 @pytest.fixture(scope="module")
 def few_tokens(backend: TorchBackend) -> Iterator[ServerThread]:
-    """A server whose queue holds at most 200 tokens."""
-    with running_server(backend, max_queue_tokens=200) as running:
+    """A server whose queue, and so each request, holds at most 200 tokens."""
+    with running_server(backend, max_queue_tokens=200, max_request_tokens=200) as running:
         yield running
 
 
@@ -171,9 +173,15 @@ def test_token_limit(few_tokens: ServerThread, backend: TorchBackend) -> None:
             assert "160 tokens waiting" in caught.value.details()
             assert_healthy(server)
         assert first.result(timeout=120).groups[0].group_id == "g0"
-        # A request that could never fit is a permanent error, not "retry later".
-        with pytest.raises(grpc.RpcError) as caught:
+        # A request that could never fit is a permanent error, not "retry later": the client
+        # does not send a group over the advertised limit, and the server refuses one.
+        with pytest.raises(ValueError, match=r"limit of 200 .*g2 \(240 tokens\)"):
             client.estimate([group(2, length=100)], ["hista"])
+        with grpc.insecure_channel(server.grpc_target) as channel:
+            with pytest.raises(grpc.RpcError) as caught:
+                pb_grpc.ValueServiceStub(channel).Estimate(
+                    build_request([group(2, length=100)], ["hista"], {}), timeout=60
+                )
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert caught.value.details().startswith("groups: the request has 240 ")
         response = httpx.post(
@@ -183,6 +191,7 @@ def test_token_limit(few_tokens: ServerThread, backend: TorchBackend) -> None:
         )
         assert response.status_code == 400, response.text
         assert response.json()["detail"]["field"] == "groups"
-        # The same request without hista never queues, so the token limit does not apply.
-        numca = client.estimate([group(2, length=100)], ["numca"])
-        assert [len(r.values["numca"]) for r in numca.groups[0].rollouts] == [100, 100]
+    # Two groups that fit one by one go as two requests, one after the other.
+    with ValueClient(server.grpc_target, retries=0, max_in_flight=1) as client:
+        both = client.estimate([group(4, length=60), group(5, length=60)], ["hista"])
+        assert [g.group_id for g in both.groups] == ["g4", "g5"]

@@ -100,6 +100,9 @@ class EstimateIn(_Wire):
     min_model_revision: int = Field(
         0, ge=0, description="Refuse (409) while the server's weights are older than this."
     )
+    step_id: str = Field(
+        "", description="Shared by the requests one training step was split into; logged."
+    )
 
     def to_request(self) -> EstimateRequest:
         return EstimateRequest(
@@ -107,6 +110,7 @@ class EstimateIn(_Wire):
             methods=tuple(self.methods),  # type: ignore[arg-type]
             config=self.params,
             min_model_revision=self.min_model_revision,
+            step_id=self.step_id,
         )
 
 

@@ -105,10 +105,12 @@ class Engine:
         *,
         numca_store: NumcaStore | None = None,
         max_groups: int = 1024,
+        max_tokens: int = 65_536,
     ) -> None:
         self.backend = backend
         self.numca_store: NumcaStore = numca_store or InMemoryNumcaStore()
         self.max_groups = max_groups
+        self.max_tokens = max_tokens
         self.token_text = TokenText(backend.tokenizer, backend.vocab_size)
 
     @property
@@ -135,9 +137,21 @@ class Engine:
         if not request.groups:
             raise InvalidRequest("groups", "the request has no groups")
         if len(request.groups) > self.max_groups:
-            raise InvalidRequest("groups", f"at most {self.max_groups} groups per request")
+            raise InvalidRequest(
+                "groups",
+                f"at most {self.max_groups} groups per request; split it into several requests "
+                "(the Python client's estimate() does)",
+            )
         groups = [self._prepare_group(g, f"groups[{i}]") for i, g in enumerate(request.groups)]
-        return PreparedRequest(groups=groups, methods=methods, config=request.config)
+        prepared = PreparedRequest(groups=groups, methods=methods, config=request.config)
+        if prepared.num_tokens > self.max_tokens:
+            raise InvalidRequest(
+                "groups",
+                f"the request has {prepared.num_tokens} prompt+response tokens, over the "
+                f"per-request limit of {self.max_tokens}; split it into several requests "
+                "(the Python client's estimate() does)",
+            )
+        return prepared
 
     def _prepare_group(self, group: GroupInput, where: str) -> PreparedGroup:
         if not group.rollouts:

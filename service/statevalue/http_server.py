@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import math
 import time
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -22,6 +25,10 @@ from statevalue.request_ids import HEADER, request_id
 from statevalue.schema import InvalidRequest
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+# nginx's code for "client closed the request": logged and counted, never sent.
+CLIENT_CLOSED = 499
 
 
 def _error(status: int, field: str | None, message: str, **headers: str) -> JSONResponse:
@@ -51,6 +58,28 @@ def _request_timeout(header: str | None) -> float | None:
             "x-request-timeout", f"must be a positive number of seconds, not {header[:40]!r}"
         )
     return seconds
+
+
+async def _client_gone(request: Request) -> None:
+    """Return once the client has closed the connection (the body was read already)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_client_leaves(request: Request, work: Awaitable[_T]) -> _T | None:
+    """``work``'s result, or None (and ``work`` cancelled) if the client goes away first."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_client_gone(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return None
 
 
 # The API routes, counted and logged under these RPC names.
@@ -101,8 +130,9 @@ class RequestLog:
                 self.metrics.requests.labels("http", rpc, str(status)).inc()
                 self.metrics.request_seconds.labels("http", rpc).observe(elapsed)
                 log.info(
-                    "request_id=%s frontend=http rpc=%s status=%d seconds=%.3f",
+                    "request_id=%s step_id=%s frontend=http rpc=%s status=%d seconds=%.3f",
                     rid,
+                    scope["state"].get("step_id") or "-",
                     rpc,
                     status,
                     elapsed,
@@ -182,11 +212,19 @@ def create_app(server: Any, metrics: Metrics, *, max_body_bytes: int) -> FastAPI
     async def estimate(body: EstimateIn, request: Request) -> Any:
         """Per-token values and advantages for a batch of groups."""
         try:
-            result = await server.estimate(
-                body.to_request(),
-                request.headers.get("authorization"),
-                _request_timeout(request.headers.get("x-request-timeout")),
+            # Logged by RequestLog with the request id.
+            request.state.step_id = body.step_id
+            # A client that disconnects cancels the request, like a gRPC cancel.
+            result = await _unless_client_leaves(
+                request,
+                server.estimate(
+                    body.to_request(),
+                    request.headers.get("authorization"),
+                    _request_timeout(request.headers.get("x-request-timeout")),
+                ),
             )
+            if result is None:
+                return Response(status_code=CLIENT_CLOSED)
         except Exception as exc:
             reply = error_reply(exc)
             if reply is None:

@@ -4,8 +4,9 @@ Requests are checked and tokenised as they arrive, then queued. One batcher task
 each forward step from the queued requests' sequences — every waiting request gets a fair
 share of the step first, so one huge request cannot starve small ones — and runs the model
 on a dedicated thread. A request whose sequences are all done is handed to the estimator
-thread, which overlaps the next forward step. Work for a request whose caller went away or
-whose deadline passed is dropped before it reaches the model.
+thread, which overlaps the next forward step. A request whose caller went away or whose
+deadline passed is answered at once; the rest of its work is dropped before the next
+forward step (micro-batch), even when the request is half way through its forward pass.
 
 Admission bounds time as well as size: the batcher measures the model's throughput, and a
 request that would wait longer than ``max_queue_wait_s`` behind the queued tokens is
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -51,7 +53,10 @@ _THROUGHPUT_WEIGHT = 0.3
 
 
 class DeadlineExpired(Exception):
-    """The request's deadline passed before its work was done; the work was dropped."""
+    """The request's deadline passed before its work was done; the rest of it was dropped.
+
+    The message says where the request was when the deadline passed.
+    """
 
 
 class ModelTooOld(Exception):
@@ -64,7 +69,6 @@ class _Job:
     sequences: list[np.ndarray]
     prefix_lengths: list[int]
     future: asyncio.Future[EstimateResult]
-    deadline: float | None
     admitted: float
     hidden: list[torch.Tensor | None] = field(default_factory=list)
     next_index: int = 0
@@ -72,13 +76,42 @@ class _Job:
     forward_seconds: float = 0.0
     started: bool = False
     model: ModelIdentity | None = None
+    steps: int = 0
 
     @property
     def tokens(self) -> int:
         return sum(len(s) for s in self.sequences)
 
-    def dead(self, now: float) -> bool:
-        return self.future.done() or (self.deadline is not None and now > self.deadline)
+    @property
+    def dead(self) -> bool:
+        """Answered already (failed, or given up by its caller): drop the rest of its work."""
+        return self.future.done()
+
+
+@dataclass
+class _Stage:
+    """Where a request is, for the message of an expired deadline."""
+
+    job: _Job | None = None
+    computing: bool = False
+
+    def describe(self, max_batch_tokens: int) -> str:
+        job = self.job
+        if self.computing or (job is not None and job.started and job.pending == 0):
+            return "while computing the estimators (the forward pass was done)"
+        if job is None:
+            return "while checking the request"
+        if not job.started:
+            return "while queued"
+        done = sum(len(job.sequences[i]) for i in range(job.next_index))
+        left = job.tokens - done
+        # Steps are shared with other requests, so the count ahead is an estimate.
+        per_step = done / job.steps if job.steps else max_batch_tokens
+        total = job.steps + math.ceil(left / per_step)
+        return (
+            f"during the forward pass, at micro-batch {job.steps} of about {total} "
+            f"({done} of {job.tokens} tokens taken)"
+        )
 
 
 class Scheduler:
@@ -200,6 +233,9 @@ class Scheduler:
     ) -> EstimateResult:
         """Estimate ``request``.
 
+        The answer comes at the latest at the deadline (``timeout`` seconds from now);
+        cancelling the call (the caller went away) drops the request's remaining work.
+
         Raises:
             InvalidRequest, QueueFull, NotAccepting, DeadlineExpired, ModelTooOld.
         """
@@ -211,33 +247,42 @@ class Scheduler:
                 f"the request needs model revision {request.min_model_revision}, "
                 f"this server has {revision}"
             )
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
         self._in_flight += 1
         self._idle.clear()
-        work = asyncio.ensure_future(self._estimate(request, deadline))
+        stage = _Stage()
+        work = asyncio.ensure_future(self._estimate(request, stage))
         abandon = asyncio.ensure_future(self._abandon.wait())
         try:
-            await asyncio.wait((work, abandon), return_when=asyncio.FIRST_COMPLETED)
-            if not work.done():
+            await asyncio.wait(
+                (work, abandon), timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+            if work.done():
+                return work.result()
+            if abandon.done():
                 raise NotAccepting(DRAINING)
-            return work.result()
+            raise DeadlineExpired(
+                f"the deadline ({timeout:g} s) passed "
+                f"{stage.describe(self.max_batch_tokens)}; the rest of its work was dropped"
+            )
         finally:
-            # The caller went away or the drain gave up on it: its queued work is dropped.
+            # Also reached when the caller is cancelled or the drain gave up on it: the job's
+            # future is cancelled with the work, and the batcher drops what is left of it
+            # before the next step.
             work.cancel()
             abandon.cancel()
             self._in_flight -= 1
             if self._in_flight == 0:
                 self._idle.set()
 
-    async def _estimate(self, request: EstimateRequest, deadline: float | None) -> EstimateResult:
+    async def _estimate(self, request: EstimateRequest, stage: _Stage) -> EstimateResult:
         loop = asyncio.get_running_loop()
         prepared = await loop.run_in_executor(self._prepare_threads, self.engine.prepare, request)
         for method in prepared.methods:
             self.metrics.method_requests.labels(method=method).inc()
         if not prepared.needs_hidden_states:
+            stage.computing = True
             return await self._compute(prepared, None, 0.0, self.engine.backend.identity)
-        return await self._enqueue(prepared, deadline)
+        return await self._enqueue(prepared, stage)
 
     def estimated_wait(self) -> float:
         """Seconds the model needs for the queued tokens at the measured throughput."""
@@ -245,7 +290,7 @@ class Scheduler:
             return 0.0
         return self._queued_tokens / self.tokens_per_second
 
-    async def _enqueue(self, prepared: PreparedRequest, deadline: float | None) -> EstimateResult:
+    async def _enqueue(self, prepared: PreparedRequest, stage: _Stage) -> EstimateResult:
         loop = asyncio.get_running_loop()
         tokens = prepared.num_tokens
         if tokens > self.max_queue_tokens:
@@ -271,11 +316,11 @@ class Scheduler:
             sequences=sequences,
             prefix_lengths=prepared.prefix_lengths(),
             future=loop.create_future(),
-            deadline=deadline,
             admitted=time.perf_counter(),
             hidden=[None] * len(sequences),
             pending=len(sequences),
         )
+        stage.job = job
         self._add(job)
         self._wakeup.set()
         return await job.future
@@ -296,11 +341,8 @@ class Scheduler:
         self.metrics.queue_tokens.set(self._queued_tokens)
 
     def _drop_dead(self) -> None:
-        now = asyncio.get_running_loop().time()
         for job in list(self._jobs):
-            if job.dead(now):
-                if not job.future.done():
-                    job.future.set_exception(DeadlineExpired("deadline passed while queued"))
+            if job.dead:
                 self._remove(job)
 
     def _take_step(self) -> list[tuple[_Job, int]]:
@@ -343,6 +385,7 @@ class Scheduler:
         now = time.perf_counter()
         jobs = list(dict.fromkeys(job for job, _ in step))
         for job in jobs:
+            job.steps += 1
             if not job.started:
                 job.started = True
                 self.metrics.queue_wait_seconds.observe(now - job.admitted)

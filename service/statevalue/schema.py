@@ -39,12 +39,16 @@ class GroupInput:
 
 @dataclass
 class EstimateRequest:
-    """A batch of groups, the methods to run and the estimator parameters."""
+    """A batch of groups, the methods to run and the estimator parameters.
+
+    ``step_id`` is shared by the requests a client split one training step into.
+    """
 
     groups: list[GroupInput]
     methods: tuple[Method, ...] = ("numca", "hista", "group_mean")
     config: EstimatorConfig = field(default_factory=EstimatorConfig)
     min_model_revision: int = 0
+    step_id: str = ""
 
 
 @dataclass

@@ -66,6 +66,7 @@ async def open_scheduler(
         backend,
         numca_store=InMemoryNumcaStore(settings.numca_max_prompts),
         max_groups=settings.max_groups_per_request,
+        max_tokens=settings.max_request_tokens,
     )
     scheduler = Scheduler(
         engine,
@@ -153,6 +154,8 @@ class StatevalueServer:
             "hidden_size": int(getattr(backend, "hidden_size", 0)),
             "device": str(backend.device),
             "revision": backend.identity.revision,
+            "max_request_tokens": self._engine.max_tokens,
+            "max_request_groups": self._engine.max_groups,
         }
 
     async def estimate(

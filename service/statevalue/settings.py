@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from typing_extensions import Self
 
 _SECRETS = ("admin_token", "api_token")
 
@@ -47,6 +48,12 @@ class ServerSettings(BaseSettings):
         "the queued work, at the measured throughput, is longer than this",
     )
     max_groups_per_request: int = Field(1024, ge=1, description="groups in one request")
+    max_request_tokens: int = Field(
+        65_536,
+        ge=1,
+        description="prompt+response tokens in one request (larger steps are split by the "
+        "client); at most max_queue_tokens",
+    )
     max_message_mb: int = Field(256, ge=1, description="gRPC and HTTP request size limit (MiB)")
     max_connection_age_s: float = Field(
         300.0, gt=0, description="gRPC connections close after this so clients re-resolve replicas"
@@ -105,6 +112,16 @@ class ServerSettings(BaseSettings):
             secret = getattr(self, name)
             if secret is not None and not secret.get_secret_value():
                 raise ValueError(f"{name} is empty")
+        return self
+
+    @model_validator(mode="after")
+    def _request_fits_the_queue(self) -> Self:
+        # A request over the queue limit could never be admitted.
+        if self.max_request_tokens > self.max_queue_tokens:
+            raise ValueError(
+                f"max_request_tokens ({self.max_request_tokens}) must not exceed "
+                f"max_queue_tokens ({self.max_queue_tokens})"
+            )
         return self
 
     def secret(self, name: str) -> str | None:

@@ -1,13 +1,17 @@
 """Python client of the statevalue service: per-token values for LLM RL trainers."""
 
+from statevalue_client.chunking import RequestLimits, StepProgress
 from statevalue_client.client import (
     AsyncValueClient,
     EstimateResult,
     Group,
     GroupResult,
     ModelInfo,
+    ReloadFailed,
+    ReloadResult,
     Rollout,
     RolloutResult,
+    StepFailed,
     ValueClient,
 )
 from statevalue_client.flat_batch import BatchLayout, groups_from_flat_batch, scatter_to_padded
@@ -19,8 +23,13 @@ __all__ = [
     "Group",
     "GroupResult",
     "ModelInfo",
+    "ReloadFailed",
+    "ReloadResult",
+    "RequestLimits",
     "Rollout",
     "RolloutResult",
+    "StepFailed",
+    "StepProgress",
     "ValueClient",
     "groups_from_flat_batch",
     "scatter_to_padded",

@@ -5,20 +5,36 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import grpc
 import numpy as np
 
 from statevalue_client.arrays import FLOAT32, INT32, pack_float32, pack_int32, unpack
+from statevalue_client.chunking import (
+    RequestLimits,
+    StepProgress,
+    check_unique_ids,
+    group_name,
+    name_list,
+    plan_requests,
+)
 from statevalue_client.proto import statevalue_pb2 as pb
 from statevalue_client.proto import statevalue_pb2_grpc as pb_grpc
+from statevalue_client.targets import is_multi_address, replica_addresses
 
 DEFAULT_METHODS = ("numca", "hista", "group_mean")
-RETRY_CODES = (grpc.StatusCode.UNAVAILABLE,)
+# A full queue (RESOURCE_EXHAUSTED) has counted nothing, so sending again is safe.
+RETRY_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+DEFAULT_MAX_IN_FLIGHT = 4
+# The server's default advantage.scale_eps (tests/test_client_chunking.py keeps them equal).
+DEFAULT_SCALE_EPS = 1e-4
 _T = TypeVar("_T")
+ProgressCallback = Callable[[StepProgress], None]
 
 
 @dataclass
@@ -57,6 +73,8 @@ class GroupResult:
 
 @dataclass
 class ModelInfo:
+    """The served model; ``max_request_*`` are the server's per-request limits (0: none)."""
+
     name: str
     version: str
     vocab_size: int = 0
@@ -64,18 +82,113 @@ class ModelInfo:
     hidden_size: int = 0
     device: str = ""
     revision: int = 0
+    max_request_tokens: int = 0
+    max_request_groups: int = 0
 
 
 @dataclass
 class EstimateResult:
+    """Results in the order of the groups sent.
+
+    ``model`` names the weights of the first request; ``models`` lists every distinct
+    model that answered part of the step (more than one only if weights changed mid-step).
+    ``forward_seconds`` and ``estimator_seconds`` are summed over the step's requests.
+    """
+
     model: ModelInfo
     groups: list[GroupResult]
     forward_seconds: float = 0.0
     estimator_seconds: float = 0.0
+    models: list[ModelInfo] = field(default_factory=list)
+    step_id: str = ""
 
 
-# Targets that can name several addresses: dns:/// names and ipv4:/ipv6: address lists.
-_MULTI_ADDRESS_SCHEMES = ("dns:", "ipv4:", "ipv6:")
+class StepFailed(grpc.RpcError):
+    """Some requests of a split step failed after their retries; no partial result is
+    returned. (A call sent as one request raises that request's error unchanged.)
+
+    It is a ``grpc.RpcError`` whose ``code()`` and ``details()`` are the first failure's.
+
+    Attributes:
+        failed_groups: names (id, or ``groups[i]``) of the groups whose request failed.
+        unsent_groups: groups not sent because the step stopped at the first failure.
+        errors: the error of each failed request.
+    """
+
+    def __init__(
+        self,
+        step_id: str,
+        failed_groups: list[str],
+        unsent_groups: list[str],
+        errors: list[BaseException],
+    ) -> None:
+        message = (
+            f"step {step_id}: {len(errors)} request(s) failed after retries, groups "
+            f"{name_list(failed_groups)} ({_describe(errors[0])})"
+        )
+        if unsent_groups:
+            message += f"; not sent after the failure: {name_list(unsent_groups)}"
+        super().__init__(message)
+        self.step_id = step_id
+        self.failed_groups = failed_groups
+        self.unsent_groups = unsent_groups
+        self.errors = errors
+
+    def code(self) -> grpc.StatusCode:
+        return _code(self.errors[0])
+
+    def details(self) -> str:
+        return str(self)
+
+
+@dataclass
+class ReloadResult:
+    """The model of every replica after a reload; ``revision`` is the lowest of them."""
+
+    replicas: dict[str, ModelInfo]
+
+    @property
+    def name(self) -> str:
+        return next(iter(self.replicas.values())).name
+
+    @property
+    def version(self) -> str:
+        return next(iter(self.replicas.values())).version
+
+    @property
+    def revision(self) -> int:
+        return min(info.revision for info in self.replicas.values())
+
+
+class ReloadFailed(grpc.RpcError):
+    """The reload failed on some replicas; ``reloaded`` holds the ones where it worked.
+
+    It is a ``grpc.RpcError`` whose ``code()`` is the first failure's.
+    """
+
+    def __init__(self, errors: dict[str, BaseException], reloaded: dict[str, ModelInfo]) -> None:
+        failed = "; ".join(f"{address}: {_describe(exc)}" for address, exc in errors.items())
+        super().__init__(
+            f"reload failed on {len(errors)} of {len(errors) + len(reloaded)} replicas: {failed}"
+        )
+        self.errors = errors
+        self.reloaded = reloaded
+
+    def code(self) -> grpc.StatusCode:
+        return _code(next(iter(self.errors.values())))
+
+    def details(self) -> str:
+        return str(self)
+
+
+def _code(exc: BaseException) -> grpc.StatusCode:
+    return exc.code() if isinstance(exc, grpc.RpcError) else grpc.StatusCode.UNKNOWN  # type: ignore[attr-defined]
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, grpc.RpcError):
+        return f"{exc.code().name}: {exc.details()}"  # type: ignore[attr-defined]
+    return f"{type(exc).__name__}: {exc}"
 
 
 def channel_options(max_message_bytes: int, target: str) -> list[tuple[str, Any]]:
@@ -83,11 +196,31 @@ def channel_options(max_message_bytes: int, target: str) -> list[tuple[str, Any]
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
     ]
-    if target.startswith(_MULTI_ADDRESS_SCHEMES):
+    if is_multi_address(target):
         # Spread calls over every address of the target (one per replica); gRPC's default
         # (pick_first) would send everything to the first address that answers.
         options.append(("grpc.lb_policy_name", "round_robin"))
     return options
+
+
+def _replica_channel(
+    module: Any,
+    address: str,
+    target: str,
+    max_message_bytes: int,
+    credentials: grpc.ChannelCredentials | None,
+) -> Any:
+    """A channel to one replica behind ``target`` (``module`` is grpc or grpc.aio).
+
+    Over TLS the certificate is checked against the target's host name, not the
+    replica's address.
+    """
+    options = channel_options(max_message_bytes, address)
+    if credentials is None:
+        return module.insecure_channel(address, options=options)
+    host = target.split("///", 1)[-1].rsplit(":", 1)[0].strip("[]")
+    options.append(("grpc.ssl_target_name_override", host))
+    return module.secure_channel(address, credentials, options=options)
 
 
 def auth_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
@@ -100,9 +233,12 @@ def build_request(
     methods: Sequence[str],
     params: Mapping[str, Mapping[str, Any]],
     min_model_revision: int = 0,
+    step_id: str = "",
 ) -> pb.EstimateRequest:
     """The protobuf request for ``groups``; ``params`` maps numca/hista/advantage to fields."""
-    request = pb.EstimateRequest(methods=list(methods), min_model_revision=min_model_revision)
+    request = pb.EstimateRequest(
+        methods=list(methods), min_model_revision=min_model_revision, step_id=step_id
+    )
     for section, values in params.items():
         if section not in ("numca", "hista", "advantage"):
             raise ValueError(f"unknown parameter section {section!r}: numca, hista or advantage")
@@ -147,6 +283,8 @@ def parse_model(info: pb.ModelInfo) -> ModelInfo:
         hidden_size=info.hidden_size,
         device=info.device,
         revision=info.revision,
+        max_request_tokens=info.max_request_tokens,
+        max_request_groups=info.max_request_groups,
     )
 
 
@@ -181,17 +319,173 @@ def _backoff(attempt: int, base: float) -> float:
     return base * (2**attempt) * (0.5 + random.random())
 
 
+def _group_tokens(group: Group) -> int:
+    """Prompt+response tokens of every rollout: the server's measure of a request's work."""
+    prompt = len(group.prompt_ids)
+    return sum(prompt + len(rollout.response_ids) for rollout in group.rollouts)
+
+
+class _Step:
+    """One ``estimate()`` call: its requests, their answers, progress and the merged result."""
+
+    def __init__(
+        self,
+        groups: Iterable[Group],
+        methods: Sequence[str],
+        params: Mapping[str, Mapping[str, Any]],
+        min_model_revision: int,
+        step_id: str | None,
+        limits: RequestLimits,
+        progress: ProgressCallback | None,
+        progress_bar: bool,
+    ) -> None:
+        self.groups = list(groups)
+        self.step_id = step_id or uuid.uuid4().hex
+        ids = [group.group_id for group in self.groups]
+        check_unique_ids(ids)
+        tokens = [_group_tokens(group) for group in self.groups]
+        # No groups: one empty request, so the server says what is wrong with it.
+        self.plan = plan_requests(tokens, [g.prompt_id for g in self.groups], ids, limits) or [[]]
+        advantage = dict(params.get("advantage", {}))
+        self._batch_eps: float | None = None
+        if len(self.plan) > 1 and advantage.get("scale") == "batch":
+            # Each request would divide by the std of its own rewards; the step's batch is
+            # all of them, so the requests send unscaled advantages and the step scales here.
+            self._batch_eps = float(advantage.get("scale_eps", DEFAULT_SCALE_EPS))
+            params = {**params, "advantage": {**advantage, "scale": "none"}}
+        self.requests = [
+            build_request(
+                [self.groups[i] for i in indices],
+                methods,
+                params,
+                min_model_revision,
+                self.step_id,
+            )
+            for indices in self.plan
+        ]
+        self._tokens = [sum(tokens[i] for i in indices) for indices in self.plan]
+        self._results: dict[int, EstimateResult] = {}
+        self._errors: dict[int, BaseException] = {}
+        self._progress = progress
+        self._bar = None
+        if progress_bar:
+            try:
+                from tqdm.auto import tqdm
+            except ImportError as exc:
+                raise ImportError(
+                    'progress_bar=True needs tqdm: pip install "statevalue-client[progress]"'
+                ) from exc
+            self._bar = tqdm(total=sum(tokens), unit="tok", desc="statevalue step")
+
+    def done(self, index: int, response: pb.EstimateResponse) -> None:
+        self._results[index] = parse_response(response)
+        if self._bar is not None:
+            self._bar.update(self._tokens[index])
+        if self._progress is not None:
+            finished = list(self._results)
+            self._progress(
+                StepProgress(
+                    requests_done=len(finished),
+                    requests_total=len(self.plan),
+                    groups_done=sum(len(self.plan[i]) for i in finished),
+                    groups_total=len(self.groups),
+                    tokens_done=sum(self._tokens[i] for i in finished),
+                    tokens_total=sum(self._tokens),
+                )
+            )
+
+    def failed(self, index: int, exc: BaseException) -> None:
+        self._errors[index] = exc
+
+    @property
+    def stopped(self) -> bool:
+        """After a failure no more requests are sent: the call fails anyway."""
+        return bool(self._errors)
+
+    def outcome(self) -> EstimateResult:
+        """The merged result, in the order of the groups; raises StepFailed if any failed."""
+        if self._bar is not None:
+            self._bar.close()
+        if self._errors and len(self.plan) == 1:
+            raise self._errors[0]  # the whole call was this one request: its own error
+        if self._errors:
+            answered = set(self._results) | set(self._errors)
+            raise StepFailed(
+                self.step_id,
+                self._names(i for i in sorted(self._errors)),
+                self._names(i for i in range(len(self.plan)) if i not in answered),
+                [self._errors[i] for i in sorted(self._errors)],
+            )
+        merged: list[GroupResult | None] = [None] * len(self.groups)
+        models: list[ModelInfo] = []
+        for index, indices in enumerate(self.plan):
+            result = self._results[index]
+            if result.model not in models:
+                models.append(result.model)
+            for position, group in zip(indices, result.groups, strict=True):
+                group_id = self.groups[position].group_id or group_name("", position)
+                merged[position] = GroupResult(group_id=group_id, rollouts=group.rollouts)
+        if self._batch_eps is not None:
+            self._scale_by_batch(merged, self._batch_eps)
+        results = self._results.values()
+        return EstimateResult(
+            model=models[0],
+            groups=[group for group in merged if group is not None],
+            forward_seconds=sum(r.forward_seconds for r in results),
+            estimator_seconds=sum(r.estimator_seconds for r in results),
+            models=models,
+            step_id=self.step_id,
+        )
+
+    def _scale_by_batch(self, merged: Sequence[GroupResult | None], eps: float) -> None:
+        """Divide every advantage by the std of the step's rewards + eps, as the server's
+        ``scale="batch"`` does over one request."""
+        rewards = np.array(
+            [r.reward for g in self.groups for r in g.rollouts if r.reward is not None],
+            dtype=np.float64,
+        )
+        scale = (float(rewards.std(ddof=1)) if len(rewards) > 1 else 1.0) + eps
+        for group in merged:
+            assert group is not None
+            for rollout in group.rollouts:
+                for method, advantages in rollout.advantages.items():
+                    scaled = advantages.astype(np.float64) / scale
+                    rollout.advantages[method] = scaled.astype(np.float32)
+
+    def _names(self, requests: Iterable[int]) -> list[str]:
+        groups = self.groups
+        return [group_name(groups[i].group_id, i) for r in requests for i in self.plan[r]]
+
+
+def _reload_outcome(
+    calls: Mapping[str, Future[ModelInfo] | asyncio.Task[ModelInfo]],
+) -> ReloadResult:
+    """Every replica's model, or ReloadFailed naming the replicas that did not reload."""
+    reloaded: dict[str, ModelInfo] = {}
+    errors: dict[str, BaseException] = {}
+    for address, call in calls.items():
+        error = call.exception()
+        if error is None:
+            reloaded[address] = call.result()
+        else:
+            errors[address] = error
+    if errors:
+        raise ReloadFailed(errors, reloaded)
+    return ReloadResult(replicas=reloaded)
+
+
 class ValueClient:
     """Blocking client.
 
     Args:
-        target: ``host:port``, ``dns:///name:port`` or ``ipv4:a:p,b:p`` (the last two
-            round-robin over every address, one per replica).
-        timeout: seconds per call (the server drops work whose deadline passed).
-        retries: extra attempts on UNAVAILABLE (e.g. a replica restarting or draining),
-            with back-off.
+        target: ``host:port``, or ``dns:///name:port`` / ``ipv4:a:port,b:port`` (round-robin
+            over every replica).
+        timeout: seconds per request (the server drops work whose deadline passed).
+        retries: extra attempts on UNAVAILABLE (e.g. a replica restarting or draining) and
+            RESOURCE_EXHAUSTED (a full queue), with back-off.
         backoff: first back-off in seconds; doubles per attempt, jittered.
         max_message_bytes: send/receive limit; must not exceed the server's.
+        max_in_flight: requests of one ``estimate()`` call sent at once.
         credentials: TLS channel credentials (``grpc.ssl_channel_credentials``) for a
             server started with a certificate; plaintext without.
         api_token: bearer token for a server that requires one on Estimate.
@@ -206,13 +500,21 @@ class ValueClient:
         backoff: float = 0.2,
         max_message_bytes: int = 256 << 20,
         retry_codes: Sequence[grpc.StatusCode] = RETRY_CODES,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         credentials: grpc.ChannelCredentials | None = None,
         api_token: str | None = None,
     ) -> None:
+        if max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be at least 1, not {max_in_flight}")
+        self.target = target
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
         self.retry_codes = tuple(retry_codes)
+        self.max_in_flight = max_in_flight
+        self._max_message_bytes = max_message_bytes
+        self._credentials = credentials
+        self._limits: RequestLimits | None = None
         options = channel_options(max_message_bytes, target)
         self._metadata = auth_metadata(api_token)
         self._channel = (
@@ -239,16 +541,67 @@ class ValueClient:
         *,
         timeout: float | None = None,
         min_model_revision: int = 0,
+        step_id: str | None = None,
+        progress: ProgressCallback | None = None,
+        progress_bar: bool = False,
         **params: Mapping[str, Any],
     ) -> EstimateResult:
-        """Values and advantages for ``groups``.
+        """Values and advantages for ``groups``: any number of them, e.g. a whole step.
+
+        The groups are split into requests under the server's per-request limits (read
+        once from :meth:`model_info`), at most ``max_in_flight`` sent at once (over every
+        replica of a multi-address target), each with ``timeout`` and its own retries;
+        the results come back in the order of ``groups``. Every request carries
+        ``step_id`` (default: a fresh random id). ``progress`` is called with a
+        :class:`StepProgress` after each request; ``progress_bar`` shows a tqdm bar.
 
         ``params`` are per-section estimator parameters, e.g.
         ``hista={"d_min": 2.0}, advantage={"scale": "none"}``. ``min_model_revision``
         makes the server refuse (FAILED_PRECONDITION) while its weights are older.
+
+        Raises:
+            ValueError: duplicate group ids, or a group alone over the token limit.
+            StepFailed: a request of a split step failed after its retries; it names the
+                groups. A call sent as one request raises its ``grpc.RpcError`` unchanged.
         """
-        request = build_request(groups, methods, params, min_model_revision)
-        return parse_response(self._call(self._stub.Estimate, request, timeout))
+        step = _Step(
+            groups,
+            methods,
+            params,
+            min_model_revision,
+            step_id,
+            self.request_limits(timeout=timeout),
+            progress,
+            progress_bar,
+        )
+        workers = min(self.max_in_flight, len(step.requests))
+        with ThreadPoolExecutor(workers, thread_name_prefix="statevalue-step") as pool:
+            running: dict[Future[pb.EstimateResponse], int] = {}
+            queued = iter(range(len(step.requests)))
+            while True:
+                while len(running) < workers and not step.stopped:
+                    index = next(queued, None)
+                    if index is None:
+                        break
+                    request = step.requests[index]
+                    running[pool.submit(self._call, self._stub.Estimate, request, timeout)] = index
+                if not running:
+                    break
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    index = running.pop(future)
+                    try:
+                        step.done(index, future.result())
+                    except Exception as exc:
+                        step.failed(index, exc)
+        return step.outcome()
+
+    def request_limits(self, *, timeout: float | None = None) -> RequestLimits:
+        """The server's per-request limits, asked once and remembered."""
+        if self._limits is None:
+            info = self.model_info(timeout=timeout)
+            self._limits = RequestLimits(info.max_request_tokens, info.max_request_groups)
+        return self._limits
 
     def model_info(self, *, timeout: float | None = None) -> ModelInfo:
         return parse_model(self._call(self._stub.GetModelInfo, pb.GetModelInfoRequest(), timeout))
@@ -260,13 +613,33 @@ class ValueClient:
         admin_token: str,
         version: str = "",
         timeout: float | None = None,
-    ) -> ModelInfo:
-        """Load the checkpoint directory ``checkpoint`` (a path on the server) as new weights."""
+    ) -> ReloadResult:
+        """Load the checkpoint directory ``checkpoint`` (a path on the servers) as new weights
+        on every replica behind the target, at once; returns each replica's model.
+
+        Raises:
+            ReloadFailed: some replicas did not reload (it says which, and why).
+        """
         request, metadata = reload_request(checkpoint, version, admin_token)
-        response = self._stub.ReloadWeights(
-            request, timeout=timeout or self.timeout, metadata=metadata
-        )
-        return parse_model(response)
+        addresses = replica_addresses(self.target)
+
+        def reload_one(address: str) -> ModelInfo:
+            if address == self.target:
+                stub = self._stub
+                return parse_model(
+                    stub.ReloadWeights(request, timeout=timeout or self.timeout, metadata=metadata)
+                )
+            with _replica_channel(
+                grpc, address, self.target, self._max_message_bytes, self._credentials
+            ) as channel:
+                stub = pb_grpc.ValueServiceStub(channel)
+                return parse_model(
+                    stub.ReloadWeights(request, timeout=timeout or self.timeout, metadata=metadata)
+                )
+
+        with ThreadPoolExecutor(len(addresses), thread_name_prefix="statevalue-reload") as pool:
+            futures = {address: pool.submit(reload_one, address) for address in addresses}
+        return _reload_outcome(futures)
 
     def close(self) -> None:
         self._channel.close()
@@ -290,13 +663,21 @@ class AsyncValueClient:
         backoff: float = 0.2,
         max_message_bytes: int = 256 << 20,
         retry_codes: Sequence[grpc.StatusCode] = RETRY_CODES,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         credentials: grpc.ChannelCredentials | None = None,
         api_token: str | None = None,
     ) -> None:
+        if max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be at least 1, not {max_in_flight}")
+        self.target = target
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
         self.retry_codes = tuple(retry_codes)
+        self.max_in_flight = max_in_flight
+        self._max_message_bytes = max_message_bytes
+        self._credentials = credentials
+        self._limits: RequestLimits | None = None
         options = channel_options(max_message_bytes, target)
         self._metadata = auth_metadata(api_token)
         self._channel = (
@@ -323,11 +704,53 @@ class AsyncValueClient:
         *,
         timeout: float | None = None,
         min_model_revision: int = 0,
+        step_id: str | None = None,
+        progress: ProgressCallback | None = None,
+        progress_bar: bool = False,
         **params: Mapping[str, Any],
     ) -> EstimateResult:
         """Values and advantages for ``groups`` (see :meth:`ValueClient.estimate`)."""
-        request = build_request(groups, methods, params, min_model_revision)
-        return parse_response(await self._call(self._stub.Estimate, request, timeout))
+        step = _Step(
+            groups,
+            methods,
+            params,
+            min_model_revision,
+            step_id,
+            await self.request_limits(timeout=timeout),
+            progress,
+            progress_bar,
+        )
+        workers = min(self.max_in_flight, len(step.requests))
+        running: dict[asyncio.Task[pb.EstimateResponse], int] = {}
+        queued = iter(range(len(step.requests)))
+        try:
+            while True:
+                while len(running) < workers and not step.stopped:
+                    index = next(queued, None)
+                    if index is None:
+                        break
+                    call = self._call(self._stub.Estimate, step.requests[index], timeout)
+                    running[asyncio.ensure_future(call)] = index
+                if not running:
+                    break
+                finished, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                for task in finished:
+                    index = running.pop(task)
+                    try:
+                        step.done(index, task.result())
+                    except Exception as exc:
+                        step.failed(index, exc)
+        finally:
+            for task in running:
+                task.cancel()
+        return step.outcome()
+
+    async def request_limits(self, *, timeout: float | None = None) -> RequestLimits:
+        """The server's per-request limits, asked once and remembered."""
+        if self._limits is None:
+            info = await self.model_info(timeout=timeout)
+            self._limits = RequestLimits(info.max_request_tokens, info.max_request_groups)
+        return self._limits
 
     async def model_info(self, *, timeout: float | None = None) -> ModelInfo:
         response = await self._call(self._stub.GetModelInfo, pb.GetModelInfoRequest(), timeout)
@@ -340,13 +763,29 @@ class AsyncValueClient:
         admin_token: str,
         version: str = "",
         timeout: float | None = None,
-    ) -> ModelInfo:
-        """Load the checkpoint directory ``checkpoint`` (a path on the server) as new weights."""
+    ) -> ReloadResult:
+        """Reload every replica (see :meth:`ValueClient.reload_weights`)."""
         request, metadata = reload_request(checkpoint, version, admin_token)
-        response = await self._stub.ReloadWeights(
-            request, timeout=timeout or self.timeout, metadata=metadata
-        )
-        return parse_model(response)
+        addresses = await asyncio.to_thread(replica_addresses, self.target)
+
+        async def reload_one(address: str) -> ModelInfo:
+            if address == self.target:
+                response = await self._stub.ReloadWeights(
+                    request, timeout=timeout or self.timeout, metadata=metadata
+                )
+                return parse_model(response)
+            async with _replica_channel(
+                grpc.aio, address, self.target, self._max_message_bytes, self._credentials
+            ) as channel:
+                stub = pb_grpc.ValueServiceStub(channel)
+                response = await stub.ReloadWeights(
+                    request, timeout=timeout or self.timeout, metadata=metadata
+                )
+                return parse_model(response)
+
+        tasks = {address: asyncio.ensure_future(reload_one(address)) for address in addresses}
+        await asyncio.wait(tasks.values())
+        return _reload_outcome(tasks)
 
     async def close(self) -> None:
         await self._channel.close()

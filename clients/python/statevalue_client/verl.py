@@ -11,7 +11,8 @@ verl computes advantages on the driver in ``verl.trainer.ppo.ray_trainer.compute
 Estimators registered with ``core_algos.register_adv_est`` only see rewards, the response
 mask and the group index, not the token ids the service needs, so the hook wraps
 ``compute_advantage`` itself: ``algorithm.adv_estimator=statevalue`` goes to
-:func:`compute_statevalue_advantage` (one service call for the whole batch), every other
+:func:`compute_statevalue_advantage` (one ``estimate()`` for the whole batch, which the client
+splits into requests under the server's limits), every other
 estimator to verl's own code. See docs/integrations.md for the configuration.
 
 Requires verl 0.9.1 (``from verl import DataProto``).

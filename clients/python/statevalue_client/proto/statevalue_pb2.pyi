@@ -126,16 +126,18 @@ class EstimatorParams(_message.Message):
     def __init__(self, numca: _Optional[_Union[NumcaParams, _Mapping]] = ..., hista: _Optional[_Union[HistaParams, _Mapping]] = ..., advantage: _Optional[_Union[AdvantageParams, _Mapping]] = ...) -> None: ...
 
 class EstimateRequest(_message.Message):
-    __slots__ = ("methods", "params", "groups", "min_model_revision")
+    __slots__ = ("methods", "params", "groups", "min_model_revision", "step_id")
     METHODS_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     GROUPS_FIELD_NUMBER: _ClassVar[int]
     MIN_MODEL_REVISION_FIELD_NUMBER: _ClassVar[int]
+    STEP_ID_FIELD_NUMBER: _ClassVar[int]
     methods: _containers.RepeatedScalarFieldContainer[str]
     params: EstimatorParams
     groups: _containers.RepeatedCompositeFieldContainer[Group]
     min_model_revision: int
-    def __init__(self, methods: _Optional[_Iterable[str]] = ..., params: _Optional[_Union[EstimatorParams, _Mapping]] = ..., groups: _Optional[_Iterable[_Union[Group, _Mapping]]] = ..., min_model_revision: _Optional[int] = ...) -> None: ...
+    step_id: str
+    def __init__(self, methods: _Optional[_Iterable[str]] = ..., params: _Optional[_Union[EstimatorParams, _Mapping]] = ..., groups: _Optional[_Iterable[_Union[Group, _Mapping]]] = ..., min_model_revision: _Optional[int] = ..., step_id: _Optional[str] = ...) -> None: ...
 
 class MethodOutput(_message.Message):
     __slots__ = ("values", "advantages", "boundaries")
@@ -187,7 +189,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "vocab_size", "max_length", "hidden_size", "device", "revision")
+    __slots__ = ("name", "version", "vocab_size", "max_length", "hidden_size", "device", "revision", "max_request_tokens", "max_request_groups")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -195,6 +197,8 @@ class ModelInfo(_message.Message):
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
+    MAX_REQUEST_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_REQUEST_GROUPS_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     vocab_size: int
@@ -202,7 +206,9 @@ class ModelInfo(_message.Message):
     hidden_size: int
     device: str
     revision: int
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_length: _Optional[int] = ..., hidden_size: _Optional[int] = ..., device: _Optional[str] = ..., revision: _Optional[int] = ...) -> None: ...
+    max_request_tokens: int
+    max_request_groups: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_length: _Optional[int] = ..., hidden_size: _Optional[int] = ..., device: _Optional[str] = ..., revision: _Optional[int] = ..., max_request_tokens: _Optional[int] = ..., max_request_groups: _Optional[int] = ...) -> None: ...
 
 class ReloadWeightsRequest(_message.Message):
     __slots__ = ("checkpoint", "version")

@@ -1,0 +1,141 @@
+"""A whole RL step (many groups of G rollouts) through the client, on 1 and 2 replicas.
+
+    python -m bench.step                 # 1024 groups, G = 8 (numca + group mean);
+                                         # Hista on 128 of them
+    python -m bench.step --smoke         # tiny configuration, seconds (runs in the tests)
+
+The replicas are `statevalue serve` subprocesses on loopback with a small per-request
+token limit, so ValueClient.estimate splits the step into many requests and sends them
+concurrently (round robin over the replicas). Per row: the step's wall time, tokens/s,
+the model's forward time summed over the replicas (from their /metrics), and the share of
+the wall time in which the busiest replica was not running the model ("outside forward":
+client splitting and reassembly, serialisation, transport, queueing, estimators).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+
+import httpx
+import numpy as np
+
+from bench.perf import EMBEDDED_MODEL, ServerProcess, machine
+from statevalue_client import Group, Rollout, ValueClient
+
+PROMPT_TOKENS = 16
+RESPONSE_TOKENS = (8, 25)  # short responses: uniform lengths in [8, 25)
+
+
+def make_step(groups: int, g: int, seed: int = 0) -> list[Group]:
+    """Random prompts and responses (timing does not depend on which ids) with 0/1 rewards."""
+    rng = np.random.default_rng(seed)
+    return [
+        Group(
+            prompt_ids=rng.integers(100, 40000, PROMPT_TOKENS).astype(np.int32),
+            rollouts=[
+                Rollout(
+                    rng.integers(100, 40000, rng.integers(*RESPONSE_TOKENS)).astype(np.int32),
+                    float(rng.integers(0, 2)),
+                )
+                for _ in range(g)
+            ],
+            group_id=f"g{i}",
+        )
+        for i in range(groups)
+    ]
+
+
+def step_tokens(groups: Sequence[Group]) -> int:
+    return sum(len(g.prompt_ids) + len(r.response_ids) for g in groups for r in g.rollouts)
+
+
+def forward_seconds(server: ServerProcess) -> float:
+    """The server's total time in the model so far (statevalue_forward_seconds_sum)."""
+    page = httpx.get(f"http://127.0.0.1:{server.http_port}/metrics", timeout=30).text
+    for line in page.splitlines():
+        if line.startswith("statevalue_forward_seconds_sum"):
+            return float(line.split()[1])
+    return 0.0
+
+
+def run_row(
+    servers: Sequence[ServerProcess], groups: list[Group], methods: tuple[str, ...], **params: dict
+) -> tuple[float, list[float], int]:
+    """Wall seconds of one step, each replica's forward seconds in it, requests sent."""
+    target = "ipv4:" + ",".join(f"127.0.0.1:{s.grpc_port}" for s in servers)
+    with ValueClient(target, timeout=600) as client:
+        client.estimate(groups[:1], methods, **params)  # connect to every replica, warm up
+        before = [forward_seconds(s) for s in servers]
+        requests: list[int] = []
+        start = time.perf_counter()
+        result = client.estimate(
+            groups, methods, progress=lambda p: requests.append(p.requests_total), **params
+        )
+        wall = time.perf_counter() - start
+    assert len(result.groups) == len(groups)
+    forward = [forward_seconds(s) - b for s, b in zip(servers, before, strict=True)]
+    return wall, forward, requests[-1]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--groups", type=int, default=1024, help="groups in the numca step")
+    parser.add_argument("--hista-groups", type=int, default=128, help="groups in the hista step")
+    parser.add_argument("--g", type=int, default=8, help="rollouts per group")
+    parser.add_argument(
+        "--max-request-tokens", type=int, default=8192, help="the replicas' per-request limit"
+    )
+    parser.add_argument("--max-batch-tokens", type=int, default=8192)
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads per replica (OMP_NUM_THREADS)"
+    )
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes (seconds)")
+    args = parser.parse_args(argv)
+    if args.threads is not None:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # read by the replicas' torch
+    if args.smoke:
+        args.groups, args.hista_groups, args.g, args.max_request_tokens = 24, 6, 2, 256
+
+    print(f"# statevalue step, {datetime.date.today()}, {machine()}, device cpu")
+    print(f"# command: python -m bench.step {shlex.join(argv or sys.argv[1:])}")
+    print(f"# replicas: torch threads {os.environ.get('OMP_NUM_THREADS', 'default')} each")
+    flags = ("--max-request-tokens", str(args.max_request_tokens))
+    servers = [
+        ServerProcess(EMBEDDED_MODEL, "cpu", "auto", args.max_batch_tokens, *flags)
+        for _ in range(2)
+    ]
+    header = (
+        f"{'step':<26} {'replicas':>8} {'requests':>8} {'tokens':>8} {'wall s':>8} "
+        f"{'tokens/s':>9} {'forward s':>9} {'outside forward':>15}"
+    )
+    print(header)
+    print("-" * len(header))
+    rows = [
+        (f"numca+group_mean {args.groups}x{args.g}", args.groups, ("numca", "group_mean"), {}),
+        (f"hista {args.hista_groups}x{args.g}", args.hista_groups, ("hista",), {}),
+    ]
+    try:
+        for name, count, methods, params in rows:
+            groups = make_step(count, args.g)
+            tokens = step_tokens(groups)
+            for replicas in (1, 2):
+                wall, forward, requests = run_row(servers[:replicas], groups, methods, **params)
+                outside = 1 - max(forward) / wall
+                print(
+                    f"{name:<26} {replicas:>8} {requests:>8} {tokens:>8} {wall:>8.2f} "
+                    f"{tokens / wall:>9.0f} {sum(forward):>9.2f} {outside:>15.1%}"
+                )
+    finally:
+        for server in servers:
+            server.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

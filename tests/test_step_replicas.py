@@ -1,0 +1,289 @@
+"""A training step larger than one request, through two real replicas on loopback.
+
+The servers advertise small per-request limits, so the client splits the step; the answer
+must be the one a single process computes for the whole step at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+import torch
+from pydantic import ValidationError
+
+from statevalue.backends.torch_backend import TorchBackend
+from statevalue.config import EstimatorConfig
+from statevalue.engine import Engine
+from statevalue.schema import EstimateRequest, GroupInput, RolloutInput
+from statevalue.settings import ServerSettings
+from statevalue_client import (
+    AsyncValueClient,
+    EstimateResult,
+    Group,
+    Rollout,
+    StepFailed,
+    StepProgress,
+    ValueClient,
+)
+from statevalue_client.client import build_request
+from statevalue_client.proto import statevalue_pb2_grpc as pb_grpc
+from tests.servers import ServerThread, metric_value, running_server
+
+MAX_TOKENS, MAX_GROUPS = 400, 3
+GROUPS, G, PROMPT = 12, 4, 10
+# Numca without a prompt_id is built from each group alone, so it is compared too. With
+# prompt_ids the replicas would each hold their own table: that parity comes with the
+# shared Numca store, and joins METHODS here with the prompt_ids set in step_groups().
+METHODS = ("group_mean", "numca", "hista")
+PARAMS: dict[str, dict[str, Any]] = {"hista": {"node_spacing": 5, "stride": 2}}
+OK = '{frontend="grpc",rpc="Estimate",status="OK"}'
+
+
+@pytest.fixture(scope="module")
+def replicas(backend: TorchBackend) -> Iterator[list[ServerThread]]:
+    limits = {"max_request_tokens": MAX_TOKENS, "max_groups_per_request": MAX_GROUPS}
+    with running_server(backend, **limits) as one, running_server(backend, **limits) as two:
+        yield [one, two]
+
+
+def target(replicas: list[ServerThread]) -> str:
+    return "ipv4:" + ",".join(replica.grpc_target for replica in replicas)
+
+
+def step_groups(seed: int = 0) -> list[Group]:
+    """GROUPS groups of G short random rollouts with mixed 0/1 rewards."""
+    rng = np.random.default_rng(seed)
+    return [
+        Group(
+            prompt_ids=rng.integers(100, 40000, PROMPT).astype(np.int32),
+            rollouts=[
+                Rollout(
+                    rng.integers(100, 40000, rng.integers(8, 25)).astype(np.int32), float(j % 2)
+                )
+                for j in range(G)
+            ],
+            group_id=f"q{i}",
+        )
+        for i in range(GROUPS)
+    ]
+
+
+def one_process(engine: Engine, groups: list[Group], **params: Any) -> EstimateResult:
+    """The whole step in one engine call, in this process."""
+    request = EstimateRequest(
+        groups=[
+            GroupInput(
+                prompt_ids=np.asarray(g.prompt_ids),
+                rollouts=[
+                    RolloutInput(np.asarray(r.response_ids), reward=r.reward) for r in g.rollouts
+                ],
+                group_id=g.group_id,
+            )
+            for g in groups
+        ],
+        methods=METHODS,
+        config=EstimatorConfig.model_validate(params),
+    )
+    return engine.estimate(request)  # type: ignore[return-value]
+
+
+def assert_same(result: EstimateResult, expected: Any, groups: list[Group]) -> None:
+    assert [g.group_id for g in result.groups] == [g.group_id for g in groups]
+    for got, want, sent in zip(result.groups, expected.groups, groups, strict=True):
+        assert len(got.rollouts) == len(sent.rollouts)
+        for rollout, reference, source in zip(
+            got.rollouts, want.rollouts, sent.rollouts, strict=True
+        ):
+            for method in METHODS:
+                values = rollout.values[method]
+                assert len(values) == len(source.response_ids)
+                np.testing.assert_allclose(values, reference.values[method], rtol=1e-4, atol=1e-5)
+                np.testing.assert_allclose(
+                    rollout.advantages[method], reference.advantages[method], rtol=1e-4, atol=1e-4
+                )
+
+
+def ok_counts(replicas: list[ServerThread]) -> list[float]:
+    return [metric_value(r.metrics(), "statevalue_requests_total", OK) for r in replicas]
+
+
+@pytest.mark.parametrize("scale", ["group", "batch"])
+def test_a_split_step_equals_one_process(
+    replicas: list[ServerThread], engine: Engine, scale: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    groups = step_groups()
+    params = {**PARAMS, "advantage": {"scale": scale}}
+    seen: list[StepProgress] = []
+    before = ok_counts(replicas)
+    with caplog.at_level(logging.INFO, logger="statevalue.grpc_server"):
+        with ValueClient(target(replicas), max_in_flight=3) as client:
+            limits = client.request_limits()
+            result = client.estimate(groups, METHODS, progress=seen.append, **params)
+    assert (limits.max_tokens, limits.max_groups) == (MAX_TOKENS, MAX_GROUPS)
+    assert_same(result, one_process(engine, groups, **params), groups)
+    # Several requests, spread over both replicas, each within the limits.
+    served = [after - b for after, b in zip(ok_counts(replicas), before, strict=True)]
+    total = sum(
+        len(g.prompt_ids) * G + sum(len(r.response_ids) for r in g.rollouts) for g in groups
+    )
+    assert seen[-1] == StepProgress(
+        requests_done=seen[-1].requests_total,
+        requests_total=seen[-1].requests_total,
+        groups_done=GROUPS,
+        groups_total=GROUPS,
+        tokens_done=total,
+        tokens_total=total,
+    )
+    assert len(seen) == seen[-1].requests_total == sum(served) >= GROUPS // MAX_GROUPS
+    assert all(count > 0 for count in served), served
+    assert [p.tokens_done for p in seen] == sorted(p.tokens_done for p in seen)
+    # Every request of the step carried its step id.
+    logged = [
+        r.getMessage() for r in caplog.records if f"step_id={result.step_id}" in r.getMessage()
+    ]
+    assert len(logged) == sum(served) and all("status=OK" in line for line in logged)
+
+
+def test_the_async_client_splits_the_same_way(
+    replicas: list[ServerThread], engine: Engine, capsys: pytest.CaptureFixture[str]
+) -> None:
+    groups = step_groups(1)
+
+    async def run() -> EstimateResult:
+        async with AsyncValueClient(target(replicas), max_in_flight=2) as client:
+            return await client.estimate(
+                groups, METHODS, step_id="step-7", progress_bar=True, **PARAMS
+            )
+
+    result = asyncio.run(run())
+    assert result.step_id == "step-7"
+    bar = capsys.readouterr().err
+    assert "statevalue step" in bar and "100%" in bar
+    assert_same(result, one_process(engine, groups, **PARAMS), groups)
+
+
+def test_the_verl_adapter_through_two_replicas(
+    replicas: list[ServerThread], engine: Engine
+) -> None:
+    pytest.importorskip("verl")
+    from verl import DataProto
+
+    from statevalue_client.verl import compute_statevalue_advantage
+
+    groups = step_groups(2)
+    rows = [(g.group_id, g.prompt_ids, r) for g in groups for r in g.rollouts]
+    width, length = PROMPT, max(len(r.response_ids) for _, _, r in rows) + 2
+    prompts = torch.zeros((len(rows), width), dtype=torch.int64)
+    responses = torch.zeros((len(rows), length), dtype=torch.int64)
+    mask = torch.zeros((len(rows), width + length), dtype=torch.int64)
+    rewards = torch.zeros((len(rows), length))
+    for i, (_, prompt, rollout) in enumerate(rows):
+        n = len(rollout.response_ids)
+        prompts[i] = torch.as_tensor(prompt)
+        responses[i, :n] = torch.as_tensor(rollout.response_ids)
+        mask[i, : width + n] = 1
+        rewards[i, n - 1] = rollout.reward
+    order = np.random.default_rng(0).permutation(len(rows))
+    data = DataProto.from_dict(
+        tensors={
+            "prompts": prompts,
+            "responses": responses,
+            "attention_mask": mask,
+            "response_mask": mask[:, width:].clone(),
+            "token_level_rewards": rewards,
+        },
+        non_tensors={"uid": np.array([uid for uid, _, _ in rows], dtype=object)},
+    )
+    data.reorder(torch.as_tensor(order))
+    with ValueClient(target(replicas)) as client:
+        compute_statevalue_advantage(data, client, "hista", PARAMS)
+    expected = one_process(engine, groups, **PARAMS)
+    for row, source in enumerate(order.tolist()):
+        group, rollout = divmod(source, G)
+        want = expected.groups[group].rollouts[rollout]
+        n = len(want.values["hista"])
+        np.testing.assert_allclose(
+            data.batch["values"][row, :n].numpy(), want.values["hista"], rtol=1e-4, atol=1e-5
+        )
+        np.testing.assert_allclose(
+            data.batch["advantages"][row, :n].numpy(),
+            want.advantages["hista"],
+            rtol=1e-4,
+            atol=1e-4,
+        )
+        assert not data.batch["values"][row, n:].any()
+
+
+def test_a_failed_request_names_its_groups(replicas: list[ServerThread]) -> None:
+    groups = step_groups(3)
+    # A token id outside the vocabulary: the server refuses that request (not retried).
+    groups[7].rollouts[0].response_ids = np.array([5, 10**6], dtype=np.int32)
+    with ValueClient(target(replicas), max_in_flight=1) as client:
+        with pytest.raises(StepFailed) as caught:
+            client.estimate(groups, ("group_mean",))
+    failure = caught.value
+    assert failure.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "q7" in failure.failed_groups and "q7" in str(failure)
+    assert "outside the vocabulary" in str(failure)
+    # One request at a time: the ones after the failure were never sent, and say so.
+    assert failure.unsent_groups and set(failure.unsent_groups).isdisjoint(failure.failed_groups)
+    assert max(int(name[1:]) for name in failure.failed_groups) < min(
+        int(name[1:]) for name in failure.unsent_groups
+    )
+
+
+def test_duplicate_group_ids_are_refused_before_sending(replicas: list[ServerThread]) -> None:
+    groups = step_groups(4)
+    groups[5].group_id = groups[2].group_id = "twice"
+    before = ok_counts(replicas)
+    with ValueClient(target(replicas)) as client:
+        with pytest.raises(
+            ValueError, match=r"duplicate group ids in one step: 'twice' \(groups 2, 5\)"
+        ):
+            client.estimate(groups, ("group_mean",))
+    assert ok_counts(replicas) == before
+
+
+def test_a_request_over_the_limit_is_refused_saying_split_it(replicas: list[ServerThread]) -> None:
+    rng = np.random.default_rng(5)
+    # One group of 4 x (10 + 100) = 440 tokens: over the token limit.
+    group = Group(
+        rng.integers(100, 40000, PROMPT), [Rollout(rng.integers(100, 40000, 100), 1.0)] * G
+    )
+    big = build_request([group], ["group_mean"], {})
+    with grpc.insecure_channel(replicas[0].grpc_target) as channel:
+        with pytest.raises(grpc.RpcError) as caught:
+            pb_grpc.ValueServiceStub(channel).Estimate(big, timeout=60)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details().startswith("groups: ") and "split it" in caught.value.details()
+    body = {
+        "methods": ["group_mean"],
+        "groups": [
+            {
+                "prompt_ids": np.asarray(g.prompt_ids).tolist(),
+                "rollouts": [
+                    {"response_ids": np.asarray(r.response_ids).tolist(), "reward": r.reward}
+                    for r in g.rollouts
+                ],
+            }
+            for g in step_groups(5)[: MAX_GROUPS + 1]
+        ],
+    }
+    answer = httpx.post(f"{replicas[0].http_url}/v1/estimate", json=body, timeout=60)
+    assert answer.status_code == 400
+    assert answer.json()["detail"]["field"] == "groups"
+    assert "split it" in answer.json()["detail"]["message"]
+    info = httpx.get(f"{replicas[0].http_url}/v1/model", timeout=10).json()
+    assert (info["max_request_tokens"], info["max_request_groups"]) == (MAX_TOKENS, MAX_GROUPS)
+
+
+def test_the_request_limit_must_fit_the_queue() -> None:
+    with pytest.raises(ValidationError, match="max_request_tokens .* must not exceed"):
+        ServerSettings(max_request_tokens=2_000, max_queue_tokens=1_000)
