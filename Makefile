@@ -7,6 +7,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/pip install --quiet --constraint constraints.txt
 SERVE_STAMP := $(VENV)/.installed-serve
 TEST_STAMP := $(VENV)/.installed-test
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: install install-dev serve estimate test lint format proto constraints
 
@@ -28,6 +29,9 @@ $(TEST_STAMP): $(SERVE_STAMP)
 	# verl's metadata pins transformers<5.11, but DataProto and the driver-side advantage
 	# code work on ours, so it goes in without its dependencies ([verl] brings what it uses).
 	$(PIP) --no-deps verl==0.9.1 torchdata==0.11.0
+	# A real Redis for the shared Numca store's tests (Debian's redis-server).
+	command -v redis-server >/dev/null || \
+	  { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server >/dev/null; }
 	touch $@
 
 install: $(SERVE_STAMP)

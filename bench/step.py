@@ -24,6 +24,7 @@ from collections.abc import Sequence
 
 import httpx
 import numpy as np
+import torch
 
 from bench.perf import EMBEDDED_MODEL, ServerProcess, machine
 from statevalue_client import Group, Rollout, ValueClient
@@ -102,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.smoke:
         args.groups, args.hista_groups, args.g, args.max_request_tokens = 24, 6, 2, 256
 
-    print(f"# statevalue step, {datetime.date.today()}, {machine()}, device cpu")
+    print(f"# statevalue step, {datetime.date.today()}, {machine(torch.device('cpu'))}, device cpu")
     print(f"# command: python -m bench.step {shlex.join(argv or sys.argv[1:])}")
     print(f"# replicas: torch threads {os.environ.get('OMP_NUM_THREADS', 'default')} each")
     flags = ("--max-request-tokens", str(args.max_request_tokens))

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +16,7 @@ from statevalue.backends.embedded import export_embedded_checkpoint
 from statevalue.backends.torch_backend import TorchBackend
 from statevalue.engine import Engine
 from statevalue.schema import GroupInput, RolloutInput
+from tests.servers import RedisServer, Serve, start_serve_process
 
 APPLES = "Tom has 5 apples and buys 3 more. How many apples does he have now?"
 
@@ -19,6 +24,52 @@ APPLES = "Tom has 5 apples and buys 3 more. How many apples does he have now?"
 @pytest.fixture(scope="session")
 def backend() -> TorchBackend:
     return TorchBackend("embedded", device="cpu")
+
+
+def redis_or_skip(directory: Path) -> RedisServer:
+    """A started real Redis (CI installs it; elsewhere the test skips without one)."""
+    if shutil.which("redis-server") is None and not os.environ.get("CI"):
+        pytest.skip("redis-server is not installed (make install-dev installs it)")
+    directory.mkdir()
+    return RedisServer(directory).start()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A fresh Redis for one test."""
+    server = redis_or_skip(tmp_path / "redis")
+    yield server
+    server.kill()
+
+
+@pytest.fixture(scope="module")
+def module_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One Redis for a test module's servers."""
+    server = redis_or_skip(tmp_path_factory.mktemp("module") / "redis")
+    yield server
+    server.kill()
+
+
+@pytest.fixture
+def start_serve(tmp_path: Path) -> Iterator[Callable[..., Serve]]:
+    """Starts ``statevalue serve`` subprocesses (see ``start_serve_process``); kills leftovers."""
+    processes: list[subprocess.Popen[str]] = []
+
+    def start(
+        *flags: str, env: dict[str, str] | None = None, ports: tuple[int, int] | None = None
+    ) -> Serve:
+        log = tmp_path / f"serve-{len(processes)}.log"
+        serve = start_serve_process(log, *flags, env=env, ports=ports)
+        processes.append(serve[0])
+        return serve
+
+    try:
+        yield start
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+            process.wait(timeout=60)
 
 
 @pytest.fixture(scope="session")

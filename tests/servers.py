@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import shutil
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -203,3 +208,111 @@ def json_group(group: GroupInput) -> dict[str, Any]:
     if group.prompt_id is not None:
         out["prompt_id"] = group.prompt_id
     return out
+
+
+class RedisServer:
+    """Debian's ``redis-server`` on a free loopback port, its data in ``directory``.
+
+    Append-only persistence is on, so a restart (``kill()`` then ``start()``) keeps the data,
+    as a production Redis configured for durability does.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not installed (make install-dev installs it)")
+        self.binary = binary
+        self.directory = directory
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        self.process = subprocess.Popen(
+            [
+                self.binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--dir",
+                str(self.directory),
+            ],  # fmt: skip
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_for(self._answers, timeout=30, what="redis-server to answer")
+        return self
+
+    def _answers(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise RuntimeError(f"redis-server exited with {self.process.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown save, only what the append-only file already holds."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=30)
+
+
+Serve = tuple[subprocess.Popen[str], int, int, Path]
+"""A ``statevalue serve`` subprocess: the process, its gRPC and HTTP ports, its log file."""
+
+
+def start_serve_process(
+    log: Path,
+    *flags: str,
+    env: dict[str, str] | None = None,
+    ports: tuple[int, int] | None = None,
+) -> Serve:
+    """``statevalue serve`` on loopback (free ports unless ``ports`` = (grpc, http))."""
+    grpc_port, http_port = ports or (free_port(), free_port())
+    with log.open("w") as output:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "statevalue.cli",
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--grpc-port",
+                str(grpc_port),
+                "--http-port",
+                str(http_port),
+                "--device",
+                "cpu",
+                *flags,
+            ],  # fmt: skip
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
+    return process, grpc_port, http_port, log
+
+
+def serve_ready(process: subprocess.Popen[str], http_port: int) -> bool:
+    """Whether the subprocess answers /readyz with 200 (raises if it has exited)."""
+    if process.poll() is not None:
+        raise AssertionError(f"serve exited early with {process.returncode}")
+    try:
+        return httpx.get(f"http://127.0.0.1:{http_port}/readyz", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False

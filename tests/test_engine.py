@@ -108,6 +108,7 @@ def test_prompt_id_accumulates_numca_table(engine: Engine, sampled_group: GroupI
     first = engine.estimate(request).groups[0]
     flipped = dataclasses.replace(
         keyed,
+        group_id="apples-flipped",
         rollouts=[dataclasses.replace(r, reward=1.0 - r.reward) for r in keyed.rollouts],
     )
     second = engine.estimate(dataclasses.replace(request, groups=[flipped])).groups[0]
@@ -115,6 +116,62 @@ def test_prompt_id_accumulates_numca_table(engine: Engine, sampled_group: GroupI
     for rollout in second.rollouts:
         np.testing.assert_allclose(rollout.values["numca"], 0.5, rtol=1e-6)
     assert any(np.abs(r.values["numca"] - 0.5).max() > 1e-3 for r in first.rollouts)
+
+
+def test_a_resent_group_counts_once(engine: Engine, sampled_group: GroupInput) -> None:
+    keyed = dataclasses.replace(sampled_group, prompt_id="resend-test")
+    request = EstimateRequest(groups=[keyed], methods=("numca",), config=SHORT)
+    answers = [engine.estimate(request).groups[0] for _ in range(3)]
+    for answer in answers[1:]:
+        for got, first in zip(answer.rollouts, answers[0].rollouts, strict=True):
+            np.testing.assert_array_equal(got.values["numca"], first.values["numca"])
+    # Without a group id or key, each send is a new group: the table grows.
+    anonymous = dataclasses.replace(keyed, group_id="")
+    unkeyed = dataclasses.replace(request, groups=[anonymous])
+    engine.estimate(unkeyed)
+    engine.estimate(unkeyed)
+    assert engine.numca_store.stats().counted >= 3
+
+
+def test_a_reused_group_id_with_other_rewards_is_refused(
+    engine: Engine, sampled_group: GroupInput
+) -> None:
+    keyed = dataclasses.replace(sampled_group, prompt_id="reuse-test")
+    engine.estimate(EstimateRequest(groups=[keyed], methods=("numca",), config=SHORT))
+    changed = dataclasses.replace(
+        keyed, rollouts=[dataclasses.replace(r, reward=0.5) for r in keyed.rollouts]
+    )
+    other = dataclasses.replace(keyed, group_id="fresh", prompt_id="reuse-test-2")
+    request = EstimateRequest(groups=[other, changed], methods=("numca",), config=SHORT)
+    counted = engine.numca_store.stats().counted
+    with pytest.raises(InvalidRequest) as caught:
+        engine.estimate(request)
+    assert caught.value.field == "groups[1].group_id"
+    assert "already counted" in caught.value.message
+    # The refusal wrote nothing, not even the other prompt's group.
+    assert engine.numca_store.stats().counted == counted
+    keyed_by_key = dataclasses.replace(other, idempotency_key="k2")
+    engine.estimate(dataclasses.replace(request, groups=[keyed_by_key]))
+    with pytest.raises(InvalidRequest) as caught:
+        engine.estimate(
+            dataclasses.replace(
+                request, groups=[dataclasses.replace(keyed_by_key, rollouts=changed.rollouts)]
+            )
+        )
+    assert caught.value.field == "groups[0].idempotency_key"
+
+
+@pytest.mark.parametrize("name", ["group_id", "idempotency_key"])
+def test_duplicate_ids_in_one_request_are_refused(
+    engine: Engine, sampled_group: GroupInput, name: str
+) -> None:
+    groups = [
+        dataclasses.replace(sampled_group, **{"group_id": f"g{i}", name: "same"}) for i in (0, 1)
+    ]
+    with pytest.raises(InvalidRequest) as caught:
+        engine.estimate(EstimateRequest(groups=groups, methods=("group_mean",)))
+    assert caught.value.field == f"groups[1].{name}"
+    assert "'same' is also groups[0]" in caught.value.message
 
 
 def test_token_gae_and_no_scaling(engine: Engine) -> None:

@@ -3,12 +3,9 @@ with more work queued than the grace period, the rest is answered "draining" in 
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -19,69 +16,15 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from statevalue_client import Group, Rollout, ValueClient
-from tests.servers import free_port, metric_value, wait_for
+from tests.servers import Serve, metric_value, serve_ready, wait_for
 
 ROLLOUTS, LENGTH = 8, 300
-
-
-Serve = tuple[subprocess.Popen[str], int, int, Path]
-
-
-@pytest.fixture
-def start_serve(tmp_path: Path) -> Iterator[Callable[..., Serve]]:
-    """Starts ``statevalue serve`` subprocesses on free loopback ports; kills leftovers."""
-    processes: list[subprocess.Popen[str]] = []
-
-    def start(*flags: str, env: dict[str, str] | None = None) -> Serve:
-        grpc_port, http_port = free_port(), free_port()
-        log = tmp_path / f"serve-{len(processes)}.log"
-        with log.open("w") as output:
-            process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "statevalue.cli",
-                    "serve",
-                    "--host",
-                    "127.0.0.1",
-                    "--grpc-port",
-                    str(grpc_port),
-                    "--http-port",
-                    str(http_port),
-                    "--device",
-                    "cpu",
-                    *flags,
-                ],
-                stdout=output,
-                stderr=subprocess.STDOUT,
-                text=True,
-                env={**os.environ, **(env or {})},
-            )
-        processes.append(process)
-        return process, grpc_port, http_port, log
-
-    try:
-        yield start
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-            process.wait(timeout=60)
 
 
 @pytest.fixture
 def serve_process(start_serve: Callable[..., Serve]) -> Serve:
     """A ``statevalue serve`` subprocess with a long grace period."""
     return start_serve("--shutdown-grace-s", "300")
-
-
-def _ready(process: subprocess.Popen[str], http_port: int) -> bool:
-    if process.poll() is not None:
-        raise AssertionError(f"serve exited early with {process.returncode}")
-    try:
-        return httpx.get(f"http://127.0.0.1:{http_port}/readyz", timeout=2).status_code == 200
-    except httpx.TransportError:
-        return False
 
 
 def _status(http_port: int, path: str) -> int | None:
@@ -100,7 +43,7 @@ def _queued(http_port: int) -> bool:
 @pytest.mark.slow
 def test_sigterm_drains_the_in_flight_request(serve_process: Serve) -> None:
     process, grpc_port, http_port, log = serve_process
-    wait_for(lambda: _ready(process, http_port), timeout=300, what="serve to be ready")
+    wait_for(lambda: serve_ready(process, http_port), timeout=300, what="serve to be ready")
     # Any in-vocabulary ids do: the subprocess has its own model, this test needs none.
     ids = np.random.default_rng(0).integers(100, 40_000, size=(ROLLOUTS + 1, LENGTH))
     group = Group(
@@ -163,7 +106,7 @@ def test_sigterm_with_more_work_than_the_grace_answers_everything_in_time(
         str(admin_file),
         env={"STATEVALUE_API_TOKEN": api_token},
     )
-    wait_for(lambda: _ready(process, http_port), timeout=600, what="serve to be ready")
+    wait_for(lambda: serve_ready(process, http_port), timeout=600, what="serve to be ready")
     ids = np.random.default_rng(1).integers(100, 40_000, size=(5, 500)).tolist()
     body = {
         "methods": ["hista"],

@@ -1,7 +1,8 @@
 """A training step larger than one request, through two real replicas on loopback.
 
-The servers advertise small per-request limits, so the client splits the step; the answer
-must be the one a single process computes for the whole step at once.
+The servers advertise small per-request limits, so the client splits the step, and keep
+Numca's tables in one real Redis; the answer must be the one a single process computes
+for the whole step at once, step after step.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import grpc
@@ -34,21 +36,23 @@ from statevalue_client import (
 )
 from statevalue_client.client import build_request
 from statevalue_client.proto import statevalue_pb2_grpc as pb_grpc
-from tests.servers import ServerThread, metric_value, running_server
+from tests.servers import RedisServer, ServerThread, metric_value, running_server
 
 MAX_TOKENS, MAX_GROUPS = 400, 3
 GROUPS, G, PROMPT = 12, 4, 10
-# Numca without a prompt_id is built from each group alone, so it is compared too. With
-# prompt_ids the replicas would each hold their own table: that parity comes with the
-# shared Numca store, and joins METHODS here with the prompt_ids set in step_groups().
+# Groups carry prompt_ids (two groups per prompt), so Numca reads the shared tables.
 METHODS = ("group_mean", "numca", "hista")
 PARAMS: dict[str, dict[str, Any]] = {"hista": {"node_spacing": 5, "stride": 2}}
 OK = '{frontend="grpc",rpc="Estimate",status="OK"}'
 
 
 @pytest.fixture(scope="module")
-def replicas(backend: TorchBackend) -> Iterator[list[ServerThread]]:
-    limits = {"max_request_tokens": MAX_TOKENS, "max_groups_per_request": MAX_GROUPS}
+def replicas(backend: TorchBackend, module_redis: RedisServer) -> Iterator[list[ServerThread]]:
+    limits = {
+        "max_request_tokens": MAX_TOKENS,
+        "max_groups_per_request": MAX_GROUPS,
+        "numca_store": module_redis.url,
+    }
     with running_server(backend, **limits) as one, running_server(backend, **limits) as two:
         yield [one, two]
 
@@ -57,8 +61,10 @@ def target(replicas: list[ServerThread]) -> str:
     return "ipv4:" + ",".join(replica.grpc_target for replica in replicas)
 
 
-def step_groups(seed: int = 0) -> list[Group]:
-    """GROUPS groups of G short random rollouts with mixed 0/1 rewards."""
+def step_groups(seed: int = 0, prompt_seed: int | None = None) -> list[Group]:
+    """GROUPS groups of G short random rollouts with mixed 0/1 rewards, two per prompt_id
+    (of ``prompt_seed``, default ``seed``: steps of one seed share their prompts' tables)."""
+    prompt_seed = seed if prompt_seed is None else prompt_seed
     rng = np.random.default_rng(seed)
     return [
         Group(
@@ -70,28 +76,34 @@ def step_groups(seed: int = 0) -> list[Group]:
                 for j in range(G)
             ],
             group_id=f"q{i}",
+            prompt_id=f"s{prompt_seed}-p{i % (GROUPS // 2)}",
         )
         for i in range(GROUPS)
     ]
 
 
-def one_process(engine: Engine, groups: list[Group], **params: Any) -> EstimateResult:
-    """The whole step in one engine call, in this process."""
-    request = EstimateRequest(
-        groups=[
-            GroupInput(
-                prompt_ids=np.asarray(g.prompt_ids),
-                rollouts=[
-                    RolloutInput(np.asarray(r.response_ids), reward=r.reward) for r in g.rollouts
-                ],
-                group_id=g.group_id,
-            )
-            for g in groups
-        ],
-        methods=METHODS,
-        config=EstimatorConfig.model_validate(params),
-    )
-    return engine.estimate(request)  # type: ignore[return-value]
+def one_process(engine: Engine, *steps: list[Group], **params: Any) -> EstimateResult:
+    """Each step in one engine call, in a fresh engine of this process; the last answer."""
+    fresh = Engine(engine.backend)
+    for groups in steps:
+        request = EstimateRequest(
+            groups=[
+                GroupInput(
+                    prompt_ids=np.asarray(g.prompt_ids),
+                    rollouts=[
+                        RolloutInput(np.asarray(r.response_ids), reward=r.reward)
+                        for r in g.rollouts
+                    ],
+                    group_id=g.group_id,
+                    prompt_id=g.prompt_id or None,
+                )
+                for g in groups
+            ],
+            methods=METHODS,
+            config=EstimatorConfig.model_validate(params),
+        )
+        result = fresh.estimate(request)
+    return result  # type: ignore[return-value]
 
 
 def assert_same(result: EstimateResult, expected: Any, groups: list[Group]) -> None:
@@ -169,8 +181,9 @@ def test_the_async_client_splits_the_same_way(
     assert_same(result, one_process(engine, groups, **PARAMS), groups)
 
 
+@pytest.mark.parametrize("method", ["hista", "numca"])
 def test_the_verl_adapter_through_two_replicas(
-    replicas: list[ServerThread], engine: Engine
+    replicas: list[ServerThread], engine: Engine, method: str
 ) -> None:
     pytest.importorskip("verl")
     from verl import DataProto
@@ -179,6 +192,7 @@ def test_the_verl_adapter_through_two_replicas(
 
     groups = step_groups(2)
     rows = [(g.group_id, g.prompt_ids, r) for g in groups for r in g.rollouts]
+    prompt_keys = [g.prompt_id for g in groups for _ in g.rollouts]
     width, length = PROMPT, max(len(r.response_ids) for _, _, r in rows) + 2
     prompts = torch.zeros((len(rows), width), dtype=torch.int64)
     responses = torch.zeros((len(rows), length), dtype=torch.int64)
@@ -199,30 +213,62 @@ def test_the_verl_adapter_through_two_replicas(
             "response_mask": mask[:, width:].clone(),
             "token_level_rewards": rewards,
         },
-        non_tensors={"uid": np.array([uid for uid, _, _ in rows], dtype=object)},
+        non_tensors={
+            "uid": np.array([uid for uid, _, _ in rows], dtype=object),
+            "index": np.array(prompt_keys, dtype=object),
+        },
     )
     data.reorder(torch.as_tensor(order))
     with ValueClient(target(replicas)) as client:
-        compute_statevalue_advantage(data, client, "hista", PARAMS)
+        compute_statevalue_advantage(data, client, method, PARAMS, prompt_key="index")
     expected = one_process(engine, groups, **PARAMS)
     for row, source in enumerate(order.tolist()):
         group, rollout = divmod(source, G)
         want = expected.groups[group].rollouts[rollout]
-        n = len(want.values["hista"])
+        n = len(want.values[method])
         np.testing.assert_allclose(
-            data.batch["values"][row, :n].numpy(), want.values["hista"], rtol=1e-4, atol=1e-5
+            data.batch["values"][row, :n].numpy(), want.values[method], rtol=1e-4, atol=1e-5
         )
         np.testing.assert_allclose(
             data.batch["advantages"][row, :n].numpy(),
-            want.advantages["hista"],
+            want.advantages[method],
             rtol=1e-4,
             atol=1e-4,
         )
         assert not data.batch["values"][row, n:].any()
 
 
+def test_numca_tables_are_shared_step_after_step(
+    replicas: list[ServerThread], engine: Engine
+) -> None:
+    first = step_groups(6)
+    # The next step's groups of the same prompts, with ids of their own.
+    second = [replace(g, group_id=f"next-{g.group_id}") for g in step_groups(7, prompt_seed=6)]
+    with ValueClient(target(replicas), max_in_flight=2) as client:
+        client.estimate(first, METHODS, **PARAMS)
+        result = client.estimate(second, METHODS, **PARAMS)
+        # A retry of the first step (same ids, same content) counts nothing again...
+        client.estimate(first, ("numca",), **PARAMS)
+        again = client.estimate(second, METHODS, **PARAMS)
+        # ...while ids reused with other rollouts are refused, naming the group.
+        reused = step_groups(7, prompt_seed=6)
+        with pytest.raises(StepFailed) as caught:
+            client.estimate(reused, ("numca",), **PARAMS)
+    expected = one_process(engine, first, second, **PARAMS)
+    assert_same(result, expected, second)
+    assert_same(again, expected, second)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "already counted" in str(caught.value) and "group_id" in str(caught.value)
+    repeated = sum(
+        metric_value(r.metrics(), "statevalue_numca_groups_total", '{outcome="repeated"}')
+        for r in replicas
+    )
+    assert repeated >= 2 * GROUPS
+
+
 def test_a_failed_request_names_its_groups(replicas: list[ServerThread]) -> None:
-    groups = step_groups(3)
+    # No prompt_ids: requests follow the groups' order, as the check below assumes.
+    groups = [replace(g, prompt_id="") for g in step_groups(3)]
     # A token id outside the vocabulary: the server refuses that request (not retried).
     groups[7].rollouts[0].response_ids = np.array([5, 10**6], dtype=np.int32)
     with ValueClient(target(replicas), max_in_flight=1) as client:

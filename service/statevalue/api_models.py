@@ -47,6 +47,11 @@ class GroupIn(_Wire):
     prompt_id: str | None = Field(
         None, description="Stable id of the prompt across steps: Numca accumulates its table."
     )
+    idempotency_key: str = Field(
+        "",
+        description="With a prompt_id, Numca counts the group once per key (retries never "
+        "count twice). Default: group_id; neither: counted every time it is sent.",
+    )
     prompt_ids: list[TokenId] | None = None
     prompt_text: str | None = None
     messages: list[ChatMessage] | None = None
@@ -67,6 +72,7 @@ class GroupIn(_Wire):
             ],
             group_id=self.group_id,
             prompt_id=self.prompt_id,
+            idempotency_key=self.idempotency_key,
             prompt_ids=None
             if self.prompt_ids is None
             else np.asarray(self.prompt_ids, dtype=np.int64),

@@ -7,6 +7,8 @@ requests: ``prepare`` (checks + tokenisation), the backend's ``hidden_states`` o
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import time
 from collections.abc import Sequence
@@ -27,8 +29,16 @@ from statevalue.estimators.numca import (
     add_to_table,
     numca_path,
     read_numca_values,
+    table_rows,
 )
-from statevalue.numca_store import InMemoryNumcaStore, NumcaStore
+from statevalue.numca_store import (
+    Contribution,
+    ContributionConflict,
+    InMemoryNumcaStore,
+    NumcaStore,
+    TableUpdate,
+    encode_state,
+)
 from statevalue.schema import (
     EstimateRequest,
     EstimateResult,
@@ -55,6 +65,21 @@ class PreparedGroup:
     rewards: np.ndarray
     rewarded: np.ndarray
     token_rewards: list[np.ndarray | None]
+    # Identifies the group's Numca contribution across retries ("" = none) and the field
+    # it came from, to name in an error.
+    numca_key: str = ""
+    numca_key_field: str = "group_id"
+
+    def content_digest(self) -> str:
+        """A hash of the tokens and rewards: a resent group has the same one."""
+        digest = hashlib.sha256(self.prompt_ids.astype("<i4").tobytes())
+        for response, reward, rewarded in zip(
+            self.responses, self.rewards, self.rewarded, strict=True
+        ):
+            digest.update(len(response).to_bytes(4, "little"))
+            digest.update(response.astype("<i4").tobytes())
+            digest.update(repr(float(reward) if rewarded else None).encode())
+        return digest.hexdigest()[:32]
 
 
 @dataclass
@@ -142,6 +167,7 @@ class Engine:
                 f"at most {self.max_groups} groups per request; split it into several requests "
                 "(the Python client's estimate() does)",
             )
+        _check_unique(request.groups)
         groups = [self._prepare_group(g, f"groups[{i}]") for i, g in enumerate(request.groups)]
         prepared = PreparedRequest(groups=groups, methods=methods, config=request.config)
         if prepared.num_tokens > self.max_tokens:
@@ -221,6 +247,8 @@ class Engine:
             rewards=rewards,
             rewarded=rewarded,
             token_rewards=token_rewards,
+            numca_key=group.idempotency_key or group.group_id,
+            numca_key_field="idempotency_key" if group.idempotency_key else "group_id",
         )
 
     def _prompt_ids(self, group: GroupInput, where: str) -> tuple[np.ndarray, bool]:
@@ -310,8 +338,8 @@ class Engine:
         """Numca values of every group, each table holding the whole request first.
 
         Groups that share a ``prompt_id`` share the stored table of that prompt: all of
-        them are added before any is read, as the reference adds a whole batch. A group
-        without one gets a table of its own.
+        them are added (each key once, ever) before any is read, as the reference adds a
+        whole batch, in one atomic store call. A group without one gets a table of its own.
         """
         numca = prepared.config.numca
         paths: list[list[NumcaPath]] = []
@@ -328,40 +356,64 @@ class Engine:
                 paths[g], lengths, table, numca.unseen_state, numca.prior_count
             )
 
-        def add(table: NumcaTable, g: int) -> None:
-            group = prepared.groups[g]
-            add_to_table(table, paths[g], group.rewards, group.rewarded, numca.table_states)
-
         results: dict[int, ValueEstimate] = {}
         shared: dict[str, list[int]] = {}
         for g, group in enumerate(prepared.groups):
             if group.prompt_id is None:
                 table = NumcaTable()
-                add(table, g)
+                add_to_table(table, paths[g], group.rewards, group.rewarded, numca.table_states)
                 results[g] = read(table, g)
             else:
                 shared.setdefault(group.prompt_id, []).append(g)
-        if shared:
-            with self.numca_store.lock:
-                for prompt_id, members in shared.items():
-                    table = self.numca_store.table(self._table_key(prompt_id, numca))
-                    for g in members:
-                        add(table, g)
-                    for g in members:
-                        results[g] = read(table, g)
+        if not shared:
+            return [results[g] for g in range(len(prepared.groups))]
+        updates, wanted = [], []
+        for prompt_id, members in shared.items():
+            contributions = []
+            for g in members:
+                group = prepared.groups[g]
+                rows = table_rows(paths[g], group.rewards, group.rewarded, numca.table_states)
+                contributions.append(
+                    Contribution(
+                        group.numca_key,
+                        group.content_digest(),
+                        tuple((tuple(map(encode_state, s)), r) for s, r in rows),
+                    )
+                )
+            states = list(dict.fromkeys(s for g in members for p in paths[g] for s in p.read))
+            wanted.append(states)
+            updates.append(
+                TableUpdate(
+                    self._table_key(prompt_id, numca),
+                    tuple(contributions),
+                    tuple(map(encode_state, states)),
+                )
+            )
+        try:
+            replies = self.numca_store.add_and_read(updates)
+        except ContributionConflict as exc:
+            raise _conflict(prepared, shared, updates, exc) from exc
+        for members, states, reply in zip(shared.values(), wanted, replies, strict=True):
+            table = NumcaTable.from_stats(
+                {s: reply[encode_state(s)] for s in states if encode_state(s) in reply}
+            )
+            for g in members:
+                results[g] = read(table, g)
         return [results[g] for g in range(len(prepared.groups))]
 
     @staticmethod
-    def _table_key(prompt_id: str, numca: NumcaConfig) -> tuple[object, ...]:
-        """Rules that give different states or counts never share a table."""
-        return (
+    def _table_key(prompt_id: str, numca: NumcaConfig) -> str:
+        """The prompt's table under rules that decide states and counts (a content hash):
+        rules that give different states or counts never share a table."""
+        rules = [
             prompt_id,
             numca.number_pattern,
             numca.merge_distance,
             numca.drop_last_number,
             numca.number_boundary,
             numca.table_states,
-        )
+        ]
+        return hashlib.sha256(json.dumps(rules).encode()).hexdigest()[:32]
 
     def _advantages(
         self, prepared: PreparedRequest, per_group: list[dict[str, ValueEstimate]]
@@ -419,6 +471,40 @@ class Engine:
             flat += len(group.responses)
             results.append(GroupResult(group_id=group.group_id, rollouts=rollouts))
         return results
+
+
+def _check_unique(groups: Sequence[GroupInput]) -> None:
+    """Group ids and idempotency keys name one group each within a request."""
+    for name in ("group_id", "idempotency_key"):
+        first: dict[str, int] = {}
+        for i, group in enumerate(groups):
+            value = getattr(group, name)
+            if value and value in first:
+                raise InvalidRequest(
+                    f"groups[{i}].{name}",
+                    f"{value!r} is also groups[{first[value]}].{name}; each group of a "
+                    "request needs its own",
+                )
+            first.setdefault(value, i)
+
+
+def _conflict(
+    prepared: PreparedRequest,
+    shared: dict[str, list[int]],
+    updates: list[TableUpdate],
+    exc: ContributionConflict,
+) -> InvalidRequest:
+    """The error naming the group whose key was counted before with other content."""
+    table = [u.table for u in updates].index(exc.table)
+    prompt_id, members = list(shared.items())[table]
+    g = next(g for g in members if prepared.groups[g].numca_key == exc.key)
+    name = prepared.groups[g].numca_key_field
+    return InvalidRequest(
+        f"groups[{g}].{name}",
+        f"{exc.key!r} of prompt_id {prompt_id!r} was already counted in Numca with other "
+        f"rollouts or rewards; a retry must resend the same group, and a new group of the "
+        f"prompt needs a {name} of its own (a unique id per step)",
+    )
 
 
 def _check_finite(groups: list[GroupResult], config: EstimatorConfig) -> None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import grpc
 
 from statevalue.admin import ReloadRefused, Unauthenticated
+from statevalue.numca_store import StoreUnavailable
 from statevalue.scheduler import DeadlineExpired, ModelTooOld, NotAccepting, QueueFull
 from statevalue.schema import InvalidRequest
 
@@ -39,6 +40,8 @@ def error_reply(exc: BaseException) -> ErrorReply | None:
         return ErrorReply(
             429, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), retry_after=exc.retry_after
         )
+    if isinstance(exc, StoreUnavailable):
+        return ErrorReply(503, grpc.StatusCode.UNAVAILABLE, str(exc), retry_after=1.0)
     if isinstance(exc, NotAccepting):
         return ErrorReply(503, grpc.StatusCode.UNAVAILABLE, str(exc))
     if isinstance(exc, DeadlineExpired):

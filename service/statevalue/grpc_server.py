@@ -92,6 +92,7 @@ def request_from_proto(message: pb.EstimateRequest) -> EstimateRequest:
                 rollouts=rollouts,
                 group_id=group.group_id,
                 prompt_id=group.prompt_id or None,
+                idempotency_key=group.idempotency_key,
                 prompt_ids=prompt_ids,
                 prompt_text=group.prompt_text if has_text else None,
                 messages=[{"role": m.role, "content": m.content} for m in group.messages] or None,

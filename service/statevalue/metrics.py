@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from statevalue.numca_store import StoreStats
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -97,9 +103,41 @@ class Metrics:
             registry=r,
         )
 
+    def watch_numca_store(self, stats: Callable[[], StoreStats]) -> None:
+        """Report the Numca store's size and counters, read at each scrape."""
+        self.registry.register(_NumcaStoreCollector(stats))
+
     def set_model(self, name: str, version: str) -> None:
         self.model_info.clear()
         self.model_info.labels(name=name, version=version).set(1)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _NumcaStoreCollector(Collector):
+    def __init__(self, stats: Callable[[], StoreStats]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._stats()
+        if stats.tables is not None:
+            yield GaugeMetricFamily(
+                "statevalue_numca_tables", "Prompt tables the Numca store holds.", stats.tables
+            )
+        if stats.bytes is not None:
+            yield GaugeMetricFamily(
+                "statevalue_numca_store_bytes",
+                "Approximate memory of the Numca store (Redis store: the Redis server's "
+                "used_memory).",
+                stats.bytes,
+            )
+        groups = CounterMetricFamily(
+            "statevalue_numca_groups",
+            "Groups this replica sent to the Numca store: counted, or repeated (a key "
+            "already counted, e.g. a retry) and so not counted again.",
+            labels=["outcome"],
+        )
+        groups.add_metric(["counted"], stats.counted)
+        groups.add_metric(["repeated"], stats.repeated)
+        yield groups

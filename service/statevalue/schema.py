@@ -27,11 +27,16 @@ class RolloutInput:
 
 @dataclass
 class GroupInput:
-    """One prompt and its G rollouts. Give exactly one of prompt_ids, prompt_text, messages."""
+    """One prompt and its G rollouts. Give exactly one of prompt_ids, prompt_text, messages.
+
+    With a ``prompt_id``, Numca counts the group in that prompt's table once per
+    ``idempotency_key`` (default: ``group_id``; neither: every time it is sent).
+    """
 
     rollouts: list[RolloutInput]
     group_id: str = ""
     prompt_id: str | None = None
+    idempotency_key: str = ""
     prompt_ids: np.ndarray | None = None
     prompt_text: str | None = None
     messages: list[dict[str, str]] | None = None

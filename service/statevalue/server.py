@@ -27,7 +27,7 @@ from statevalue.engine import Engine
 from statevalue.grpc_server import SERVICE_NAME, ValueServicer, build_grpc_server
 from statevalue.http_server import create_app
 from statevalue.metrics import Metrics
-from statevalue.numca_store import InMemoryNumcaStore
+from statevalue.numca_store import open_numca_store
 from statevalue.scheduler import DRAINING, NotAccepting, Scheduler
 from statevalue.schema import EstimateRequest, EstimateResult
 from statevalue.settings import ServerSettings
@@ -64,7 +64,12 @@ async def open_scheduler(
     engine = await asyncio.to_thread(
         Engine,
         backend,
-        numca_store=InMemoryNumcaStore(settings.numca_max_prompts),
+        numca_store=open_numca_store(
+            settings.numca_store,
+            settings.numca_max_prompts,
+            settings.numca_ttl_s,
+            settings.numca_snapshot,
+        ),
         max_groups=settings.max_groups_per_request,
         max_tokens=settings.max_request_tokens,
     )
@@ -77,6 +82,8 @@ async def open_scheduler(
         max_queue_tokens=settings.max_queue_tokens,
         max_queue_wait_s=settings.max_queue_wait_s,
     )
+    metrics.watch_numca_store(engine.numca_store.stats)
+    log.info("Numca tables: %s", engine.numca_store.describe())
     await scheduler.start(warmup=settings.warmup)
     metrics.set_model(backend.identity.name, backend.identity.version)
     return scheduler
@@ -260,6 +267,9 @@ class StatevalueServer:
         drained = True
         if self.scheduler is not None:
             drained = await self.scheduler.drain(grace - min(_SEND_RESERVE_S, grace / 4))
+        if self._engine is not None:
+            # After the drain, so a memory store's snapshot holds everything answered.
+            await asyncio.to_thread(self._engine.numca_store.close)
         left = max(end - loop.time(), 0.1)
         await self._grpc.stop(grace=left)
         self._http.config.timeout_graceful_shutdown = max(end - loop.time(), 0.1)

@@ -5,9 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_serializer, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from typing_extensions import Self
+
+from statevalue.numca_store import redacted
 
 _SECRETS = ("admin_token", "api_token")
 
@@ -58,7 +60,22 @@ class ServerSettings(BaseSettings):
     max_connection_age_s: float = Field(
         300.0, gt=0, description="gRPC connections close after this so clients re-resolve replicas"
     )
-    numca_max_prompts: int = Field(100_000, ge=1, description="prompt tables kept for Numca (LRU)")
+    numca_store: str = Field(
+        "memory",
+        description="where Numca's per-prompt tables live: 'memory' (this process) or "
+        "redis://[:password@]host:port/db (shared by every replica, durable as Redis is)",
+    )
+    numca_max_prompts: int = Field(
+        100_000, ge=1, description="prompt tables kept for Numca (least recently used dropped)"
+    )
+    numca_ttl_s: float = Field(
+        0.0, ge=0, description="drop a prompt's Numca table unused this long (0 = never)"
+    )
+    numca_snapshot: Path | None = Field(
+        None,
+        description="memory store: save the tables to this file when the server stops and "
+        "load them when it starts",
+    )
     shutdown_grace_s: float = Field(
         30.0,
         ge=0,
@@ -112,6 +129,24 @@ class ServerSettings(BaseSettings):
             secret = getattr(self, name)
             if secret is not None and not secret.get_secret_value():
                 raise ValueError(f"{name} is empty")
+        return self
+
+    @field_validator("numca_store")
+    @classmethod
+    def _known_store(cls, value: str) -> str:
+        if value != "memory" and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"must be 'memory' or a redis:// URL, not {redacted(value)!r}")
+        return value
+
+    @field_serializer("numca_store")
+    def _without_password(self, value: str) -> str:
+        # Settings are logged at start; a Redis password must not be.
+        return redacted(value)
+
+    @model_validator(mode="after")
+    def _snapshot_needs_memory(self) -> Self:
+        if self.numca_snapshot is not None and self.numca_store != "memory":
+            raise ValueError("numca_snapshot is for the memory store; Redis persists itself")
         return self
 
     @model_validator(mode="after")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 import time
 import uuid
@@ -48,12 +49,18 @@ class Rollout:
 
 @dataclass
 class Group:
-    """One prompt and its sampled rollouts. ``prompt_id`` lets Numca accumulate across steps."""
+    """One prompt and its sampled rollouts. ``prompt_id`` lets Numca accumulate across steps.
+
+    Numca counts a group with a ``prompt_id`` once per ``idempotency_key`` (default: its
+    ``group_id``; without either, ``estimate()`` keys it by step id and position, so its
+    own retries never count twice).
+    """
 
     prompt_ids: np.ndarray | Sequence[int]
     rollouts: list[Rollout]
     group_id: str = ""
     prompt_id: str = ""
+    idempotency_key: str = ""
 
 
 @dataclass
@@ -251,6 +258,7 @@ def build_request(
         message = request.groups.add(
             group_id=group.group_id,
             prompt_id=group.prompt_id,
+            idempotency_key=group.idempotency_key,
             prompt_ids=pack_int32(group.prompt_ids),
             prompt_num_tokens=len(group.prompt_ids),
         )
@@ -339,8 +347,15 @@ class _Step:
         progress: ProgressCallback | None,
         progress_bar: bool,
     ) -> None:
-        self.groups = list(groups)
         self.step_id = step_id or uuid.uuid4().hex
+        # A group Numca keeps (prompt_id) with no key of its own is keyed by this step, so
+        # the retries below never count it twice.
+        self.groups = [
+            dataclasses.replace(group, idempotency_key=f"{self.step_id}/{i}")
+            if group.prompt_id and not (group.group_id or group.idempotency_key)
+            else group
+            for i, group in enumerate(groups)
+        ]
         ids = [group.group_id for group in self.groups]
         check_unique_ids(ids)
         tokens = [_group_tokens(group) for group in self.groups]

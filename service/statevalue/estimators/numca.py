@@ -7,7 +7,7 @@ per prompt maps each state to the mean reward of the responses that passed throu
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -110,13 +110,18 @@ class NumcaPath:
     final_state: frozenset[str] | None = None
     chain: tuple[frozenset[str], ...] = (_EMPTY,)
 
+    @property
+    def read(self) -> tuple[frozenset[str], ...]:
+        """The states valuing this response reads: the empty set, its states, its final."""
+        final = () if self.final_state is None else (self.final_state,)
+        return (_EMPTY, *self.states, *final)
+
     def table_states(self, rule: TableStates) -> tuple[frozenset[str], ...]:
         """The states this response counts in under ``rule`` (each once)."""
         if rule == "chain":
             return tuple(dict.fromkeys(self.chain))
         if rule == "path":
-            final = () if self.final_state is None else (self.final_state,)
-            return tuple(dict.fromkeys([_EMPTY, *self.states, *final]))
+            return tuple(dict.fromkeys(self.read))
         raise ValueError(f"unknown table_states rule {rule!r}")
 
 
@@ -167,6 +172,14 @@ class NumcaTable:
     def __init__(self) -> None:
         self._stats: dict[frozenset[str], list[float]] = {}
 
+    @classmethod
+    def from_stats(cls, stats: Mapping[frozenset[str], tuple[int, float]]) -> NumcaTable:
+        """A table holding the given (count, reward sum) per state, e.g. read from a store."""
+        table = cls()
+        for state, (count, total) in stats.items():
+            table._stats[state] = [count, total]
+        return table
+
     def add(self, states: Sequence[frozenset[str]], reward: float) -> None:
         """Count one response in each of ``states`` (a repeated state counts once)."""
         for state in dict.fromkeys(states):
@@ -199,6 +212,17 @@ def check_paths(paths: Sequence[NumcaPath], lengths: Sequence[int]) -> None:
             raise ValueError("path boundaries must start at 0 and lie inside the response")
 
 
+def table_rows(
+    paths: Sequence[NumcaPath], rewards: np.ndarray, rewarded: np.ndarray, rule: TableStates
+) -> list[tuple[tuple[frozenset[str], ...], float]]:
+    """What a group adds to its table: (states counted, reward) per rewarded response."""
+    return [
+        (path.table_states(rule), float(reward))
+        for path, reward, has_reward in zip(paths, rewards, rewarded, strict=True)
+        if has_reward
+    ]
+
+
 def add_to_table(
     table: NumcaTable,
     paths: Sequence[NumcaPath],
@@ -207,9 +231,8 @@ def add_to_table(
     rule: TableStates,
 ) -> None:
     """Count every rewarded response of a group in ``table`` (queries add nothing)."""
-    for path, reward, has_reward in zip(paths, rewards, rewarded, strict=True):
-        if has_reward:
-            table.add(path.table_states(rule), float(reward))
+    for states, reward in table_rows(paths, rewards, rewarded, rule):
+        table.add(states, reward)
 
 
 def read_numca_values(

@@ -30,7 +30,7 @@ class Rollout(_message.Message):
     def __init__(self, response_ids: _Optional[bytes] = ..., num_tokens: _Optional[int] = ..., reward: _Optional[float] = ..., token_rewards: _Optional[bytes] = ..., response_text: _Optional[str] = ...) -> None: ...
 
 class Group(_message.Message):
-    __slots__ = ("group_id", "prompt_id", "prompt_ids", "prompt_num_tokens", "prompt_text", "messages", "rollouts")
+    __slots__ = ("group_id", "prompt_id", "prompt_ids", "prompt_num_tokens", "prompt_text", "messages", "rollouts", "idempotency_key")
     GROUP_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -38,6 +38,7 @@ class Group(_message.Message):
     PROMPT_TEXT_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     ROLLOUTS_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     group_id: str
     prompt_id: str
     prompt_ids: bytes
@@ -45,7 +46,8 @@ class Group(_message.Message):
     prompt_text: str
     messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
     rollouts: _containers.RepeatedCompositeFieldContainer[Rollout]
-    def __init__(self, group_id: _Optional[str] = ..., prompt_id: _Optional[str] = ..., prompt_ids: _Optional[bytes] = ..., prompt_num_tokens: _Optional[int] = ..., prompt_text: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., rollouts: _Optional[_Iterable[_Union[Rollout, _Mapping]]] = ...) -> None: ...
+    idempotency_key: str
+    def __init__(self, group_id: _Optional[str] = ..., prompt_id: _Optional[str] = ..., prompt_ids: _Optional[bytes] = ..., prompt_num_tokens: _Optional[int] = ..., prompt_text: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., rollouts: _Optional[_Iterable[_Union[Rollout, _Mapping]]] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
 
 class NumcaParams(_message.Message):
     __slots__ = ("number_pattern", "merge_distance", "drop_last_number", "prior_count", "number_boundary", "table_states", "unseen_state")
