@@ -105,6 +105,28 @@ def test_health_follows_loading_ready_and_draining(backend: TorchBackend) -> Non
         httpx.get(f"{server.http_url}/healthz", timeout=5)
 
 
+def test_a_retrying_client_outlasts_a_loading_server(backend: TorchBackend) -> None:
+    server = ServerThread(backend, warmup=True)
+    pool = ThreadPoolExecutor(1)
+    try:
+        with hold_model(backend):
+            server.start(wait_ready=False)
+            with ValueClient(server.grpc_target, retries=2, unavailable_wait_s=0) as client:
+                with pytest.raises(grpc.RpcError) as caught:
+                    client.estimate([GROUP], ["group_mean"])
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+            patient = ValueClient(server.grpc_target, retries=2, unavailable_wait_s=120)
+            answer = pool.submit(patient.estimate, [GROUP], ["group_mean"])
+            time.sleep(3.0)  # past the two counted retries: only the wait keeps it going
+            assert not answer.done()
+        # The model is released: the warm-up runs, the server turns ready, the call lands.
+        assert answer.result(timeout=120).groups[0].group_id == "g1"
+        patient.close()
+    finally:
+        pool.shutdown()
+        server.stop()
+
+
 def test_stop_while_loading_never_turns_ready(backend: TorchBackend) -> None:
     server = ServerThread(backend, warmup=True)
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import random
 import time
 import uuid
@@ -31,6 +32,9 @@ from statevalue_client.targets import is_multi_address, replica_addresses
 DEFAULT_METHODS = ("numca", "hista", "group_mean")
 # A full queue (RESOURCE_EXHAUSTED) has counted nothing, so sending again is safe.
 RETRY_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+# How long UNAVAILABLE keeps being retried: long enough for a replica to restart and load
+# a small model.
+DEFAULT_UNAVAILABLE_WAIT_S = 60.0
 DEFAULT_MAX_IN_FLIGHT = 4
 # The server's default advantage.scale_eps (tests/test_client_chunking.py keeps them equal).
 DEFAULT_SCALE_EPS = 1e-4
@@ -323,8 +327,35 @@ def parse_response(response: pb.EstimateResponse) -> EstimateResult:
     )
 
 
-def _backoff(attempt: int, base: float) -> float:
-    return base * (2**attempt) * (0.5 + random.random())
+# Longest pause between two attempts: a replica that comes back is found within it.
+MAX_BACKOFF_S = 2.0
+
+
+def _retry_delay(
+    code: grpc.StatusCode,
+    attempt: int,
+    started: float,
+    *,
+    retries: int,
+    backoff: float,
+    retry_codes: tuple[grpc.StatusCode, ...],
+    unavailable_wait_s: float,
+) -> float | None:
+    """Seconds to wait before attempt ``attempt + 1``, or None to give up.
+
+    ``retries`` attempts follow the first for any of ``retry_codes``; past them, an
+    UNAVAILABLE (a replica restarting, loading its model or draining) is retried until
+    ``unavailable_wait_s`` have passed since ``started``. ``retries`` = 0 never retries.
+    """
+    if code not in retry_codes or retries == 0:
+        return None
+    delay = min(backoff * (2**attempt) * (0.5 + random.random()), MAX_BACKOFF_S)
+    if attempt < retries:
+        return delay
+    if code == grpc.StatusCode.UNAVAILABLE:
+        if time.monotonic() + delay - started <= unavailable_wait_s:
+            return delay
+    return None
 
 
 def _group_tokens(group: Group) -> int:
@@ -497,8 +528,10 @@ class ValueClient:
             over every replica).
         timeout: seconds per request (the server drops work whose deadline passed).
         retries: extra attempts on UNAVAILABLE (e.g. a replica restarting or draining) and
-            RESOURCE_EXHAUSTED (a full queue), with back-off.
-        backoff: first back-off in seconds; doubles per attempt, jittered.
+            RESOURCE_EXHAUSTED (a full queue), with back-off; 0 never retries.
+        backoff: first back-off in seconds; doubles per attempt, jittered, at most 2 s.
+        unavailable_wait_s: past ``retries``, UNAVAILABLE is retried until this long after
+            the first attempt, so a call outlasts a replica's restart (retries > 0 only).
         max_message_bytes: send/receive limit; must not exceed the server's.
         max_in_flight: requests of one ``estimate()`` call sent at once.
         credentials: TLS channel credentials (``grpc.ssl_channel_credentials``) for a
@@ -518,6 +551,7 @@ class ValueClient:
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         credentials: grpc.ChannelCredentials | None = None,
         api_token: str | None = None,
+        unavailable_wait_s: float = DEFAULT_UNAVAILABLE_WAIT_S,
     ) -> None:
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be at least 1, not {max_in_flight}")
@@ -526,6 +560,13 @@ class ValueClient:
         self.retries = retries
         self.backoff = backoff
         self.retry_codes = tuple(retry_codes)
+        self.unavailable_wait_s = unavailable_wait_s
+        self._retry_policy: dict[str, Any] = {
+            "retries": retries,
+            "backoff": backoff,
+            "retry_codes": self.retry_codes,
+            "unavailable_wait_s": unavailable_wait_s,
+        }
         self.max_in_flight = max_in_flight
         self._max_message_bytes = max_message_bytes
         self._credentials = credentials
@@ -540,13 +581,15 @@ class ValueClient:
         self._stub = pb_grpc.ValueServiceStub(self._channel)
 
     def _call(self, fn: Callable[..., _T], request: Any, timeout: float | None) -> _T:
-        for attempt in range(self.retries + 1):
+        started = time.monotonic()
+        for attempt in itertools.count():
             try:
                 return fn(request, timeout=timeout or self.timeout, metadata=self._metadata)
             except grpc.RpcError as exc:
-                if exc.code() not in self.retry_codes or attempt == self.retries:
+                delay = _retry_delay(exc.code(), attempt, started, **self._retry_policy)
+                if delay is None:
                     raise
-                time.sleep(_backoff(attempt, self.backoff))
+                time.sleep(delay)
         raise AssertionError("unreachable")
 
     def estimate(
@@ -681,6 +724,7 @@ class AsyncValueClient:
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         credentials: grpc.ChannelCredentials | None = None,
         api_token: str | None = None,
+        unavailable_wait_s: float = DEFAULT_UNAVAILABLE_WAIT_S,
     ) -> None:
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be at least 1, not {max_in_flight}")
@@ -689,6 +733,13 @@ class AsyncValueClient:
         self.retries = retries
         self.backoff = backoff
         self.retry_codes = tuple(retry_codes)
+        self.unavailable_wait_s = unavailable_wait_s
+        self._retry_policy: dict[str, Any] = {
+            "retries": retries,
+            "backoff": backoff,
+            "retry_codes": self.retry_codes,
+            "unavailable_wait_s": unavailable_wait_s,
+        }
         self.max_in_flight = max_in_flight
         self._max_message_bytes = max_message_bytes
         self._credentials = credentials
@@ -703,13 +754,15 @@ class AsyncValueClient:
         self._stub = pb_grpc.ValueServiceStub(self._channel)
 
     async def _call(self, fn: Callable[..., Any], request: Any, timeout: float | None) -> Any:
-        for attempt in range(self.retries + 1):
+        started = time.monotonic()
+        for attempt in itertools.count():
             try:
                 return await fn(request, timeout=timeout or self.timeout, metadata=self._metadata)
             except grpc.aio.AioRpcError as exc:
-                if exc.code() not in self.retry_codes or attempt == self.retries:
+                delay = _retry_delay(exc.code(), attempt, started, **self._retry_policy)
+                if delay is None:
                     raise
-                await asyncio.sleep(_backoff(attempt, self.backoff))
+                await asyncio.sleep(delay)
         raise AssertionError("unreachable")
 
     async def estimate(
