@@ -20,7 +20,7 @@ STUBS = ROOT / "clients" / "python" / "statevalue_client" / "proto"
 NOT_FOR_SERVING = {
     "pytest", "hypothesis", "ruff", "httpx", "grpcio-tools", "matplotlib", "ray", "trl",
     "verl", "datasets", "pandas", "pyarrow", "peft", "vllm", "helm-python-sdk",
-    "kubernetes-validate",
+    "kubernetes-validate", "selenium",
 }  # fmt: skip
 
 
