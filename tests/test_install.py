@@ -189,6 +189,9 @@ def test_wheel_holds_server_client_and_stubs_and_requires_serving_only(tmp_path:
     for path in (
         "statevalue/server.py",
         "statevalue/ray_serve.py",
+        "statevalue/ui/index.html",
+        "statevalue/ui/ui.js",
+        "statevalue/ui/ui.css",
         "statevalue_client/client.py",
         "statevalue_client/py.typed",
         "statevalue_client/proto/statevalue_pb2.py",

@@ -139,6 +139,14 @@ def test_debug_page_in_chromium(backend: TorchBackend, chromium: Any, tmp_path: 
     def tokens() -> list[Any]:
         return driver.find_elements(By.CSS_SELECTOR, ".token")
 
+    def token(rollout: int, text: str) -> Any:
+        """The first token of ``rollout`` whose text is ``text``."""
+        return next(
+            span
+            for span in driver.find_elements(By.CSS_SELECTOR, f".token[data-r='{rollout}']")
+            if span.get_attribute("textContent") == text
+        )
+
     def status() -> str:
         return find("#status").text
 
@@ -207,11 +215,12 @@ def test_debug_page_in_chromium(backend: TorchBackend, chromium: Any, tmp_path: 
         assert status().startswith("done"), status()
         assert "apples" in find(".tokens").text
         choose("method", "numca")
-        assert "{5}" in hover(tokens()[4])
+        assert "state {5}" in hover(token(0, " apples"))
         choose("method", "hista")
         choose("colour", "value")
-        spans = tokens()
-        text = hover(spans[14])
+        for summary in driver.find_elements(By.CSS_SELECTOR, "#input details[open] summary"):
+            summary.click()  # fold the inputs away: the screenshot shows the answer
+        text = hover(token(0, " answer"))
         assert "node at token" in text and "weight" in text and "distance" in text
         assert driver.find_elements(By.CSS_SELECTOR, ".token.neighbour")
         screenshot = (
