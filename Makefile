@@ -32,6 +32,10 @@ $(TEST_STAMP): $(SERVE_STAMP)
 	# A real Redis for the shared Numca store's tests (Debian's redis-server).
 	command -v redis-server >/dev/null || \
 	  { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server >/dev/null; }
+	# Headless Chromium and its driver for the debug page's browser test (tests/test_ui.py).
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { $(SUDO) apt-get update -qq && \
+	    $(SUDO) apt-get install -y -qq chromium chromium-driver >/dev/null; }
 	touch $@
 
 install: $(SERVE_STAMP)

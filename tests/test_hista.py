@@ -10,6 +10,7 @@ from statevalue.config import HistaConfig
 from statevalue.estimators import (
     ema_smooth,
     hista_values,
+    hista_values_explained,
     neighbour_counts,
     prefix_chamfer,
     prefix_distances,
@@ -223,6 +224,43 @@ def test_chunked_distances_give_the_same_values(monkeypatch: pytest.MonkeyPatch)
         np.testing.assert_array_equal(a, b)
     assert [len(v) for v in whole.values] == lengths
     assert [b.tolist() for b in whole.boundaries] == [[0, 3, 6], [], [0, 3], [0, 3, 6, 9]]
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        HistaConfig(stride=2, node_spacing=3, k_max=5, k_min=2),
+        HistaConfig.reference(stride=2, node_spacing=3, k_max=4, k_min=2, own_weight=0.5, tau=2),
+        HistaConfig(**ALT, stride=1, node_spacing=2, d_min=0.1, k_max=3, k_min=3),
+    ],
+    ids=["default", "reference", "alternatives"],
+)
+def test_explained_neighbours_add_up_to_the_values(config: HistaConfig) -> None:
+    gen = torch.Generator().manual_seed(11)
+    lengths = [9, 0, 6, 11, 1]
+    hidden = [torch.randn(4 + t, 8, generator=gen) for t in lengths]
+    rewards = np.array([0.1, 0.9, 0.4, 0.6, 1.0])
+    rewarded = np.array([True, True, False, True, True])
+    plain = hista_values(hidden, 4, lengths, rewards, rewarded, config)
+    explained, nodes = hista_values_explained(hidden, 4, lengths, rewards, rewarded, config)
+    for a, b in zip(plain.values, explained.values, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert len(nodes) == len(lengths)
+    for i, (rollout_nodes, values) in enumerate(zip(nodes, plain.values, strict=True)):
+        assert [n.token for n in rollout_nodes] == plain.boundaries[i][1:].tolist()[
+            : len(rollout_nodes)
+        ]
+        for node in rollout_nodes:
+            assert node.neighbours
+            assert math.isclose(sum(n.weight for n in node.neighbours), 1.0, rel_tol=1e-12)
+            assert all(
+                rewarded[n.rollout] and 0 <= n.token <= lengths[n.rollout] for n in node.neighbours
+            )
+            distances = [n.distance for n in node.neighbours]
+            assert distances == sorted(distances)
+            value = sum(n.weight * rewards[n.rollout] for n in node.neighbours)
+            assert values[node.token] == pytest.approx(value, abs=1e-6)
+    assert sum(len(n) for n in nodes) >= 6
 
 
 def test_bf16_hidden_states() -> None:

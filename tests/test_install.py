@@ -20,7 +20,7 @@ STUBS = ROOT / "clients" / "python" / "statevalue_client" / "proto"
 NOT_FOR_SERVING = {
     "pytest", "hypothesis", "ruff", "httpx", "grpcio-tools", "matplotlib", "ray", "trl",
     "verl", "datasets", "pandas", "pyarrow", "peft", "vllm", "helm-python-sdk",
-    "kubernetes-validate",
+    "kubernetes-validate", "selenium",
 }  # fmt: skip
 
 
@@ -189,6 +189,9 @@ def test_wheel_holds_server_client_and_stubs_and_requires_serving_only(tmp_path:
     for path in (
         "statevalue/server.py",
         "statevalue/ray_serve.py",
+        "statevalue/ui/index.html",
+        "statevalue/ui/ui.js",
+        "statevalue/ui/ui.css",
         "statevalue_client/client.py",
         "statevalue_client/py.typed",
         "statevalue_client/proto/statevalue_pb2.py",

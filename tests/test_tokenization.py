@@ -44,17 +44,12 @@ def ids_of(vocab: list[str], pieces: list[str]) -> np.ndarray:
     return np.array([vocab.index(p) for p in pieces], dtype=np.int64)
 
 
-def pieces_of(text: str, ends: np.ndarray) -> list[str]:
-    starts = np.concatenate([[0], ends[:-1]])
-    return [text[a:b] for a, b in zip(starts, ends, strict=True)]
-
-
 def test_metaspace_numbers_stay_apart() -> None:
     token_text = TokenText(metaspace_tokenizer(), len(METASPACE_VOCAB))
     ids = ids_of(METASPACE_VOCAB, ["▁Tom", "▁has", "▁12", "▁34", "▁5"])
     text, ends = token_text.decode_with_offsets(ids)
     assert text == "Tom has 12 34 5"
-    assert pieces_of(text, ends) == ["Tom", " has", " 12", " 34", " 5"]
+    assert token_text.token_texts(ids) == ["Tom", " has", " 12", " 34", " 5"]
     # Two milestones (12 and 34; 5 is the answer), each starting after its token.
     path = numca_path(text, ends, NumcaConfig.reference(merge_distance=0))
     assert path.boundaries.tolist() == [0, 3, 4]
@@ -65,19 +60,20 @@ def test_metaspace_byte_fallback_character() -> None:
     tokenizer = metaspace_tokenizer()
     token_text = TokenText(tokenizer, len(METASPACE_VOCAB))
     ids = ids_of(METASPACE_VOCAB, ["▁caf", "<0xC3>", "<0xA9>", "▁12", "▁5"])
-    text, ends = token_text.decode_with_offsets(ids)
+    text, _ = token_text.decode_with_offsets(ids)
     assert text == tokenizer.decode(ids.tolist()) == "café 12 5"
     # The first byte of "é" completes no character: it ends where the token before it ends.
-    assert pieces_of(text, ends) == ["caf", "", "é", " 12", " 5"]
+    assert token_text.token_texts(ids) == ["caf", "", "é", " 12", " 5"]
 
 
 def test_byte_level_multibyte_character_split_across_tokens() -> None:
     tokenizer = byte_level_tokenizer()
     token_text = TokenText(tokenizer, len(BYTE_LEVEL_VOCAB))
     ids = ids_of(BYTE_LEVEL_VOCAB, ["Tom", "Ġcaf", "Ã", "©", "Ġ12", "Ġ34", "Ġ5"])
-    text, ends = token_text.decode_with_offsets(ids)
+    text, _ = token_text.decode_with_offsets(ids)
     assert text == tokenizer.decode(ids.tolist()) == "Tom café 12 34 5"
-    assert pieces_of(text, ends) == ["Tom", " caf", "", "é", " 12", " 34", " 5"]
+    assert token_text.token_texts(ids) == ["Tom", " caf", "", "é", " 12", " 34", " 5"]
+    assert token_text.token_texts(ids[:0]) == []
     # A response that stops inside a character keeps what its bytes decode to.
     cut, cut_ends = token_text.decode_with_offsets(ids[:3])
     assert cut == tokenizer.decode(ids[:3].tolist()) and cut_ends[-1] == len(cut)

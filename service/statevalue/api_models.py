@@ -6,16 +6,18 @@ in step.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from statevalue.config import METHODS, EstimatorConfig
+from statevalue.estimators.hista import HistaNode
 from statevalue.schema import (
     EstimateRequest,
     EstimateResult,
     GroupInput,
+    RolloutExplanation,
     RolloutInput,
 )
 
@@ -40,6 +42,17 @@ class RolloutIn(_Wire):
     token_rewards: list[float] | None = Field(
         None, description="Optional per-token rewards (e.g. KL folded in), one per response token."
     )
+
+    @classmethod
+    def from_input(cls, rollout: RolloutInput) -> RolloutIn:
+        return cls(
+            response_ids=_ids(rollout.response_ids),
+            response_text=rollout.response_text,
+            reward=rollout.reward,
+            token_rewards=None
+            if rollout.token_rewards is None
+            else np.asarray(rollout.token_rewards, dtype=np.float64).tolist(),
+        )
 
 
 class GroupIn(_Wire):
@@ -80,6 +93,25 @@ class GroupIn(_Wire):
             messages=None if self.messages is None else [m.model_dump() for m in self.messages],
         )
 
+    @classmethod
+    def from_input(cls, group: GroupInput) -> GroupIn:
+        """The JSON form of an engine-side group, whichever front end it came from."""
+        return cls(
+            group_id=group.group_id,
+            prompt_id=group.prompt_id,
+            idempotency_key=group.idempotency_key,
+            prompt_ids=_ids(group.prompt_ids),
+            prompt_text=group.prompt_text,
+            messages=None
+            if group.messages is None
+            else [ChatMessage.model_validate(m) for m in group.messages],
+            rollouts=[RolloutIn.from_input(r) for r in group.rollouts],
+        )
+
+
+def _ids(ids: np.ndarray | None) -> list[int] | None:
+    return None if ids is None else np.asarray(ids, dtype=np.int64).tolist()
+
 
 # A small valid request: OpenAPI shows it, and API fuzzers start from it.
 ESTIMATE_EXAMPLE = {
@@ -109,6 +141,11 @@ class EstimateIn(_Wire):
     step_id: str = Field(
         "", description="Shared by the requests one training step was split into; logged."
     )
+    explain: bool = Field(
+        False,
+        description="Also answer why each rollout got its values (its 'explanation'): token "
+        "texts, Numca's number sets, Hista's neighbours with their weights.",
+    )
 
     def to_request(self) -> EstimateRequest:
         return EstimateRequest(
@@ -117,6 +154,19 @@ class EstimateIn(_Wire):
             config=self.params,
             min_model_revision=self.min_model_revision,
             step_id=self.step_id,
+            explain=self.explain,
+        )
+
+    @classmethod
+    def from_request(cls, request: EstimateRequest) -> EstimateIn:
+        """The JSON form of an engine-side request (e.g. one that came over gRPC)."""
+        return cls(
+            methods=list(request.methods),
+            params=request.config,
+            groups=[GroupIn.from_input(g) for g in request.groups],
+            min_model_revision=request.min_model_revision,
+            step_id=request.step_id,
+            explain=request.explain,
         )
 
 
@@ -131,10 +181,61 @@ class ModelOut(_Wire):
     revision: int = 0
 
 
+class HistaNeighbourOut(_Wire):
+    rollout: int = Field(description="The neighbour node's rollout (index in the group).")
+    token: int = Field(description="The neighbour node's response token index.")
+    weight: float = Field(description="Share of the node's value; a node's shares sum to 1.")
+    distance: float = Field(description="Prefix distance after the clamp.")
+
+
+class HistaNodeOut(_Wire):
+    token: int = Field(description="Response token index of the interior node.")
+    neighbours: list[HistaNeighbourOut] = Field(description="Nearest first.")
+
+    @classmethod
+    def from_node(cls, node: HistaNode) -> HistaNodeOut:
+        return cls(
+            token=node.token,
+            neighbours=[
+                HistaNeighbourOut(
+                    rollout=n.rollout, token=n.token, weight=n.weight, distance=n.distance
+                )
+                for n in node.neighbours
+            ],
+        )
+
+
+class RolloutExplanationOut(_Wire):
+    tokens: list[str] = Field(description="The text of each response token.")
+    numca_states: list[list[str]] | None = Field(
+        None, description="The numbers of each Numca segment's state, one per Numca boundary."
+    )
+    numca_final_state: list[str] | None = Field(
+        None, description="The Numca state reached after the last token, if any."
+    )
+    hista_nodes: list[HistaNodeOut] | None = Field(
+        None, description="Every interior Hista node with its neighbours."
+    )
+
+    @classmethod
+    def from_explanation(cls, explanation: RolloutExplanation) -> RolloutExplanationOut:
+        return cls(
+            tokens=explanation.tokens,
+            numca_states=explanation.numca_states,
+            numca_final_state=explanation.numca_final_state,
+            hista_nodes=None
+            if explanation.hista_nodes is None
+            else [HistaNodeOut.from_node(n) for n in explanation.hista_nodes],
+        )
+
+
 class RolloutOut(_Wire):
     values: dict[str, list[float]]
     advantages: dict[str, list[float]]
     boundaries: dict[str, list[int]]
+    explanation: RolloutExplanationOut | None = Field(
+        None, description="Only when the request set explain."
+    )
 
 
 class GroupOut(_Wire):
@@ -162,6 +263,9 @@ class EstimateOut(_Wire):
                             values={m: v.tolist() for m, v in r.values.items()},
                             advantages={m: v.tolist() for m, v in r.advantages.items()},
                             boundaries={m: v.tolist() for m, v in r.boundaries.items()},
+                            explanation=None
+                            if r.explanation is None
+                            else RolloutExplanationOut.from_explanation(r.explanation),
                         )
                         for r in g.rollouts
                     ],
@@ -169,3 +273,31 @@ class EstimateOut(_Wire):
                 for g in result.groups
             ],
         )
+
+
+# The debug history (HTTP only, for the debug page): no gRPC counterpart.
+
+
+class HistoryItemOut(_Wire):
+    id: int
+    time: float = Field(description="When it was answered, Unix seconds.")
+    groups: int
+    rollouts: int
+    methods: list[str]
+    model: ModelOut
+
+
+class HistoryEntryOut(_Wire):
+    id: int
+    time: float = Field(description="When it was answered, Unix seconds.")
+    request: dict[str, Any] = Field(description="The request as a body of POST /v1/estimate.")
+    response: EstimateOut
+
+
+def estimate_body(request: EstimateRequest) -> dict[str, Any]:
+    """The JSON body of POST /v1/estimate that makes ``request``, whichever front end it
+    came from, ready to be sent again: only the parameters the caller set (a full dump of
+    the defaults would set both Hista clamps)."""
+    body = EstimateIn.from_request(request).model_dump(mode="json", exclude_none=True)
+    body["params"] = request.config.model_dump(mode="json", exclude_unset=True)
+    return body

@@ -128,7 +128,7 @@ def run_estimate(args: argparse.Namespace) -> int:
                 estimator += result.estimator_seconds
                 out = EstimateOut.from_result(result)
                 for group in out.groups:
-                    line = {"model": out.model.model_dump(), **group.model_dump()}
+                    line = {"model": out.model.model_dump(), **group.model_dump(exclude_none=True)}
                     output.write(json.dumps(line) + "\n")
                 bar.update(len(chunk))
     finally:

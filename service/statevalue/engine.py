@@ -22,7 +22,7 @@ from statevalue.config import METHODS, EstimatorConfig, Method, NumcaConfig
 from statevalue.estimators.advantages import scale_advantages, segment_gae, token_gae
 from statevalue.estimators.base import ValueEstimate
 from statevalue.estimators.group_mean import group_mean_values
-from statevalue.estimators.hista import hista_values
+from statevalue.estimators.hista import HistaNode, hista_values, hista_values_explained
 from statevalue.estimators.numca import (
     NumcaPath,
     NumcaTable,
@@ -45,6 +45,7 @@ from statevalue.schema import (
     GroupInput,
     GroupResult,
     InvalidRequest,
+    RolloutExplanation,
     RolloutResult,
 )
 from statevalue.tokenization import TokenText
@@ -87,6 +88,7 @@ class PreparedRequest:
     groups: list[PreparedGroup]
     methods: tuple[Method, ...]
     config: EstimatorConfig
+    explain: bool = False
 
     @property
     def needs_hidden_states(self) -> bool:
@@ -169,7 +171,9 @@ class Engine:
             )
         _check_unique(request.groups)
         groups = [self._prepare_group(g, f"groups[{i}]") for i, g in enumerate(request.groups)]
-        prepared = PreparedRequest(groups=groups, methods=methods, config=request.config)
+        prepared = PreparedRequest(
+            groups=groups, methods=methods, config=request.config, explain=request.explain
+        )
         if prepared.num_tokens > self.max_tokens:
             raise InvalidRequest(
                 "groups",
@@ -305,9 +309,10 @@ class Engine:
         config = prepared.config
         if prepared.needs_hidden_states and hidden is None:
             raise ValueError("hista needs the hidden states of prepared.sequences()")
-        numca = self._numca(prepared) if "numca" in prepared.methods else []
+        numca, numca_paths = self._numca(prepared) if "numca" in prepared.methods else ([], [])
         offset = 0
         per_group: list[dict[str, ValueEstimate]] = []
+        hista_nodes: list[list[list[HistaNode]]] = []
         for g, group in enumerate(prepared.groups):
             lengths = [len(r) for r in group.responses]
             estimates: dict[str, ValueEstimate] = {}
@@ -318,7 +323,7 @@ class Engine:
                     estimates[method] = numca[g]
                 else:
                     assert hidden is not None
-                    estimates[method] = hista_values(
+                    inputs = (
                         hidden[offset : offset + len(lengths)],
                         len(group.prompt_ids),
                         lengths,
@@ -326,16 +331,48 @@ class Engine:
                         group.rewarded,
                         config.hista,
                     )
+                    if prepared.explain:
+                        estimates[method], nodes = hista_values_explained(*inputs)
+                        hista_nodes.append(nodes)
+                    else:
+                        estimates[method] = hista_values(*inputs)
             offset += len(lengths)
             per_group.append(estimates)
         groups = self._advantages(prepared, per_group)
         _check_finite(groups, config)
+        if prepared.explain:
+            self._explain(prepared, groups, numca_paths, hista_nodes)
         result = EstimateResult(model=self.model, groups=groups)
         result.estimator_seconds = time.perf_counter() - start
         return result
 
-    def _numca(self, prepared: PreparedRequest) -> list[ValueEstimate]:
-        """Numca values of every group, each table holding the whole request first.
+    def _explain(
+        self,
+        prepared: PreparedRequest,
+        groups: list[GroupResult],
+        numca_paths: list[list[NumcaPath]],
+        hista_nodes: list[list[list[HistaNode]]],
+    ) -> None:
+        """Attach each rollout's explanation: token texts, Numca states, Hista neighbours."""
+        for g, (group, result) in enumerate(zip(prepared.groups, groups, strict=True)):
+            for j, (response, rollout) in enumerate(
+                zip(group.responses, result.rollouts, strict=True)
+            ):
+                explanation = RolloutExplanation(tokens=self.token_text.token_texts(response))
+                if numca_paths:
+                    path = numca_paths[g][j]
+                    explanation.numca_states = [_sorted_numbers(s) for s in path.states]
+                    if path.final_state is not None:
+                        explanation.numca_final_state = _sorted_numbers(path.final_state)
+                if hista_nodes:
+                    explanation.hista_nodes = hista_nodes[g][j]
+                rollout.explanation = explanation
+
+    def _numca(
+        self, prepared: PreparedRequest
+    ) -> tuple[list[ValueEstimate], list[list[NumcaPath]]]:
+        """Numca values of every group, each table holding the whole request first, and
+        the paths (states) of every rollout.
 
         Groups that share a ``prompt_id`` share the stored table of that prompt: all of
         them are added (each key once, ever) before any is read, as the reference adds a
@@ -366,7 +403,7 @@ class Engine:
             else:
                 shared.setdefault(group.prompt_id, []).append(g)
         if not shared:
-            return [results[g] for g in range(len(prepared.groups))]
+            return [results[g] for g in range(len(prepared.groups))], paths
         updates, wanted = [], []
         for prompt_id, members in shared.items():
             contributions = []
@@ -399,7 +436,7 @@ class Engine:
             )
             for g in members:
                 results[g] = read(table, g)
-        return [results[g] for g in range(len(prepared.groups))]
+        return [results[g] for g in range(len(prepared.groups))], paths
 
     @staticmethod
     def _table_key(prompt_id: str, numca: NumcaConfig) -> str:
@@ -471,6 +508,11 @@ class Engine:
             flat += len(group.responses)
             results.append(GroupResult(group_id=group.group_id, rollouts=rollouts))
         return results
+
+
+def _sorted_numbers(state: frozenset[str]) -> list[str]:
+    """A Numca state's numbers in numeric order (a fraction by its numerator)."""
+    return sorted(state, key=lambda number: (float(number.split("/")[0]), number))
 
 
 def _check_unique(groups: Sequence[GroupInput]) -> None:

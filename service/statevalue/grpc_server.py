@@ -24,6 +24,7 @@ from statevalue.schema import (
     EstimateResult,
     GroupInput,
     InvalidRequest,
+    RolloutExplanation,
     RolloutInput,
 )
 from statevalue_client.arrays import FLOAT32, INT32, pack_float32, pack_int32, unpack
@@ -104,6 +105,7 @@ def request_from_proto(message: pb.EstimateRequest) -> EstimateRequest:
         config=params_from_proto(message.params),
         min_model_revision=message.min_model_revision,
         step_id=message.step_id,
+        explain=message.explain,
     )
 
 
@@ -125,7 +127,23 @@ def response_to_proto(result: EstimateResult) -> pb.EstimateResponse:
                 entry.values = pack_float32(values)
                 entry.advantages = pack_float32(rollout.advantages[method])
                 entry.boundaries = pack_int32(rollout.boundaries[method])
+            if rollout.explanation is not None:
+                _explanation_to_proto(rollout.explanation, item.explanation)
     return response
+
+
+def _explanation_to_proto(explanation: RolloutExplanation, out: pb.RolloutExplanation) -> None:
+    out.tokens.extend(explanation.tokens)
+    for state in explanation.numca_states or ():
+        out.numca_states.add(numbers=state)
+    if explanation.numca_final_state is not None:
+        out.numca_final_state.numbers.extend(explanation.numca_final_state)
+    for node in explanation.hista_nodes or ():
+        node_out = out.hista_nodes.add(token=node.token)
+        for n in node.neighbours:
+            node_out.neighbours.add(
+                rollout=n.rollout, token=n.token, weight=n.weight, distance=n.distance
+            )
 
 
 def _answer_before(deadline_in: float | None) -> float | None:

@@ -8,17 +8,27 @@ import logging
 import math
 import time
 from collections.abc import Awaitable
+from pathlib import Path
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from statevalue import __version__
-from statevalue.api_models import EstimateIn, EstimateOut, ReloadIn
+from statevalue.api_models import (
+    EstimateIn,
+    EstimateOut,
+    HistoryEntryOut,
+    HistoryItemOut,
+    ModelOut,
+    ReloadIn,
+    estimate_body,
+)
 from statevalue.errors import ErrorReply, error_reply
 from statevalue.metrics import Metrics
 from statevalue.request_ids import HEADER, request_id
@@ -27,6 +37,8 @@ from statevalue.schema import InvalidRequest
 log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
+# The debug page: plain HTML, CSS and JavaScript shipped inside the package.
+UI_DIRECTORY = Path(__file__).resolve().parent / "ui"
 # nginx's code for "client closed the request": logged and counted, never sent.
 CLIENT_CLOSED = 499
 
@@ -202,6 +214,8 @@ def create_app(server: Any, metrics: Metrics, *, max_body_bytes: int) -> FastAPI
     @app.post(
         "/v1/estimate",
         response_model=EstimateOut,
+        # An explanation is only sent when asked for, not as null.
+        response_model_exclude_none=True,
         responses={
             400: {"description": "a field failed a check; detail names it"},
             401: {"description": "missing or wrong API token (when the server requires one)"},
@@ -239,6 +253,78 @@ def create_app(server: Any, metrics: Metrics, *, max_body_bytes: int) -> FastAPI
         if info is None:
             return _error(503, None, "the model is not loaded yet")
         return info
+
+    debug_responses: dict[int | str, dict[str, Any]] = {
+        401: {"description": "missing or wrong API token (when the server requires one)"},
+        404: {"description": "the history is off (no --debug-history), or no such entry"},
+    }
+
+    def history_or_reply(request: Request) -> Any:
+        """The server's debug history, or the error response to send instead."""
+        try:
+            history = server.debug_history(request.headers.get("authorization"))
+        except Exception as exc:
+            reply = error_reply(exc)
+            if reply is None:
+                raise
+            return _reply(reply)
+        if history is None:
+            return _error(404, None, "the debug history is off: start with --debug-history N")
+        return history
+
+    @app.get(
+        "/v1/debug/history",
+        response_model=list[HistoryItemOut],
+        responses=debug_responses,
+    )
+    async def debug_history(request: Request) -> Any:
+        """The Estimate requests the server kept for the debug page, newest first."""
+        history = history_or_reply(request)
+        if isinstance(history, Response):
+            return history
+        return [
+            HistoryItemOut(
+                id=entry.id,
+                time=entry.time,
+                groups=len(entry.request.groups),
+                rollouts=sum(len(g.rollouts) for g in entry.request.groups),
+                methods=list(entry.request.methods),
+                model=ModelOut(
+                    name=entry.result.model.name,
+                    version=entry.result.model.version,
+                    revision=entry.result.model.revision,
+                ),
+            )
+            for entry in history.entries()
+        ]
+
+    @app.get(
+        "/v1/debug/history/{entry_id}",
+        response_model=HistoryEntryOut,
+        response_model_exclude_none=True,
+        responses=debug_responses,
+    )
+    async def debug_history_entry(entry_id: int, request: Request) -> Any:
+        """One kept request (as the JSON of POST /v1/estimate) and its answer, explained."""
+        history = history_or_reply(request)
+        if isinstance(history, Response):
+            return history
+        entry = history.get(entry_id)
+        if entry is None:
+            return _error(404, None, f"no kept request {entry_id} (dropped, or never kept)")
+        return HistoryEntryOut(
+            id=entry.id,
+            time=entry.time,
+            request=estimate_body(entry.request),
+            response=EstimateOut.from_result(entry.result),
+        )
+
+    @app.get("/ui", include_in_schema=False)
+    async def ui_redirect() -> RedirectResponse:
+        # Relative, so the page's relative asset and API URLs work under a path prefix too.
+        return RedirectResponse("ui/")
+
+    app.mount("/ui", StaticFiles(directory=UI_DIRECTORY, html=True), name="ui")
 
     @app.post(
         "/v1/admin/reload",

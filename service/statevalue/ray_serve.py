@@ -58,7 +58,7 @@ class StatevalueDeployment:
         """
         request = EstimateIn.model_validate(body).to_request()
         result = await self.scheduler.submit(request)
-        return EstimateOut.from_result(result).model_dump(mode="json")
+        return EstimateOut.from_result(result).model_dump(mode="json", exclude_none=True)
 
     async def __call__(self, request: Request) -> JSONResponse:
         """HTTP through the Serve proxy: POST an estimate body to the route prefix."""

@@ -8,6 +8,7 @@ import numpy as np
 
 from statevalue.backends.base import ModelIdentity
 from statevalue.config import EstimatorConfig, Method
+from statevalue.estimators.hista import HistaNode
 
 
 @dataclass
@@ -46,7 +47,8 @@ class GroupInput:
 class EstimateRequest:
     """A batch of groups, the methods to run and the estimator parameters.
 
-    ``step_id`` is shared by the requests a client split one training step into.
+    ``step_id`` is shared by the requests a client split one training step into. With
+    ``explain`` every rollout's result also carries a :class:`RolloutExplanation`.
     """
 
     groups: list[GroupInput]
@@ -54,15 +56,34 @@ class EstimateRequest:
     config: EstimatorConfig = field(default_factory=EstimatorConfig)
     min_model_revision: int = 0
     step_id: str = ""
+    explain: bool = False
+
+
+@dataclass
+class RolloutExplanation:
+    """Why a rollout got its values, for people reading them (requested with ``explain``).
+
+    ``tokens``: the text of each response token. ``numca_states``: the numbers (sorted) of
+    the state of each Numca segment, one per Numca boundary; ``numca_final_state``: the
+    state reached after the last token, if any. ``hista_nodes``: each interior Hista node
+    with the neighbours that valued it. A method not run leaves its fields None.
+    """
+
+    tokens: list[str]
+    numca_states: list[list[str]] | None = None
+    numca_final_state: list[str] | None = None
+    hista_nodes: list[HistaNode] | None = None
 
 
 @dataclass
 class RolloutResult:
-    """Per method: values and advantages (len = response length) and segment starts."""
+    """Per method: values and advantages (len = response length) and segment starts;
+    the explanation when the request asked for one."""
 
     values: dict[str, np.ndarray]
     advantages: dict[str, np.ndarray]
     boundaries: dict[str, np.ndarray]
+    explanation: RolloutExplanation | None = None
 
 
 @dataclass

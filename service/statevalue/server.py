@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 import socket
@@ -23,6 +24,7 @@ from grpc_health.v1 import health_pb2
 
 from statevalue.admin import ReloadRefused, check_admin, check_api_token
 from statevalue.backends.base import ModelBackend
+from statevalue.debug_history import DebugHistory
 from statevalue.engine import Engine
 from statevalue.grpc_server import SERVICE_NAME, ValueServicer, build_grpc_server
 from statevalue.http_server import create_app
@@ -120,6 +122,7 @@ class StatevalueServer:
         self._backend = backend
         self._engine: Engine | None = None
         self._stopping = False
+        self._history = DebugHistory(settings.debug_history) if settings.debug_history else None
         max_bytes = settings.max_message_mb << 20
         self._grpc, self._health = build_grpc_server(
             ValueServicer(self, self.metrics),
@@ -180,7 +183,23 @@ class StatevalueServer:
             raise NotAccepting(DRAINING)
         if scheduler is None or not scheduler.accepting:
             raise NotAccepting("the model is not ready")
-        return await scheduler.submit(request, timeout=timeout)
+        if self._history is None:
+            return await scheduler.submit(request, timeout=timeout)
+        # Kept requests carry their explanations, for the debug page to show.
+        result = await scheduler.submit(dataclasses.replace(request, explain=True), timeout=timeout)
+        self._history.record(request, result)
+        return result if request.explain else _without_explanations(result)
+
+    def debug_history(self, authorization: str | None) -> DebugHistory | None:
+        """The kept requests (None when the history is off); the API token guards them.
+
+        Raises:
+            Unauthenticated: an API token is set and the caller did not send it.
+        """
+        if self._history is None:
+            return None
+        check_api_token(authorization, self.settings.secret("api_token"))
+        return self._history
 
     async def reload(self, checkpoint: str, version: str | None, authorization: str | None) -> None:
         """Authenticated weight reload; raises ReloadRefused, or ValueError for a bad checkpoint."""
@@ -278,6 +297,20 @@ class StatevalueServer:
             await self._http_task
         log.info("stopped (%s)", "drained" if drained else "drain timed out")
         return drained
+
+
+def _without_explanations(result: EstimateResult) -> EstimateResult:
+    """``result`` as a caller that did not ask for explanations gets it."""
+    return dataclasses.replace(
+        result,
+        groups=[
+            dataclasses.replace(
+                group,
+                rollouts=[dataclasses.replace(r, explanation=None) for r in group.rollouts],
+            )
+            for group in result.groups
+        ],
+    )
 
 
 async def serve(settings: ServerSettings) -> None:

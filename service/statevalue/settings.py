@@ -87,6 +87,12 @@ class ServerSettings(BaseSettings):
     )
     warmup: bool = Field(True, description="run one forward pass before reporting ready")
     log_json: bool = Field(False, description="structured JSON log lines")
+    debug_history: int = Field(
+        0,
+        ge=0,
+        description="keep the last N Estimate requests with their answers and explanations "
+        "for the debug page /ui (0 = off; with an API token, only its holders see them)",
+    )
     admin_token: SecretStr | None = Field(
         None,
         description="bearer token that allows weight reloads (unset: reloads disabled); "

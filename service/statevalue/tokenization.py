@@ -77,6 +77,13 @@ class TokenText:
             return first + "".join(self._after[ids[1:]]), np.cumsum(lengths)
         return self._decode_incrementally(ids.tolist())
 
+    def token_texts(self, ids: np.ndarray) -> list[str]:
+        """Each token's piece of the response text (empty for a token that only starts a
+        character; the token that completes it holds it)."""
+        text, ends = self.decode_with_offsets(ids)
+        starts = np.concatenate([[0], ends]).astype(np.int64)[:-1]
+        return [text[start:end] for start, end in zip(starts.tolist(), ends.tolist(), strict=True)]
+
     def _decode_incrementally(self, ids: list[int]) -> tuple[str, np.ndarray]:
         """Offsets by decoding a short window that ends at each token.
 

@@ -4,11 +4,14 @@ from statevalue.estimators.advantages import scale_advantages, segment_gae, toke
 from statevalue.estimators.base import ValueEstimate
 from statevalue.estimators.group_mean import group_mean_values
 from statevalue.estimators.hista import (
+    HistaNeighbour,
+    HistaNode,
     HistaNodes,
     ema_smooth,
     hista_nodes,
     hista_representation,
     hista_values,
+    hista_values_explained,
     neighbour_counts,
     node_prefix_lengths,
     prefix_chamfer,
@@ -27,6 +30,8 @@ from statevalue.estimators.numca import (
 )
 
 __all__ = [
+    "HistaNeighbour",
+    "HistaNode",
     "HistaNodes",
     "NumcaPath",
     "NumcaTable",
@@ -38,6 +43,7 @@ __all__ = [
     "hista_nodes",
     "hista_representation",
     "hista_values",
+    "hista_values_explained",
     "merge_boundaries",
     "neighbour_counts",
     "node_prefix_lengths",

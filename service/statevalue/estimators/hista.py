@@ -285,6 +285,30 @@ def _select_neighbours(
     return valid[:, :, None] & torch.isfinite(dist) & (rank < query_k[:, :, None])
 
 
+@dataclass(frozen=True)
+class HistaNeighbour:
+    """One neighbour of a node: a node of ``rollout`` at response token ``token``.
+
+    ``weight`` is its share of the node's value (the shares of a node sum to 1; the value
+    is the sum of share × the neighbour's reward); ``distance`` is the clamped prefix
+    distance the weight came from.
+    """
+
+    rollout: int
+    token: int
+    weight: float
+    distance: float
+
+
+@dataclass(frozen=True)
+class HistaNode:
+    """An interior node of a rollout (at response token ``token``) and its neighbours,
+    nearest first; none when no candidate was left (the node then has the group mean)."""
+
+    token: int
+    neighbours: tuple[HistaNeighbour, ...]
+
+
 def hista_values(
     hidden: Sequence[torch.Tensor],
     prompt_len: int,
@@ -300,6 +324,36 @@ def hista_values(
     rollout's last token is a segment of its own valued at its reward. Computed on the
     device of ``hidden``.
     """
+    return _hista(hidden, prompt_len, lengths, rewards, rewarded, config, explain=False)[0]
+
+
+def hista_values_explained(
+    hidden: Sequence[torch.Tensor],
+    prompt_len: int,
+    lengths: Sequence[int],
+    rewards: np.ndarray,
+    rewarded: np.ndarray,
+    config: HistaConfig,
+) -> tuple[ValueEstimate, list[list[HistaNode]]]:
+    """:func:`hista_values` and, per rollout, its interior nodes with their neighbours.
+
+    The values are those of :func:`hista_values`, from the same computation.
+    """
+    estimate, nodes = _hista(hidden, prompt_len, lengths, rewards, rewarded, config, explain=True)
+    assert nodes is not None
+    return estimate, nodes
+
+
+def _hista(
+    hidden: Sequence[torch.Tensor],
+    prompt_len: int,
+    lengths: Sequence[int],
+    rewards: np.ndarray,
+    rewarded: np.ndarray,
+    config: HistaConfig,
+    *,
+    explain: bool,
+) -> tuple[ValueEstimate, list[list[HistaNode]] | None]:
     rewards, rewarded, mean = check_group(lengths, rewards, rewarded)
     if len(hidden) != len(lengths):
         raise ValueError(f"{len(hidden)} hidden-state tensors for {len(lengths)} rollouts")
@@ -312,9 +366,10 @@ def hista_values(
     nodes = [hista_nodes(prompt_len, length, config) for length in lengths]
     queries = [i for i, n in enumerate(nodes) if len(n.interior)]
     node_values: dict[int, np.ndarray] = {}
+    explained: dict[int, list[HistaNode]] = {}
     if queries:
-        node_values = _interior_values(
-            hidden, prompt_len, nodes, queries, rewards, rewarded, mean, config
+        node_values, explained = _interior_values(
+            hidden, prompt_len, nodes, queries, rewards, rewarded, mean, config, explain
         )
 
     values, boundaries = [], []
@@ -334,7 +389,10 @@ def hista_values(
                 segment_values = np.append(segment_values, rewards[i])
         boundaries.append(starts)
         values.append(piecewise(starts, segment_values, length))
-    return ValueEstimate(values=values, boundaries=boundaries)
+    estimate = ValueEstimate(values=values, boundaries=boundaries)
+    if not explain:
+        return estimate, None
+    return estimate, [explained.get(i, []) for i in range(len(lengths))]
 
 
 def _interior_values(
@@ -346,8 +404,10 @@ def _interior_values(
     rewarded: np.ndarray,
     mean: float,
     config: HistaConfig,
-) -> dict[int, np.ndarray]:
-    """Neighbour estimate at every interior node of each rollout in ``queries``."""
+    explain: bool,
+) -> tuple[dict[int, np.ndarray], dict[int, list[HistaNode]]]:
+    """Neighbour estimate at every interior node of each rollout in ``queries``, and with
+    ``explain`` the neighbours behind each (empty otherwise)."""
     device = hidden[0].device
     reps, counts = hista_representation(hidden, config)
 
@@ -408,4 +468,29 @@ def _interior_values(
     # No candidate at all (own nodes excluded and no other rewarded rollout): group mean.
     estimates = torch.where(total > 0, (weight * cand_reward).sum(-1) / total, mean)
     estimates = estimates.cpu().numpy()
-    return {i: estimates[row, : len(query_pos[row])] for row, i in enumerate(queries)}
+    values = {i: estimates[row, : len(query_pos[row])] for row, i in enumerate(queries)}
+    if not explain:
+        return values, {}
+    share = torch.where(total[:, :, None] > 0, weight / total[:, :, None], 0.0).cpu().numpy()
+    distance = dist.cpu().numpy()
+    picked = chosen.cpu().numpy()
+    owner = cand_owner.cpu().numpy()
+    position = cand_bound.flatten()[real].cpu().numpy()
+    explained: dict[int, list[HistaNode]] = {}
+    for row, i in enumerate(queries):
+        explained[i] = []
+        for a, token in enumerate(query_pos[row].tolist()):
+            chosen_at = np.flatnonzero(picked[row, a])
+            # Nearest first; equal distances in candidate order.
+            chosen_at = chosen_at[np.argsort(distance[row, a, chosen_at], kind="stable")]
+            neighbours = tuple(
+                HistaNeighbour(
+                    int(owner[n]),
+                    int(position[n]),
+                    float(share[row, a, n]),
+                    float(distance[row, a, n]),
+                )
+                for n in chosen_at
+            )
+            explained[i].append(HistaNode(int(token), neighbours))
+    return values, explained

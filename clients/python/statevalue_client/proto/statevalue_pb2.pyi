@@ -128,18 +128,20 @@ class EstimatorParams(_message.Message):
     def __init__(self, numca: _Optional[_Union[NumcaParams, _Mapping]] = ..., hista: _Optional[_Union[HistaParams, _Mapping]] = ..., advantage: _Optional[_Union[AdvantageParams, _Mapping]] = ...) -> None: ...
 
 class EstimateRequest(_message.Message):
-    __slots__ = ("methods", "params", "groups", "min_model_revision", "step_id")
+    __slots__ = ("methods", "params", "groups", "min_model_revision", "step_id", "explain")
     METHODS_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     GROUPS_FIELD_NUMBER: _ClassVar[int]
     MIN_MODEL_REVISION_FIELD_NUMBER: _ClassVar[int]
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPLAIN_FIELD_NUMBER: _ClassVar[int]
     methods: _containers.RepeatedScalarFieldContainer[str]
     params: EstimatorParams
     groups: _containers.RepeatedCompositeFieldContainer[Group]
     min_model_revision: int
     step_id: str
-    def __init__(self, methods: _Optional[_Iterable[str]] = ..., params: _Optional[_Union[EstimatorParams, _Mapping]] = ..., groups: _Optional[_Iterable[_Union[Group, _Mapping]]] = ..., min_model_revision: _Optional[int] = ..., step_id: _Optional[str] = ...) -> None: ...
+    explain: bool
+    def __init__(self, methods: _Optional[_Iterable[str]] = ..., params: _Optional[_Union[EstimatorParams, _Mapping]] = ..., groups: _Optional[_Iterable[_Union[Group, _Mapping]]] = ..., min_model_revision: _Optional[int] = ..., step_id: _Optional[str] = ..., explain: _Optional[bool] = ...) -> None: ...
 
 class MethodOutput(_message.Message):
     __slots__ = ("values", "advantages", "boundaries")
@@ -152,7 +154,7 @@ class MethodOutput(_message.Message):
     def __init__(self, values: _Optional[bytes] = ..., advantages: _Optional[bytes] = ..., boundaries: _Optional[bytes] = ...) -> None: ...
 
 class RolloutOutput(_message.Message):
-    __slots__ = ("num_tokens", "methods")
+    __slots__ = ("num_tokens", "methods", "explanation")
     class MethodsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -162,9 +164,49 @@ class RolloutOutput(_message.Message):
         def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[MethodOutput, _Mapping]] = ...) -> None: ...
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     METHODS_FIELD_NUMBER: _ClassVar[int]
+    EXPLANATION_FIELD_NUMBER: _ClassVar[int]
     num_tokens: int
     methods: _containers.MessageMap[str, MethodOutput]
-    def __init__(self, num_tokens: _Optional[int] = ..., methods: _Optional[_Mapping[str, MethodOutput]] = ...) -> None: ...
+    explanation: RolloutExplanation
+    def __init__(self, num_tokens: _Optional[int] = ..., methods: _Optional[_Mapping[str, MethodOutput]] = ..., explanation: _Optional[_Union[RolloutExplanation, _Mapping]] = ...) -> None: ...
+
+class NumberSet(_message.Message):
+    __slots__ = ("numbers",)
+    NUMBERS_FIELD_NUMBER: _ClassVar[int]
+    numbers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, numbers: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class HistaNeighbour(_message.Message):
+    __slots__ = ("rollout", "token", "weight", "distance")
+    ROLLOUT_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    DISTANCE_FIELD_NUMBER: _ClassVar[int]
+    rollout: int
+    token: int
+    weight: float
+    distance: float
+    def __init__(self, rollout: _Optional[int] = ..., token: _Optional[int] = ..., weight: _Optional[float] = ..., distance: _Optional[float] = ...) -> None: ...
+
+class HistaNode(_message.Message):
+    __slots__ = ("token", "neighbours")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    NEIGHBOURS_FIELD_NUMBER: _ClassVar[int]
+    token: int
+    neighbours: _containers.RepeatedCompositeFieldContainer[HistaNeighbour]
+    def __init__(self, token: _Optional[int] = ..., neighbours: _Optional[_Iterable[_Union[HistaNeighbour, _Mapping]]] = ...) -> None: ...
+
+class RolloutExplanation(_message.Message):
+    __slots__ = ("tokens", "numca_states", "numca_final_state", "hista_nodes")
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NUMCA_STATES_FIELD_NUMBER: _ClassVar[int]
+    NUMCA_FINAL_STATE_FIELD_NUMBER: _ClassVar[int]
+    HISTA_NODES_FIELD_NUMBER: _ClassVar[int]
+    tokens: _containers.RepeatedScalarFieldContainer[str]
+    numca_states: _containers.RepeatedCompositeFieldContainer[NumberSet]
+    numca_final_state: NumberSet
+    hista_nodes: _containers.RepeatedCompositeFieldContainer[HistaNode]
+    def __init__(self, tokens: _Optional[_Iterable[str]] = ..., numca_states: _Optional[_Iterable[_Union[NumberSet, _Mapping]]] = ..., numca_final_state: _Optional[_Union[NumberSet, _Mapping]] = ..., hista_nodes: _Optional[_Iterable[_Union[HistaNode, _Mapping]]] = ...) -> None: ...
 
 class GroupOutput(_message.Message):
     __slots__ = ("group_id", "rollouts")
