@@ -33,8 +33,12 @@ PROMPT_TOKENS = 16
 RESPONSE_TOKENS = (8, 25)  # short responses: uniform lengths in [8, 25)
 
 
-def make_step(groups: int, g: int, seed: int = 0) -> list[Group]:
-    """Random prompts and responses (timing does not depend on which ids) with 0/1 rewards."""
+GROUPS_PER_PROMPT = 4  # with --numca-store: groups sharing one prompt_id
+
+
+def make_step(groups: int, g: int, seed: int = 0, prompt_ids: bool = False) -> list[Group]:
+    """Random prompts and responses (timing does not depend on which ids) with 0/1 rewards;
+    with ``prompt_ids``, every GROUPS_PER_PROMPT groups share a prompt_id (of this seed)."""
     rng = np.random.default_rng(seed)
     return [
         Group(
@@ -47,6 +51,7 @@ def make_step(groups: int, g: int, seed: int = 0) -> list[Group]:
                 for _ in range(g)
             ],
             group_id=f"g{i}",
+            prompt_id=f"s{seed}-p{i // GROUPS_PER_PROMPT}" if prompt_ids else "",
         )
         for i in range(groups)
     ]
@@ -96,6 +101,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--threads", type=int, default=None, help="torch threads per replica (OMP_NUM_THREADS)"
     )
+    parser.add_argument(
+        "--numca-store",
+        default=None,
+        help="the replicas' Numca store (e.g. redis://127.0.0.1:6379/0); groups then carry "
+        f"prompt_ids, {GROUPS_PER_PROMPT} groups per prompt, so Numca adds to and reads it",
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (seconds)")
     args = parser.parse_args(argv)
     if args.threads is not None:
@@ -106,7 +117,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"# statevalue step, {datetime.date.today()}, {machine(torch.device('cpu'))}, device cpu")
     print(f"# command: python -m bench.step {shlex.join(argv or sys.argv[1:])}")
     print(f"# replicas: torch threads {os.environ.get('OMP_NUM_THREADS', 'default')} each")
-    flags = ("--max-request-tokens", str(args.max_request_tokens))
+    flags: tuple[str, ...] = ("--max-request-tokens", str(args.max_request_tokens))
+    if args.numca_store:
+        flags += ("--numca-store", args.numca_store)
+        print(f"# Numca store: {args.numca_store}, {GROUPS_PER_PROMPT} groups per prompt_id")
     servers = [
         ServerProcess(EMBEDDED_MODEL, "cpu", "auto", args.max_batch_tokens, *flags)
         for _ in range(2)
@@ -123,9 +137,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ]
     try:
         for name, count, methods, params in rows:
-            groups = make_step(count, args.g)
-            tokens = step_tokens(groups)
             for replicas in (1, 2):
+                # A fresh step per row: with a store, nothing is counted already.
+                groups = make_step(count, args.g, replicas, bool(args.numca_store))
+                tokens = step_tokens(groups)
                 wall, forward, requests = run_row(servers[:replicas], groups, methods, **params)
                 outside = 1 - max(forward) / wall
                 print(

@@ -188,8 +188,10 @@ def capacity(d: Durations, report: list[str]) -> float:
 def levels(d: Durations, capacity_rps: float, report: list[str]) -> int:
     report += ["### Offered load as a share of capacity", ""]
     errors = 0
+    # Enough paced users that each one's period (users / rate) exceeds the longest wait
+    # admission allows (20 s): the offered load then does not fall with the latency.
+    users = max(16, round(30 * max(d.levels) * capacity_rps))
     for share in d.levels:
-        users = 16
         server = start_server()
         try:
             run = locust(server, users, d.level_s, rate_per_user=share * capacity_rps / users)
@@ -312,7 +314,9 @@ def sigterm(d: Durations, capacity_rps: float, report: list[str]) -> int:
         n
         for what, n in outcomes.counts.items()
         if not re.fullmatch(
-            r"http (200|429|503)|grpc (OK|RESOURCE_EXHAUSTED|UNAVAILABLE)|.*not accepted.*", what
+            r"http (200|429|503)|grpc (OK|RESOURCE_EXHAUSTED|UNAVAILABLE|CANCELLED)"
+            r"|.*not accepted.*",
+            what,
         )
     )
     report += [
@@ -387,12 +391,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--capacity", type=float, default=0.0, help="requests/s; skips measuring capacity"
     )
+    parser.add_argument(
+        "--levels", default=None, help="comma-separated shares of capacity (default 0.5,1,2)"
+    )
     args = parser.parse_args(argv)
     chosen = args.only.split(",")
     unknown = set(chosen) - set(SCENARIOS)
     if unknown:
         parser.error(f"unknown scenario(s): {', '.join(sorted(unknown))}")
     d = SHORT if args.short else FULL
+    if args.levels:
+        d.levels = tuple(float(share) for share in args.levels.split(","))
     report = [
         f"# statevalue load scenarios, {datetime.date.today()}, {platform.machine()}, "
         f"{os.cpu_count()} cores, embedded model on CPU",

@@ -31,7 +31,13 @@ from statevalue_client.targets import is_multi_address, replica_addresses
 
 DEFAULT_METHODS = ("numca", "hista", "group_mean")
 # A full queue (RESOURCE_EXHAUSTED) has counted nothing, so sending again is safe.
-RETRY_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+# CANCELLED too: this client never cancels a call it waits for, so a CANCELLED comes from
+# a replica's gRPC server shutting down while the call was in transport.
+RETRY_CODES = (
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.CANCELLED,
+)
 # How long UNAVAILABLE keeps being retried: long enough for a replica to restart and load
 # a small model.
 DEFAULT_UNAVAILABLE_WAIT_S = 60.0
@@ -527,8 +533,9 @@ class ValueClient:
         target: ``host:port``, or ``dns:///name:port`` / ``ipv4:a:port,b:port`` (round-robin
             over every replica).
         timeout: seconds per request (the server drops work whose deadline passed).
-        retries: extra attempts on UNAVAILABLE (e.g. a replica restarting or draining) and
-            RESOURCE_EXHAUSTED (a full queue), with back-off; 0 never retries.
+        retries: extra attempts on UNAVAILABLE (e.g. a replica restarting or draining),
+            RESOURCE_EXHAUSTED (a full queue) and CANCELLED (a replica's gRPC server
+            shutting down under the call), with back-off; 0 never retries.
         backoff: first back-off in seconds; doubles per attempt, jittered, at most 2 s.
         unavailable_wait_s: past ``retries``, UNAVAILABLE is retried until this long after
             the first attempt, so a call outlasts a replica's restart (retries > 0 only).
