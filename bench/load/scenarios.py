@@ -34,6 +34,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,7 +69,7 @@ class Durations:
 
 
 FULL = Durations(capacity_s=90, level_s=180, soak_s=600, sigterm_load_s=40, kill_s=90)
-SHORT = Durations(capacity_s=15, level_s=15, soak_s=0, sigterm_load_s=10, kill_s=20, levels=(2.0,))
+SHORT = Durations(capacity_s=12, level_s=12, soak_s=0, sigterm_load_s=8, kill_s=15, levels=(2.0,))
 
 
 def start_server(*flags: str) -> ServerProcess:
@@ -166,12 +167,8 @@ def server_errors(run: LocustRun) -> int:
 # -- the scenarios -----------------------------------------------------------------------
 
 
-def capacity(d: Durations, report: list[str]) -> float:
-    server = start_server()
-    try:
-        run = locust(server, users=8, seconds=d.capacity_s)
-    finally:
-        stop_server(server)
+def capacity(server: ServerProcess, d: Durations, report: list[str]) -> float:
+    run = locust(server, users=8, seconds=d.capacity_s)
     rate = run.ok_per_second()
     report += [
         f"### Capacity ({d.capacity_s} s, 8 closed-loop users: 4 HTTP, 4 gRPC)",
@@ -185,18 +182,15 @@ def capacity(d: Durations, report: list[str]) -> float:
     return rate
 
 
-def levels(d: Durations, capacity_rps: float, report: list[str]) -> int:
+def levels(server: ServerProcess, d: Durations, capacity_rps: float, report: list[str]) -> int:
+    """Each share in turn on ``server`` (each run ends when its answers are in)."""
     report += ["### Offered load as a share of capacity", ""]
     errors = 0
     # Enough paced users that each one's period (users / rate) exceeds the longest wait
     # admission allows (20 s): the offered load then does not fall with the latency.
     users = max(16, round(30 * max(d.levels) * capacity_rps))
     for share in d.levels:
-        server = start_server()
-        try:
-            run = locust(server, users, d.level_s, rate_per_user=share * capacity_rps / users)
-        finally:
-            stop_server(server)
+        run = locust(server, users, d.level_s, rate_per_user=share * capacity_rps / users)
         errors += server_errors(run)
         report += [
             f"**{share:.0%}** ({share * capacity_rps:.2f} requests/s offered by {users} paced "
@@ -333,7 +327,8 @@ def sigterm(d: Durations, capacity_rps: float, report: list[str]) -> int:
 
 
 def kill(d: Durations, report: list[str]) -> int:
-    replicas = [start_server(), start_server()]
+    with ThreadPoolExecutor(2) as starting:
+        replicas = list(starting.map(lambda _: start_server(), range(2)))
     address = "ipv4:" + ",".join(target(r) for r in replicas)
     outcomes, done = Outcomes(), threading.Event()
     served = Counter[str]()
@@ -410,10 +405,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     ]
     failures = 0
     rate = args.capacity
-    if "capacity" in chosen or (not rate and {"levels", "soak", "sigterm"} & set(chosen)):
-        rate = capacity(d, report)
-    if "levels" in chosen:
-        failures += levels(d, rate, report)
+    needs_rate = not rate and {"levels", "soak", "sigterm"} & set(chosen)
+    if "capacity" in chosen or needs_rate or "levels" in chosen:
+        server = start_server()
+        try:
+            if "capacity" in chosen or needs_rate:
+                rate = capacity(server, d, report)
+            if "levels" in chosen:
+                failures += levels(server, d, rate, report)
+        finally:
+            stop_server(server)
     if "soak" in chosen and d.soak_s:
         failures += soak(d, rate, report)
     if "sigterm" in chosen:
