@@ -1,5 +1,6 @@
-"""The short, bounded run of bench/load/scenarios.py: real servers, locust, SIGTERM under
-load and a replica killed under a retrying client; no 5xx, nothing lost or left hanging."""
+"""The short, bounded run of bench/load/scenarios.py in CI: a real server under locust at
+its capacity and at 200 %: no 5xx. (SIGTERM under load and a replica killed under a
+retrying client have their own tests: test_server_sigterm.py, test_numca_shared_store.py.)"""
 
 from __future__ import annotations
 
@@ -11,20 +12,18 @@ import pytest
 
 
 @pytest.mark.slow
-def test_the_short_load_scenarios_lose_nothing() -> None:
+def test_the_short_load_run_has_no_server_errors() -> None:
     # Not imported here: locust patches the process for gevent (scenarios.py runs it apart).
     if importlib.util.find_spec("locust") is None:
         pytest.skip("locust is not installed (the dev extra has it)")
     done = subprocess.run(
-        [sys.executable, "-m", "bench.load.scenarios", "--short"],
+        [sys.executable, "-m", "bench.load.scenarios", "--short", "--only", "capacity,levels"],
         capture_output=True,
         text=True,
         timeout=1200,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     out = done.stdout
-    for title in ("### Capacity", "**200%**", "### SIGTERM under load", "killed with SIGKILL"):
+    for title in ("### Capacity", "**200%**", "| http 200 |", "| grpc OK |"):
         assert title in out, out
-    assert "Exit code 0" in out and "every client thread ended: True" in out
-    assert "calls lost: 0" in out
     assert "failures (5xx, lost or hanging requests, a bad exit): 0" in out
