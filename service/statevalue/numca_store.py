@@ -188,11 +188,6 @@ class InMemoryNumcaStore:
                 break
             del self._tables[name]
 
-    def table_names(self) -> list[str]:
-        """The tables held, least recently used first."""
-        with self._lock:
-            return list(self._tables)
-
     def stats(self) -> StoreStats:
         with self._lock:
             states = sum(len(t.stats) for t in self._tables.values())
