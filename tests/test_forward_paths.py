@@ -138,5 +138,6 @@ def test_hista_values_through_the_engine_equal_the_padded_path(
 def test_forward_path_names_are_checked(backend: TorchBackend) -> None:
     assert backend.forward_path == "padded"
     assert check_forward_path("prompt_once") == "prompt_once"
+    assert check_forward_path("auto") == "padded"
     with pytest.raises(ValueError, match="forward path"):
-        check_forward_path("auto")
+        check_forward_path("prompt-once")

@@ -43,6 +43,32 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
+def open_backend(settings: ServerSettings) -> ModelBackend:
+    """Load the model ``settings`` name on the backend they choose (blocking: minutes)."""
+    if settings.backend == "vllm":
+        from statevalue.backends.vllm_backend import VllmBackend
+
+        return VllmBackend(
+            settings.model,
+            device=settings.device,
+            dtype=settings.dtype,
+            layer=settings.layer,
+            forward_path=settings.forward_path,
+            memory_share=settings.vllm_memory_share,
+            enforce_eager=settings.vllm_enforce_eager,
+        )
+    from statevalue.backends.torch_backend import TorchBackend
+
+    return TorchBackend(
+        settings.model,
+        device=settings.device,
+        dtype=settings.dtype,
+        layer=settings.layer,
+        max_batch_tokens=settings.max_batch_tokens,
+        forward_path=settings.forward_path,
+    )
+
+
 async def open_scheduler(
     settings: ServerSettings, metrics: Metrics, backend: ModelBackend | None = None
 ) -> Scheduler:
@@ -52,17 +78,7 @@ async def open_scheduler(
     front end over one model (this server, the Ray Serve deployment) starts here.
     """
     if backend is None:
-        from statevalue.backends.torch_backend import TorchBackend
-
-        backend = await asyncio.to_thread(
-            TorchBackend,
-            settings.model,
-            device=settings.device,
-            dtype=settings.dtype,
-            layer=settings.layer,
-            max_batch_tokens=settings.max_batch_tokens,
-            forward_path=settings.forward_path,
-        )
+        backend = await asyncio.to_thread(open_backend, settings)
     engine = await asyncio.to_thread(
         Engine,
         backend,
@@ -289,6 +305,9 @@ class StatevalueServer:
         if self._engine is not None:
             # After the drain, so a memory store's snapshot holds everything answered.
             await asyncio.to_thread(self._engine.numca_store.close)
+            if self._backend is None:
+                # Loaded here, so closed here (a vLLM engine process would outlive us).
+                await asyncio.to_thread(self._engine.backend.close)
         left = max(end - loop.time(), 0.1)
         await self._grpc.stop(grace=left)
         self._http.config.timeout_graceful_shutdown = max(end - loop.time(), 0.1)

@@ -25,10 +25,28 @@ class ServerSettings(BaseSettings):
         "auto", description="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16"
     )
     layer: int = Field(-1, description="hidden-state layer for Hista (-1 = last)")
-    forward_path: Literal["padded", "packed", "prompt_once"] = Field(
-        "padded",
+    backend: Literal["torch", "vllm"] = Field(
+        "torch",
+        description="what runs the model: torch (transformers, in this process) or vllm "
+        "(vLLM's pooling runner; needs the vllm extra, last layer only)",
+    )
+    forward_path: Literal["auto", "padded", "packed", "prompt_once"] = Field(
+        "auto",
         description="how a forward batch is laid out: padded, packed (unpadded rows, block "
-        "mask) or prompt_once (each group's prompt once, its KV cache reused)",
+        "mask) or prompt_once (each group's prompt once, its KV cache reused); auto = padded "
+        "on torch, prompt_once (through the prefix cache) on vllm, which cannot pad",
+    )
+    vllm_memory_share: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="vllm: share of GPU memory (of RAM on a CPU) for weights and KV cache "
+        "(unset: 0.85 on CUDA, 0.15 on a CPU)",
+    )
+    vllm_enforce_eager: bool | None = Field(
+        None,
+        description="vllm: no torch.compile or CUDA graphs (unset: eager on a CPU, where "
+        "compiling takes minutes; compiled on CUDA)",
     )
 
     host: str = Field("127.0.0.1", description="address both front ends bind to")

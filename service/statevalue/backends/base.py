@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import torch
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -26,10 +30,71 @@ class ModelIdentity:
 
 @dataclass(frozen=True)
 class LoadedWeights:
-    """A checkpoint's tensors, read and checked, ready to swap into the running model."""
+    """A checkpoint's tensors, read and checked, ready to swap into the running model.
+
+    A backend whose model runs elsewhere (vLLM's engine process) reads the files itself:
+    it leaves ``tensors`` empty and keeps the checked directory in ``source``.
+    """
 
     tensors: dict[str, torch.Tensor]
     version: str
+    source: Path | None = None
+
+
+class LoadedModelInfo:
+    """What every backend reports about its loaded model, and the revision bump of a reload.
+
+    A backend sets ``_device`` and ``_dtype`` and calls ``_describe_model`` once its
+    tokenizer and config are loaded.
+    """
+
+    _device: torch.device
+    _dtype: torch.dtype
+
+    def _describe_model(self, name: str, version: str, tokenizer: Any, config: Any) -> None:
+        self._identity = ModelIdentity(name=name, version=version)
+        self._tokenizer = tokenizer
+        self._hidden_size = int(config.hidden_size)
+        # Added tokens can lie past the embedding matrix's rows.
+        self._vocab_size = max(int(config.vocab_size), len(tokenizer))
+        self._max_length = int(getattr(config, "max_position_embeddings", 0) or 2048)
+
+    def _next_revision(self, version: str) -> ModelIdentity:
+        """The identity after a reload to ``version``: same name, revision + 1."""
+        self._identity = ModelIdentity(
+            name=self._identity.name, version=version, revision=self._identity.revision + 1
+        )
+        log.info("weights reloaded: %s revision %d", version, self._identity.revision)
+        return self._identity
+
+    @property
+    def identity(self) -> ModelIdentity:
+        return self._identity
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    @property
+    def hidden_size(self) -> int:
+        return self._hidden_size
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The model's dtype, which is also the dtype of the hidden states it returns."""
+        return self._dtype
 
 
 class ModelBackend(Protocol):
@@ -73,4 +138,8 @@ class ModelBackend(Protocol):
 
     def apply_weights(self, weights: LoadedWeights, version: str | None = None) -> ModelIdentity:
         """Swap in weights from ``read_checkpoint``; returns the new identity."""
+        ...
+
+    def close(self) -> None:
+        """Release what the model holds outside this process (engine processes); idempotent."""
         ...

@@ -13,7 +13,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from statevalue.backends.base import LoadedWeights, ModelIdentity
+from statevalue.backends.base import LoadedModelInfo, LoadedWeights, ModelIdentity
 from statevalue.backends.embedded import EMBEDDED_MODEL, EMBEDDED_NAME, embedded_model_file
 from statevalue.backends.layout import (
     PrefixGroup,
@@ -53,7 +53,9 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def check_forward_path(path: str) -> ForwardPath:
-    """``path`` if it names a forward path (docs/design.md says why ``padded`` is the default)."""
+    """The forward path ``path`` names; ``auto`` is ``padded`` (docs/design.md says why)."""
+    if path == "auto":
+        return "padded"
     if path not in FORWARD_PATHS:
         raise ValueError(
             f"forward path must be one of auto, {', '.join(FORWARD_PATHS)}, not {path!r}"
@@ -78,7 +80,7 @@ def _expanded_cache(cache: Any, copies: int, config: Any) -> Any:
     )
 
 
-def _file_digest(path: Path) -> str:
+def file_digest(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 22), b""):
@@ -86,8 +88,9 @@ def _file_digest(path: Path) -> str:
     return digest.hexdigest()[:12]
 
 
-def _directory_digest(directory: Path) -> str:
-    """A cheap content version of a checkpoint directory: names, sizes and mtimes of its files."""
+def directory_stamp(directory: Path) -> str:
+    """A cheap version stamp of a checkpoint directory from its files' names, sizes and
+    mtimes (not their content, which would mean reading gigabytes)."""
     digest = hashlib.sha256()
     for path in sorted(directory.rglob("*")):
         if path.is_file() and (path.suffix in _WEIGHT_SUFFIXES or path.name == "config.json"):
@@ -117,7 +120,7 @@ def plan_batches(lengths: Sequence[int], max_batch_tokens: int) -> list[list[int
     return batches
 
 
-class TorchBackend:
+class TorchBackend(LoadedModelInfo):
     """A transformers causal LM returning hidden states of one layer.
 
     Args:
@@ -127,7 +130,7 @@ class TorchBackend:
         dtype: ``"auto"`` (bf16 on GPU, fp32 on CPU), ``"float32"``, ``"bfloat16"``, ``"float16"``.
         layer: hidden-state layer; -1 is the last (after the final norm), 0 the embeddings.
         max_batch_tokens: tokens per forward batch (padding and repeated prompts included).
-        forward_path: ``"padded"`` (right-padded batches), ``"packed"`` (unpadded
+        forward_path: ``"auto"`` or ``"padded"`` (right-padded batches), ``"packed"`` (unpadded
             rows with a block mask, each shared prompt once) or ``"prompt_once"`` (each
             shared prompt once, its KV cache reused by every rollout).
     """
@@ -140,7 +143,7 @@ class TorchBackend:
         dtype: str = "auto",
         layer: int = -1,
         max_batch_tokens: int = 8192,
-        forward_path: str = "padded",
+        forward_path: str = "auto",
     ) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -153,7 +156,7 @@ class TorchBackend:
 
         source, kwargs, name, version = self._locate(model)
         log.info("loading model %s (%s) on %s as %s", name, version, self._device, self._dtype)
-        self._tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         causal_lm = AutoModelForCausalLM.from_pretrained(source, dtype=self._dtype, **kwargs)
         causal_lm.eval().to(self._device)
         self._causal_lm = causal_lm
@@ -166,10 +169,7 @@ class TorchBackend:
         num_layers = int(config.num_hidden_layers)
         if not -(num_layers + 1) <= layer <= num_layers:
             raise ValueError(f"layer must be in [-{num_layers + 1}, {num_layers}], not {layer}")
-        self._hidden_size = int(config.hidden_size)
-        self._vocab_size = max(int(config.vocab_size), len(self._tokenizer))
-        self._max_length = int(getattr(config, "max_position_embeddings", 0) or 2048)
-        self._identity = ModelIdentity(name=name, version=version)
+        self._describe_model(name, version, tokenizer, config)
 
     @staticmethod
     def _locate(model: str) -> tuple[str, dict[str, Any], str, str]:
@@ -180,43 +180,14 @@ class TorchBackend:
                 str(path.parent),
                 {"gguf_file": path.name},
                 EMBEDDED_NAME,
-                f"q4_1-{_file_digest(path)}",
+                f"q4_1-{file_digest(path)}",
             )
         path = Path(model)
         if path.is_file() and path.suffix == ".gguf":
-            return str(path.parent), {"gguf_file": path.name}, path.stem, _file_digest(path)
+            return str(path.parent), {"gguf_file": path.name}, path.stem, file_digest(path)
         if path.is_dir():
-            return str(path), {}, path.name, _directory_digest(path)
+            return str(path), {}, path.name, directory_stamp(path)
         return model, {}, model, "hub"
-
-    @property
-    def identity(self) -> ModelIdentity:
-        return self._identity
-
-    @property
-    def tokenizer(self) -> Any:
-        return self._tokenizer
-
-    @property
-    def vocab_size(self) -> int:
-        return self._vocab_size
-
-    @property
-    def max_length(self) -> int:
-        return self._max_length
-
-    @property
-    def hidden_size(self) -> int:
-        return self._hidden_size
-
-    @property
-    def device(self) -> torch.device:
-        return self._device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The model's dtype, which is also the dtype of the hidden states it returns."""
-        return self._dtype
 
     @property
     def forward_path(self) -> ForwardPath:
@@ -372,7 +343,7 @@ class TorchBackend:
                     f"{checkpoint}: {name} has shape {tuple(tensor.shape)}, "
                     f"the model {tuple(expected[name].shape)}"
                 )
-        return LoadedWeights(tensors=weights, version=_directory_digest(directory))
+        return LoadedWeights(tensors=weights, version=directory_stamp(directory))
 
     def apply_weights(self, weights: LoadedWeights, version: str | None = None) -> ModelIdentity:
         """Copy ``weights`` into the model in place (under the model lock) and bump the revision.
@@ -382,15 +353,10 @@ class TorchBackend:
         """
         with self._lock, torch.no_grad():
             self._causal_lm.load_state_dict(weights.tensors, strict=False)
-            self._identity = ModelIdentity(
-                name=self._identity.name,
-                version=version or weights.version,
-                revision=self._identity.revision + 1,
-            )
-        log.info(
-            "weights reloaded: %s revision %d", self._identity.version, self._identity.revision
-        )
-        return self._identity
+            return self._next_revision(version or weights.version)
+
+    def close(self) -> None:
+        """Nothing to release: the model lives in this process and goes with it."""
 
     def _forward(
         self,

