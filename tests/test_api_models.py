@@ -13,7 +13,7 @@ from pydantic import BaseModel, ValidationError
 
 from statevalue import api_models
 from statevalue.config import AdvantageConfig, EstimatorConfig, HistaConfig, NumcaConfig
-from statevalue.grpc_server import params_from_proto
+from statevalue.grpc_server import params_from_proto, params_to_proto
 from statevalue.schema import InvalidRequest
 from statevalue_client.proto import statevalue_pb2 as pb
 
@@ -45,6 +45,10 @@ def test_request_models_match_the_proto(model: type[BaseModel], message: Descrip
         f"{model.__name__} vs {message.name}: only in JSON {json_fields - proto}, "
         f"only in proto {proto - json_fields - COUNT_FIELDS}"
     )
+
+
+def test_model_info_matches_the_proto() -> None:
+    assert set(api_models.ModelInfoOut.model_fields) == set(pb.ModelInfo.DESCRIPTOR.fields_by_name)
 
 
 def test_count_fields_sit_beside_packed_bytes() -> None:
@@ -137,6 +141,7 @@ def test_every_parameter_round_trips_through_the_proto() -> None:
         for name, value in values.items():
             setattr(getattr(params, section), name, value)
     assert params_from_proto(params) == config
+    assert params_to_proto(changed) == params
     assert params_from_proto(pb.EstimatorParams()) == defaults
 
 

@@ -39,7 +39,6 @@ from bench.sveb.backend_args import add_backend_arguments, apply_threads  # noqa
 from bench.sveb.evaluate import (  # noqa: E402
     EngineSpec,
     InProcessSource,
-    clustered_mae,
     group_hidden,
     group_views,
     header,
@@ -47,6 +46,7 @@ from bench.sveb.evaluate import (  # noqa: E402
     parse_params,
     ratio_text,
 )
+from statevalue.calibration import clustered_mean  # noqa: E402
 from statevalue.config import HistaConfig, NumcaConfig  # noqa: E402
 from statevalue.estimators.hista import (  # noqa: E402
     hista_nodes,
@@ -174,7 +174,7 @@ def ranking(
 ) -> str:
     """Markdown table of the ``top`` lowest-MAE rows (label -> absolute errors)."""
     scored = sorted(
-        ((*clustered_mae(err, clusters), label) for label, err in rows.items()),
+        ((*clustered_mean(err, clusters), label) for label, err in rows.items()),
         key=lambda item: item[0],
     )
     lines = ["| setting | MAE ± SE | ratio to group mean |", "|---|---|---|"]

@@ -57,6 +57,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from bench.sveb.backend_args import add_backend_arguments, apply_threads  # noqa: E402
+from statevalue.calibration import clustered_mean  # noqa: E402
 from statevalue.config import EstimatorConfig, HistaConfig, NumcaConfig  # noqa: E402
 
 # The settings file written by calibrate.py on the dev split, read unless --calibrated-file
@@ -416,21 +417,6 @@ class StateRow:
     floors: dict[str, float] = field(default_factory=dict)
 
 
-def clustered_mae(errors: np.ndarray, clusters: Sequence[str]) -> tuple[float, float]:
-    """MAE and its standard error clustered by prompt (ratio estimator)."""
-    mae = float(errors.mean())
-    keys = sorted(set(clusters))
-    if len(keys) < 2:
-        return mae, float("nan")
-    index = {k: i for i, k in enumerate(keys)}
-    ids = np.array([index[c] for c in clusters])
-    sums = np.bincount(ids, weights=errors, minlength=len(keys))
-    counts = np.bincount(ids, minlength=len(keys))
-    resid = sums - counts * mae
-    se = np.sqrt((resid**2).sum() * len(keys) / (len(keys) - 1)) / len(errors)
-    return mae, float(se)
-
-
 def ratio_text(mae: float, reference: float) -> str:
     """MAE / reference MAE to three decimals; "—" when the reference is exactly right."""
     return f"{mae / reference:.3f}" if reference > 0 else "—"
@@ -448,7 +434,7 @@ def summary_table(rows: Sequence[StateRow], methods: Sequence[str], floors: Sequ
     ]
     for method in methods:
         err = np.abs(np.array([r.estimates[method] for r in rows]) - targets)
-        mae, se = clustered_mae(err, clusters)
+        mae, se = clustered_mean(err, clusters)
         closer = float(np.mean(err < gm_err - 1e-9))
         ties = float(np.mean(np.abs(err - gm_err) <= 1e-9))
         lines.append(
@@ -457,7 +443,7 @@ def summary_table(rows: Sequence[StateRow], methods: Sequence[str], floors: Sequ
         )
     for name in floors:
         err = np.array([r.floors[name] for r in rows])
-        mae, se = clustered_mae(err, clusters)
+        mae, se = clustered_mean(err, clusters)
         lines.append(f"| {name} | {mae:.4f} ± {se:.4f} | {ratio_text(mae, gm_mae)} | — | — |")
     return "\n".join(lines)
 

@@ -20,7 +20,6 @@ import argparse
 import json
 import sys
 import typing
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +32,12 @@ from bench.sveb.backend_args import add_backend_arguments, apply_threads  # noqa
 from bench.sveb.evaluate import (  # noqa: E402
     EngineSpec,
     InProcessSource,
-    clustered_mae,
     group_hidden,
     header,
     load_records,
     parse_params,
 )
+from statevalue.calibration import paired_difference  # noqa: E402
 from statevalue.config import HistaConfig, NumcaConfig  # noqa: E402
 
 NUMCA_RULES = ("number_boundary", "table_states", "unseen_state")
@@ -57,11 +56,6 @@ def alternative(model: type[NumcaConfig | HistaConfig], rule: str, reference: st
     """The choice of a two-way rule option that is not the reference's."""
     (other,) = set(typing.get_args(model.model_fields[rule].annotation)) - {reference}
     return str(other)
-
-
-def paired(errors: np.ndarray, base: np.ndarray, clusters: Sequence[str]) -> tuple[float, float]:
-    """Mean paired difference of absolute errors and its prompt-clustered standard error."""
-    return clustered_mae(errors - base, clusters)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -132,7 +126,7 @@ def main(argv: list[str] | None = None, backend: Any = None) -> int:
             alt_choice = alternative(model, rule, ref_choice)
             switched = base.model_copy(update={rule: alt_choice})
             alt_errors = errors(EngineSpec(f"{method} {rule}", method, **{method: switched}))
-            diff, se = paired(alt_errors, base_errors, clusters)
+            diff, se = paired_difference(alt_errors, base_errors, clusters)
             better = "alternative" if diff < -2 * se else "reference" if diff > 2 * se else "tie"
             print(
                 f"| {method} | {rule} | {ref_choice} | {alt_choice} | {base_errors.mean():.4f} | "

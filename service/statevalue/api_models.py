@@ -181,6 +181,24 @@ class ModelOut(_Wire):
     revision: int = 0
 
 
+class ModelInfoOut(_Wire):
+    """``GET /v1/model``: the served model, its limits and the default parameters."""
+
+    name: str
+    version: str
+    vocab_size: int
+    max_length: int
+    hidden_size: int
+    device: str
+    revision: int = Field(description="Weight reloads since the server started.")
+    max_request_tokens: int = Field(description="Prompt+response tokens in one request.")
+    max_request_groups: int = Field(description="Groups in one request.")
+    default_params: dict[str, dict[str, Any]] = Field(
+        description="The estimator parameters the server's params file sets (serve --params), "
+        "which fill what a request leaves unset; every other field is the built-in default."
+    )
+
+
 class HistaNeighbourOut(_Wire):
     rollout: int = Field(description="The neighbour node's rollout (index in the group).")
     token: int = Field(description="The neighbour node's response token index.")

@@ -11,14 +11,22 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
 from statevalue import __version__
 from statevalue.api_models import EstimateOut, GroupIn
-from statevalue.config import METHODS, EstimatorConfig
+from statevalue.config import (
+    METHODS,
+    EstimatorConfig,
+    load_params,
+    validation_message,
+)
 from statevalue.schema import EstimateRequest, InvalidRequest
+
+if TYPE_CHECKING:
+    from statevalue.backends.base import ModelBackend
 
 INPUT_HELP = """\
 input format (JSON lines, one group per line):
@@ -44,6 +52,48 @@ example:
 """
 
 
+CALIBRATE_HELP = """\
+Find the estimator settings that fit your own rollouts.
+
+From a sample of your groups (the input format of 'statevalue estimate', with rewards),
+states (response i, before token t) are drawn at random; from each, the policy model
+(--model, as 'statevalue serve' loads it) samples K continuations, your reward function
+scores each completed response, and the mean is the state's target value. Then group
+mean, Numca and Hista under a grid of settings (Numca: number_pattern x merge_distance;
+Hista: node_spacing x relative_d_min; the defaults; the reference settings) value the
+same states, and a table shows how close each comes to the targets. The best Numca and
+Hista settings go to --out, a params file for 'statevalue serve --params'.
+
+The reward function gets the prompt text (prompt_text, the last user message of
+"messages", or the decoded prompt_ids) and the full response text (prefix plus
+continuation, special tokens dropped).
+
+Resumable: each finished state's continuation rewards are appended to the work file; a
+rerun with the same settings skips them. --budget N stops after N states; the table and
+the params file come once every state is done.
+"""
+
+CALIBRATE_EPILOG = """\
+the table (stdout):
+  MAE ± SE             mean |value - target| over the states; SE clustered by prompt
+                       (the states of one group share its responses)
+  ratio to group mean  MAE / group-mean MAE (below 1: better than GRPO's baseline)
+  − group mean ± SE    paired difference of absolute errors, state by state: negative
+  − ½ mix ± SE         is better; a difference beyond two SEs is more than noise.
+                       The ½ mix values a state at (own reward + group mean) / 2: a
+                       trivial estimate that a useful setting should beat.
+
+example:
+  cat > myreward.py <<'EOF'
+  def reward(prompt: str, response: str) -> float:
+      return float(response.strip().endswith("42"))
+  EOF
+  statevalue calibrate --input rollouts.jsonl --reward myreward:reward --mc 8 \\
+      --out params.json
+  statevalue serve --params params.json
+"""
+
+
 def parse_params(assignments: Sequence[str]) -> EstimatorConfig:
     """``["hista.d_min=3", "advantage.scale=none"]`` -> a validated EstimatorConfig."""
     tree: dict[str, dict[str, Any]] = {}
@@ -60,13 +110,7 @@ def parse_params(assignments: Sequence[str]) -> EstimatorConfig:
     try:
         return EstimatorConfig.model_validate(tree)
     except ValidationError as exc:
-        raise ValueError(_validation_message(exc)) from exc
-
-
-def _validation_message(exc: ValidationError) -> str:
-    return "; ".join(
-        f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
-    )
+        raise ValueError(validation_message(exc)) from exc
 
 
 def _read_groups(path: Path) -> Iterator[tuple[int, GroupIn]]:
@@ -77,7 +121,7 @@ def _read_groups(path: Path) -> Iterator[tuple[int, GroupIn]]:
             try:
                 yield number, GroupIn.model_validate_json(line)
             except ValidationError as exc:
-                raise ValueError(f"{path}:{number}: {_validation_message(exc)}") from exc
+                raise ValueError(f"{path}:{number}: {validation_message(exc)}") from exc
 
 
 def _chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
@@ -89,23 +133,15 @@ def run_estimate(args: argparse.Namespace) -> int:
     """Estimate values for every group of a JSON-lines file."""
     from tqdm import tqdm
 
-    from statevalue.backends.torch_backend import TorchBackend
     from statevalue.engine import Engine, check_methods
 
     methods = check_methods([m.strip() for m in args.methods.split(",") if m.strip()])
     config = parse_params(args.set)
+    defaults = None if args.params is None else load_params(args.params)
     groups = list(_read_groups(args.input))
     if not groups:
         raise ValueError(f"{args.input}: no groups")
-    started = time.perf_counter()
-    backend = TorchBackend(args.model, device=args.device, dtype=args.dtype, layer=args.layer)
-    engine = Engine(backend)
-    logging.getLogger(__name__).info(
-        "model %s %s loaded in %.1f s",
-        backend.identity.name,
-        backend.identity.version,
-        time.perf_counter() - started,
-    )
+    engine = Engine(_load_backend(args), defaults=defaults)
     forward = estimator = 0.0
     output = sys.stdout if str(args.output) == "-" else args.output.open("w")
     try:
@@ -141,6 +177,63 @@ def run_estimate(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_calibrate(args: argparse.Namespace) -> int:
+    """Monte Carlo targets on the user's rollouts, every setting scored, the best written."""
+    from statevalue.calibration import MonteCarlo, calibrate, load_reward
+
+    reward = load_reward(args.reward)
+    lines = list(_read_groups(args.input))
+    if not lines:
+        raise ValueError(f"{args.input}: no groups")
+    work = args.work or args.out.with_name(args.out.stem + ".work.jsonl")
+    report = calibrate(
+        _load_backend(args),
+        [group.to_input() for _, group in lines],
+        [f"{args.input}:{number}" for number, _ in lines],
+        (args.reward, reward),
+        work,
+        MonteCarlo(
+            states_per_group=args.states_per_group,
+            samples=args.mc,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            seed=args.seed,
+        ),
+        budget=args.budget,
+        progress=not args.quiet,
+    )
+    left = report.states - report.done_before - report.ran
+    print(
+        f"states: {report.states} in all, {report.done_before} done before (in {work}), "
+        f"{report.ran} run now, {left} left",
+        file=sys.stderr,
+    )
+    if not report.complete:
+        print("run the same command again to continue", file=sys.stderr)
+        return 0
+    print(report.text())
+    args.out.write_text(json.dumps(report.params, indent=1) + "\n")
+    print(f"\nwrote {args.out}: {json.dumps(report.params)}")
+    return 0
+
+
+def _load_backend(args: argparse.Namespace) -> ModelBackend:
+    """The model of --model/--device/--dtype/--layer, or the one :func:`main` was given."""
+    if args.backend is not None:
+        return args.backend
+    from statevalue.backends.torch_backend import TorchBackend
+
+    started = time.perf_counter()
+    backend = TorchBackend(args.model, device=args.device, dtype=args.dtype, layer=args.layer)
+    logging.getLogger(__name__).info(
+        "model %s %s loaded in %.1f s",
+        backend.identity.name,
+        backend.identity.version,
+        time.perf_counter() - started,
+    )
+    return backend
+
+
 def run_serve(args: argparse.Namespace) -> int:
     """Run the gRPC + HTTP server until SIGTERM / SIGINT."""
     import asyncio
@@ -156,7 +249,7 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         settings = ServerSettings(**overrides)
     except ValidationError as exc:
-        raise ValueError(_validation_message(exc)) from exc
+        raise ValueError(validation_message(exc)) from exc
     if settings.log_json:
         for handler in logging.getLogger().handlers:
             handler.setFormatter(JsonLogFormatter())
@@ -185,20 +278,24 @@ class JsonLogFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
+# Shorter spellings of some serve flags.
+_SERVE_ALIASES = {"params_file": ("--params",)}
+
+
 def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     from statevalue.settings import ServerSettings
 
     for name, info in ServerSettings.model_fields.items():
-        flag = "--" + name.replace("_", "-")
+        flags = ("--" + name.replace("_", "-"), *_SERVE_ALIASES.get(name, ()))
         env = "STATEVALUE_" + name.upper()
         help_text = f"{info.description} (default {info.default!r}; env {env})"
         if info.annotation is bool:
             parser.add_argument(
-                flag, dest=name, action=argparse.BooleanOptionalAction, help=help_text
+                *flags, dest=name, action=argparse.BooleanOptionalAction, help=help_text
             )
         else:
             kind = info.annotation if info.annotation in (int, float) else str
-            parser.add_argument(flag, dest=name, type=kind, help=help_text)
+            parser.add_argument(*flags, dest=name, type=kind, help=help_text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -236,10 +333,18 @@ def build_parser() -> argparse.ArgumentParser:
         "advantage.scale=none (repeatable)",
     )
     estimate.add_argument(
+        "--params",
+        type=Path,
+        metavar="FILE",
+        help="params file (JSON, as 'statevalue calibrate' writes): defaults that --set overrides",
+    )
+    estimate.add_argument(
         "--batch-groups", type=int, default=8, help="groups per engine call (default 8)"
     )
     estimate.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     estimate.set_defaults(handler=run_estimate)
+
+    _add_calibrate_parser(commands)
 
     serve = commands.add_parser(
         "serve",
@@ -253,6 +358,91 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve_arguments(serve)
     serve.set_defaults(handler=run_serve)
     return parser
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _add_calibrate_parser(commands: Any) -> None:
+    calibrate = commands.add_parser(
+        "calibrate",
+        help="find the estimator settings that fit your rollouts (Monte Carlo targets)",
+        description=CALIBRATE_HELP,
+        epilog=CALIBRATE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    calibrate.add_argument(
+        "--input",
+        type=Path,
+        required=True,
+        metavar="FILE",
+        help="JSON-lines file of groups with rewards (the format of 'statevalue estimate')",
+    )
+    calibrate.add_argument(
+        "--reward",
+        required=True,
+        metavar="MODULE:FUNCTION",
+        help="reward function, called as function(prompt_text, response_text) -> float; "
+        "the current directory is searched first",
+    )
+    calibrate.add_argument(
+        "--out",
+        type=Path,
+        metavar="FILE",
+        default=Path("params.json"),
+        help="params file to write (default params.json), for 'statevalue serve --params'",
+    )
+    calibrate.add_argument(
+        "--work",
+        type=Path,
+        metavar="FILE",
+        help="work file of finished states, for resuming (default: OUT's name + .work.jsonl)",
+    )
+    calibrate.add_argument(
+        "--states-per-group",
+        type=_positive,
+        metavar="N",
+        default=2,
+        help="states drawn per group, each in another response (default 2)",
+    )
+    calibrate.add_argument(
+        "--mc",
+        type=_positive,
+        default=8,
+        metavar="K",
+        help="Monte Carlo continuations per state (default 8)",
+    )
+    calibrate.add_argument(
+        "--max-new-tokens",
+        type=_positive,
+        metavar="N",
+        help="the response length limit the rollouts were sampled with: a continuation "
+        "from position t adds at most this minus t tokens (default: the longest response)",
+    )
+    calibrate.add_argument(
+        "--temperature",
+        type=float,
+        metavar="T",
+        default=1.0,
+        help="sampling temperature, as for the rollouts (default 1.0)",
+    )
+    calibrate.add_argument(
+        "--seed", type=int, default=0, help="seed of the states and their samples (default 0)"
+    )
+    calibrate.add_argument(
+        "--budget",
+        type=_positive,
+        metavar="N",
+        help="run at most N states (N x K continuations) this time; run again for the rest "
+        "(default: all)",
+    )
+    _add_model_arguments(calibrate)
+    calibrate.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    calibrate.set_defaults(handler=run_calibrate)
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -274,8 +464,10 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, backend: ModelBackend | None = None) -> int:
+    """Run the command line ``argv``; ``backend`` reuses a loaded model instead of --model."""
     args = build_parser().parse_args(argv)
+    args.backend = backend
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s %(message)s",

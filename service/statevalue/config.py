@@ -2,15 +2,17 @@
 
 Every parameter and every rule of the paper's reference code is a field here. The
 defaults are the product's (measured on the SVEB dev split, see docs/design.md);
-``reference()`` gives the reference code's exact rules. Requests may override any field;
-unknown names are rejected.
+``reference()`` gives the reference code's exact rules. A params file (``statevalue
+calibrate`` writes one, ``statevalue serve --params`` reads it) replaces some defaults;
+requests may override any field; unknown names are rejected.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 NumberPattern = Literal["digits", "decimal"]
 NumberBoundary = Literal["after_first_token", "at_first_token"]
@@ -216,3 +218,72 @@ class EstimatorConfig(_Strict):
     numca: NumcaConfig = NumcaConfig()
     hista: HistaConfig = HistaConfig()
     advantage: AdvantageConfig = AdvantageConfig()
+
+
+# Hista's clamp is one choice made with two fields (an absolute d_min, or a relative one).
+_CLAMP_FIELDS = frozenset({"d_min", "relative_d_min"})
+
+
+def validation_message(exc: ValidationError) -> str:
+    """``section.field: message; ...`` for every error of a failed validation."""
+    return "; ".join(
+        f"{'.'.join(str(p) for p in err['loc']) or 'params'}: {err['msg']}" for err in exc.errors()
+    )
+
+
+def load_params(path: Path) -> EstimatorConfig:
+    """A params file: JSON of an EstimatorConfig holding only the fields it changes.
+
+    Unknown sections or fields are errors, as in a request. Raises ValueError naming the
+    file and the field.
+    """
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ValueError(f"params file {path}: {exc.strerror or exc}") from exc
+    try:
+        return EstimatorConfig.model_validate_json(text)
+    except ValidationError as exc:
+        raise ValueError(f"params file {path}: {validation_message(exc)}") from exc
+
+
+def with_defaults(request: EstimatorConfig, defaults: EstimatorConfig) -> EstimatorConfig:
+    """A request's parameters over a params file's, field by field.
+
+    A field the request set wins; a field it left unset takes the ``defaults``' value if
+    they set it, else the built-in default. Hista's clamp (``d_min``, ``relative_d_min``)
+    is one choice: a request that sets either field replaces both.
+
+    Raises:
+        ValidationError: the combination is invalid (e.g. the file's ``k_max`` below the
+            request's ``k_min``).
+    """
+    if not defaults.model_fields_set:
+        return request
+    merged: dict[str, dict[str, Any]] = {}
+    for section in EstimatorConfig.model_fields:
+        base = getattr(defaults, section).model_dump(exclude_unset=True)
+        own = getattr(request, section).model_dump(exclude_unset=True)
+        if section == "hista" and own.keys() & _CLAMP_FIELDS:
+            base = {name: value for name, value in base.items() if name not in _CLAMP_FIELDS}
+        merged[section] = {**base, **own}
+    return EstimatorConfig.model_validate(merged)
+
+
+def changed_fields(config: EstimatorConfig) -> dict[str, dict[str, Any]]:
+    """The fields of ``config`` that differ from the built-in defaults, per section (JSON).
+
+    Loading the result back gives the same values, except an unused absolute ``d_min``,
+    which is left out: an explicit one would select the absolute clamp.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    built_in = EstimatorConfig()
+    for section in EstimatorConfig.model_fields:
+        ours = getattr(config, section).model_dump(mode="json")
+        theirs = getattr(built_in, section).model_dump(mode="json")
+        changed = {name: value for name, value in ours.items() if value != theirs[name]}
+        if section == "hista" and config.hista.relative_d_min > 0:
+            changed.pop("d_min", None)
+        if changed:
+            out[section] = changed
+    return out

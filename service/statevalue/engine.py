@@ -16,9 +16,17 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 
 from statevalue.backends.base import ModelBackend, ModelIdentity
-from statevalue.config import METHODS, EstimatorConfig, Method, NumcaConfig
+from statevalue.config import (
+    METHODS,
+    EstimatorConfig,
+    Method,
+    NumcaConfig,
+    validation_message,
+    with_defaults,
+)
 from statevalue.estimators.advantages import scale_advantages, segment_gae, token_gae
 from statevalue.estimators.base import ValueEstimate
 from statevalue.estimators.group_mean import group_mean_values
@@ -124,7 +132,11 @@ def check_methods(methods: Sequence[str]) -> tuple[Method, ...]:
 
 
 class Engine:
-    """Per-token values and advantages for groups of rollouts on one policy model."""
+    """Per-token values and advantages for groups of rollouts on one policy model.
+
+    ``defaults`` (a params file's settings) fill the estimator parameters a request leaves
+    unset (:func:`statevalue.config.with_defaults`).
+    """
 
     def __init__(
         self,
@@ -133,8 +145,10 @@ class Engine:
         numca_store: NumcaStore | None = None,
         max_groups: int = 1024,
         max_tokens: int = 65_536,
+        defaults: EstimatorConfig | None = None,
     ) -> None:
         self.backend = backend
+        self.defaults = defaults or EstimatorConfig()
         self.numca_store: NumcaStore = numca_store or InMemoryNumcaStore()
         self.max_groups = max_groups
         self.max_tokens = max_tokens
@@ -170,9 +184,15 @@ class Engine:
                 "(the Python client's estimate() does)",
             )
         _check_unique(request.groups)
+        try:
+            config = with_defaults(request.config, self.defaults)
+        except ValidationError as exc:
+            raise InvalidRequest(
+                "params", f"with the server's default params: {validation_message(exc)}"
+            ) from exc
         groups = [self._prepare_group(g, f"groups[{i}]") for i, g in enumerate(request.groups)]
         prepared = PreparedRequest(
-            groups=groups, methods=methods, config=request.config, explain=request.explain
+            groups=groups, methods=methods, config=config, explain=request.explain
         )
         if prepared.num_tokens > self.max_tokens:
             raise InvalidRequest(

@@ -56,6 +56,20 @@ def params_from_proto(params: pb.EstimatorParams) -> EstimatorConfig:
         raise InvalidRequest("params." + ".".join(str(p) for p in err["loc"]), err["msg"]) from exc
 
 
+def params_to_proto(params: dict[str, dict[str, Any]]) -> pb.EstimatorParams:
+    """``{"hista": {"node_spacing": 10}}`` -> EstimatorParams with exactly those fields set."""
+    message = pb.EstimatorParams()
+    for section, fields in params.items():
+        for name, value in fields.items():
+            setattr(getattr(message, section), name, value)
+    return message
+
+
+def model_info_to_proto(info: dict[str, Any]) -> pb.ModelInfo:
+    """The ModelInfo message of ``StatevalueServer.model_info()``."""
+    return pb.ModelInfo(**{**info, "default_params": params_to_proto(info["default_params"])})
+
+
 def request_from_proto(message: pb.EstimateRequest) -> EstimateRequest:
     """The engine request of a protobuf request; raises InvalidRequest naming the field."""
     groups = []
@@ -219,7 +233,7 @@ class ValueServicer(pb_grpc.ValueServiceServicer):
         self._metrics.requests.labels("grpc", "GetModelInfo", status.name).inc()
         if info is None:
             await context.abort(status, "the model is not ready (not loaded yet)")
-        return pb.ModelInfo(**info)
+        return model_info_to_proto(info)
 
     async def ReloadWeights(
         self, request: pb.ReloadWeightsRequest, context: grpc.aio.ServicerContext
@@ -241,7 +255,7 @@ class ValueServicer(pb_grpc.ValueServiceServicer):
             await context.abort(code, f"checkpoint: {exc}")
         finally:
             self._metrics.requests.labels("grpc", "ReloadWeights", code.name).inc()
-        return pb.ModelInfo(**self._server.model_info())
+        return model_info_to_proto(self._server.model_info())
 
 
 def build_grpc_server(

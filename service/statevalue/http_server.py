@@ -25,6 +25,7 @@ from statevalue.api_models import (
     EstimateOut,
     HistoryEntryOut,
     HistoryItemOut,
+    ModelInfoOut,
     ModelOut,
     ReloadIn,
     estimate_body,
@@ -246,9 +247,13 @@ def create_app(server: Any, metrics: Metrics, *, max_body_bytes: int) -> FastAPI
             return _reply(reply)
         return EstimateOut.from_result(result)
 
-    @app.get("/v1/model")
+    @app.get(
+        "/v1/model",
+        response_model=ModelInfoOut,
+        responses={503: {"description": "the model is not loaded yet"}},
+    )
     async def model() -> Any:
-        """The served model: name, content version and limits."""
+        """The served model: name, content version, limits and default parameters."""
         info = server.model_info()
         if info is None:
             return _error(503, None, "the model is not loaded yet")
@@ -328,6 +333,7 @@ def create_app(server: Any, metrics: Metrics, *, max_body_bytes: int) -> FastAPI
 
     @app.post(
         "/v1/admin/reload",
+        response_model=ModelInfoOut,
         responses={
             400: {"description": "the checkpoint cannot be loaded into this model"},
             401: {"description": "missing or wrong admin token"},

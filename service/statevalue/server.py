@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
 import signal
 import socket
@@ -24,6 +25,7 @@ from grpc_health.v1 import health_pb2
 
 from statevalue.admin import ReloadRefused, check_admin, check_api_token
 from statevalue.backends.base import ModelBackend
+from statevalue.config import load_params
 from statevalue.debug_history import DebugHistory
 from statevalue.engine import Engine
 from statevalue.grpc_server import SERVICE_NAME, ValueServicer, build_grpc_server
@@ -90,7 +92,14 @@ async def open_scheduler(
         ),
         max_groups=settings.max_groups_per_request,
         max_tokens=settings.max_request_tokens,
+        defaults=None if settings.params_file is None else load_params(settings.params_file),
     )
+    if settings.params_file is not None:
+        log.info(
+            "default params from %s: %s",
+            settings.params_file,
+            json.dumps(engine.defaults.model_dump(mode="json", exclude_unset=True)),
+        )
     scheduler = Scheduler(
         engine,
         metrics,
@@ -182,6 +191,8 @@ class StatevalueServer:
             "revision": backend.identity.revision,
             "max_request_tokens": self._engine.max_tokens,
             "max_request_groups": self._engine.max_groups,
+            # What the params file set; every other field is the built-in default.
+            "default_params": self._engine.defaults.model_dump(mode="json", exclude_unset=True),
         }
 
     async def estimate(

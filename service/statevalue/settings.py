@@ -9,6 +9,7 @@ from pydantic import Field, SecretStr, field_serializer, field_validator, model_
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from typing_extensions import Self
 
+from statevalue.config import load_params
 from statevalue.numca_store import redacted
 
 _SECRETS = ("admin_token", "api_token")
@@ -25,6 +26,11 @@ class ServerSettings(BaseSettings):
         "auto", description="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16"
     )
     layer: int = Field(-1, description="hidden-state layer for Hista (-1 = last)")
+    params_file: Path | None = Field(
+        None,
+        description="JSON of estimator parameters (as written by 'statevalue calibrate "
+        "--out'): the defaults of every request, which may still set any field itself",
+    )
     backend: Literal["torch", "vllm"] = Field(
         "torch",
         description="what runs the model: torch (transformers, in this process) or vllm "
@@ -160,6 +166,14 @@ class ServerSettings(BaseSettings):
     def _known_store(cls, value: str) -> str:
         if value != "memory" and not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError(f"must be 'memory' or a redis:// URL, not {redacted(value)!r}")
+        return value
+
+    @field_validator("params_file")
+    @classmethod
+    def _params_load(cls, value: Path | None) -> Path | None:
+        # A bad file stops the start, naming the file and the field, before the model loads.
+        if value is not None:
+            load_params(value)
         return value
 
     @field_serializer("numca_store")

@@ -90,7 +90,12 @@ class GroupResult:
 
 @dataclass
 class ModelInfo:
-    """The served model; ``max_request_*`` are the server's per-request limits (0: none)."""
+    """The served model; ``max_request_*`` are the server's per-request limits (0: none).
+
+    ``default_params`` (from ``model_info()``): the estimator parameters the server's params
+    file sets, e.g. ``{"hista": {"node_spacing": 10}}``; they fill what a request leaves
+    unset, and every other field is the server's built-in default.
+    """
 
     name: str
     version: str
@@ -101,6 +106,7 @@ class ModelInfo:
     revision: int = 0
     max_request_tokens: int = 0
     max_request_groups: int = 0
+    default_params: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -303,6 +309,10 @@ def parse_model(info: pb.ModelInfo) -> ModelInfo:
         revision=info.revision,
         max_request_tokens=info.max_request_tokens,
         max_request_groups=info.max_request_groups,
+        default_params={
+            section.name: {f.name: value for f, value in message.ListFields()}
+            for section, message in info.default_params.ListFields()
+        },
     )
 
 

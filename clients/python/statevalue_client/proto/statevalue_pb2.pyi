@@ -233,7 +233,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "vocab_size", "max_length", "hidden_size", "device", "revision", "max_request_tokens", "max_request_groups")
+    __slots__ = ("name", "version", "vocab_size", "max_length", "hidden_size", "device", "revision", "max_request_tokens", "max_request_groups", "default_params")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -243,6 +243,7 @@ class ModelInfo(_message.Message):
     REVISION_FIELD_NUMBER: _ClassVar[int]
     MAX_REQUEST_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_REQUEST_GROUPS_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_PARAMS_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     vocab_size: int
@@ -252,7 +253,8 @@ class ModelInfo(_message.Message):
     revision: int
     max_request_tokens: int
     max_request_groups: int
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_length: _Optional[int] = ..., hidden_size: _Optional[int] = ..., device: _Optional[str] = ..., revision: _Optional[int] = ..., max_request_tokens: _Optional[int] = ..., max_request_groups: _Optional[int] = ...) -> None: ...
+    default_params: EstimatorParams
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_length: _Optional[int] = ..., hidden_size: _Optional[int] = ..., device: _Optional[str] = ..., revision: _Optional[int] = ..., max_request_tokens: _Optional[int] = ..., max_request_groups: _Optional[int] = ..., default_params: _Optional[_Union[EstimatorParams, _Mapping]] = ...) -> None: ...
 
 class ReloadWeightsRequest(_message.Message):
     __slots__ = ("checkpoint", "version")
