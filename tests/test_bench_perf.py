@@ -38,8 +38,9 @@ def test_perf_smoke_prints_every_row() -> None:
     assert lines[0].startswith("# statevalue perf") and "cores" in lines[0]
     assert "SmolLM2-135M-Instruct" in lines[1] and "device cpu" in lines[1]
     assert ratio(lines, "bare forward") == 1.0
-    for row in ("bare prompt-once", "backend padded", "backend packed", "backend prompt_once",
-                "engine", "grpc x1", "grpc x2", "http"):  # fmt: skip
+    assert "backends torch (default path padded)" in lines[2]
+    for row in ("bare prompt-once", "torch padded", "torch packed", "torch prompt_once",
+                "torch engine", "torch grpc x1", "torch grpc x2", "torch http"):  # fmt: skip
         assert ratio(lines, row) > 0
     assert any("hista alone" in line and "of the bare forward" in line for line in lines)
 
@@ -48,7 +49,7 @@ def test_perf_smoke_prints_every_row() -> None:
 def test_perf_runs_a_random_init_model() -> None:
     lines = run_module("bench.perf", "--smoke", "--random-init", "tiny", "--no-server")
     assert "model random-init tiny" in lines[1]
-    assert ratio(lines, "backend prompt_once") > 0
+    assert ratio(lines, "torch prompt_once") > 0
     assert not any("grpc" in line for line in lines)
 
 
