@@ -20,7 +20,6 @@ import argparse
 import json
 import sys
 import typing
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +32,10 @@ from bench.sveb.backend_args import add_backend_arguments, apply_threads  # noqa
 from bench.sveb.evaluate import (  # noqa: E402
     EngineSpec,
     InProcessSource,
-    clustered_mae,
     group_hidden,
     header,
     load_records,
+    paired,
     parse_params,
 )
 from statevalue.config import HistaConfig, NumcaConfig  # noqa: E402
@@ -57,11 +56,6 @@ def alternative(model: type[NumcaConfig | HistaConfig], rule: str, reference: st
     """The choice of a two-way rule option that is not the reference's."""
     (other,) = set(typing.get_args(model.model_fields[rule].annotation)) - {reference}
     return str(other)
-
-
-def paired(errors: np.ndarray, base: np.ndarray, clusters: Sequence[str]) -> tuple[float, float]:
-    """Mean paired difference of absolute errors and its prompt-clustered standard error."""
-    return clustered_mae(errors - base, clusters)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
