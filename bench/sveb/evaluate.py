@@ -27,7 +27,10 @@ each state, the response it lies in and 7 others drawn at random (seeded by prom
 
 MAE ± standard error: the standard error is clustered by prompt (the states of one group
 share its responses). "closer" is the fraction of states where the method is strictly
-closer to the target than the group mean; "ratio" is MAE / group-mean MAE.
+closer to the target than the group mean; "ratio" is MAE / group-mean MAE. Beside the
+ratio, the paired differences of absolute errors against the group mean and against the
+½R_i+½R̄ mix, ± their standard errors clustered by prompt (negative = better): a method
+beats a baseline when its difference is below −2 SE.
 
 Example::
 
