@@ -189,7 +189,8 @@ def main(argv: list[str] | None = None, backend: Any = None) -> int:
     print(f"## SVEB length-adaptive {title} — {args.data_dir.name}, split {args.split}\n")
     print(header(str(backend.device)))
     print(f"- data: {data_summary(records, rows)}")
-    print(f"- {chosen_lengths(records)}")
+    if not args.grid:
+        print(f"- {chosen_lengths(records)}")
     print(
         f"- dev-calibrated ({args.calibrated_file.name}): "
         f"numca `{calibrated['numca_calibrated']}`, hista `{calibrated['hista_relative']}`\n"

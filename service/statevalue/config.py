@@ -33,8 +33,8 @@ METHODS: tuple[Method, ...] = ("numca", "hista", "group_mean")
 # The length-adaptive defaults: fractions of the median length of a group's rewarded
 # responses, chosen on the SVEB dev split (docs/design.md, "Reference mode and the
 # defaults").
-RELATIVE_NODE_SPACING = 0.125
-RELATIVE_MERGE_DISTANCE = 0.025
+RELATIVE_NODE_SPACING = 0.08
+RELATIVE_MERGE_DISTANCE = 0.05
 
 
 class _Strict(BaseModel):
