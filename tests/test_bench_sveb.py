@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench.sveb import calibrate, evaluate, generate
+from bench.sveb import calibrate, defaults, evaluate, generate
 from statevalue.backends.torch_backend import TorchBackend
 from tests.servers import running_server
 
@@ -64,6 +64,17 @@ def _run_tiny_set(
     chosen = json.loads(settings.read_text())
     assert set(evaluate.CALIBRATED_KEYS) <= set(chosen)
     assert "### Distance histograms" in out and "nearest node, other rollout" in out
+
+    argv = ["--data-dir", str(tmp_path), "--calibrated-file", str(settings), "--quiet"]
+    assert defaults.main([*argv, "--split", "dev", "--grid"], backend=backend) == 0
+    grid = capsys.readouterr().out
+    assert "| hista relative_node_spacing=0.08 |" in grid
+    assert defaults.main([*argv, "--split", "test"], backend=backend) == 0
+    compared = capsys.readouterr().out
+    assert {"hista defaults (adaptive)", "numca previous defaults (fixed 50)"} <= set(
+        summary_maes(compared)
+    )
+    assert "Goals of the adaptive defaults" in compared
 
     argv = ["--in-process", "--data-dir", str(tmp_path), "--split", "test", "--by-family"]
     argv += ["--calibrated-file", str(settings), "--group-sizes", "4,2", "--quiet"]

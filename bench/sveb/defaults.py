@@ -126,6 +126,8 @@ def goal_lines(rows: Sequence[StateRow]) -> str:
         return np.abs(np.array([r.estimates[label] for r in rows]) - targets)
 
     group_mean = float(errors("group mean").mean())
+    if group_mean == 0:
+        return "- none can be judged: the group mean is exact at every state"
     lines = []
     for method, limit in GOAL_RATIOS.items():
         default = errors(f"{method} defaults (adaptive)")
