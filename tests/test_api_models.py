@@ -95,6 +95,7 @@ def test_every_parameter_round_trips_through_the_proto() -> None:
         "numca": {
             "number_pattern": "decimal",
             "merge_distance": 7,
+            "relative_merge_distance": 0.0,
             "drop_last_number": False,
             "prior_count": 2.0,
             **other_rules(NumcaConfig, ("number_boundary", "table_states", "unseen_state")),
@@ -103,6 +104,7 @@ def test_every_parameter_round_trips_through_the_proto() -> None:
             "ema_alpha": 0.5,
             "stride": 3,
             "node_spacing": 20,
+            "relative_node_spacing": 0.0,
             "d_min": 2.5,
             "k_max": 30,
             "k_min": 4,
@@ -196,6 +198,8 @@ def test_reference_settings_turn_off_every_rule_beyond_the_paper() -> None:
     assert numca.prior_count == 0.0
     assert (hista.relative_d_min, hista.own_weight, hista.d_min) == (0.0, 1.0, 5.0)
     assert (hista.node_spacing, hista.k_max, hista.k_min) == (50, 66, 6)
+    assert (hista.relative_node_spacing, numca.relative_merge_distance) == (0.0, 0.0)
+    assert numca.merge_distance == 50
     changed = HistaConfig.reference(node_spacing=10, own_weight=0.5)
     assert (changed.node_spacing, changed.own_weight, changed.relative_d_min) == (10, 0.5, 0.0)
     with pytest.raises(ValidationError):
@@ -214,3 +218,17 @@ def test_an_explicit_d_min_is_the_absolute_clamp() -> None:
     with pytest.raises(InvalidRequest) as caught:
         params_from_proto(params)
     assert caught.value.field == "params.hista"
+
+
+def test_an_explicit_spacing_or_merge_distance_is_the_fixed_one() -> None:
+    # The defaults follow the group's lengths; a length set alone is used as it is.
+    assert HistaConfig().relative_node_spacing > 0 and NumcaConfig().relative_merge_distance > 0
+    assert HistaConfig(node_spacing=10).relative_node_spacing == 0.0
+    assert NumcaConfig(merge_distance=0).relative_merge_distance == 0.0
+    both = HistaConfig(node_spacing=40, relative_node_spacing=0.1)
+    assert (both.node_spacing, both.relative_node_spacing) == (40, 0.1)
+    params = pb.EstimatorParams()
+    params.hista.node_spacing = 10
+    params.numca.merge_distance = 0
+    config = params_from_proto(params)
+    assert (config.hista.relative_node_spacing, config.numca.relative_merge_distance) == (0, 0)

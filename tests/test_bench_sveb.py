@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench.sveb import calibrate, evaluate, generate
+from bench.sveb import calibrate, defaults, evaluate, generate
 from statevalue.backends.torch_backend import TorchBackend
 from tests.servers import running_server
 
@@ -65,6 +65,17 @@ def _run_tiny_set(
     assert set(evaluate.CALIBRATED_KEYS) <= set(chosen)
     assert "### Distance histograms" in out and "nearest node, other rollout" in out
 
+    argv = ["--data-dir", str(tmp_path), "--calibrated-file", str(settings), "--quiet"]
+    assert defaults.main([*argv, "--split", "dev", "--grid"], backend=backend) == 0
+    grid = capsys.readouterr().out
+    assert "| hista relative_node_spacing=0.08 |" in grid
+    assert defaults.main([*argv, "--split", "test"], backend=backend) == 0
+    compared = capsys.readouterr().out
+    assert {"hista defaults (adaptive)", "numca previous defaults (fixed 50)"} <= set(
+        summary_maes(compared)
+    )
+    assert "Goals of the adaptive defaults" in compared
+
     argv = ["--in-process", "--data-dir", str(tmp_path), "--split", "test", "--by-family"]
     argv += ["--calibrated-file", str(settings), "--group-sizes", "4,2", "--quiet"]
     assert evaluate.main(argv, backend=backend) == 0
@@ -76,7 +87,12 @@ def _run_tiny_set(
         assert set(METHODS) <= set(maes), f"rows missing:\n{out}"
         assert all(math.isfinite(v) for v in maes.values())
         assert "MAE by family" in table
-        assert re.search(r"^- hista below the MC-2 floor: (met|missed)", table, re.M)
+        # Each method's paired difference ± SE against the group mean and the trivial mix.
+        assert "| − group mean ± SE | − ½R_i+½R̄ ± SE |" in table
+        cell = r"(?:[+-][0-9.]+ ± [0-9.na]+|—)"
+        assert re.search(
+            rf"^\| hista \(ref\) \| [^|]+ \| [^|]+ \| {cell} \| {cell} \|", table, re.M
+        )
     in_process = summary_maes(tables[0])
 
     # The same groups through the public gRPC client and a real server: the same numbers,
@@ -102,6 +118,15 @@ def _run_tiny_set(
     for spec in specs:
         for got, want in zip(remote[spec.label], expected[spec.label], strict=True):
             np.testing.assert_allclose(got, want, atol=1e-4, err_msg=spec.label)
+
+
+def test_paired_differences_are_clustered_by_prompt() -> None:
+    errors, base = np.array([0.1, 0.3, 0.4]), np.array([0.2, 0.2, 0.2])
+    # Differences −0.1, +0.1 (prompt a) and +0.2 (b), mean 0.2/3; prompt residuals
+    # 0 − 2·mean and 0.2 − mean: SE = √(2·(0.4/3)²) / 3 = 0.0889.
+    assert evaluate.paired_text(errors, base, ["a", "a", "b"]) == "+0.0667 ± 0.0889"
+    assert evaluate.paired_text(errors, errors, ["a", "a", "b"]) == "—"
+    assert evaluate.paired_text(errors, None, ["a", "a", "b"]) == "—"
 
 
 def summary_maes(table: str) -> dict[str, float]:

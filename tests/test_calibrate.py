@@ -182,9 +182,16 @@ def test_grid_lists_defaults_and_reference_once() -> None:
     rows = candidates()
     labels = [row.label for row in rows]
     assert len(labels) == len(set(labels))
-    assert labels[:2] == ["group mean", "numca default (reference)"]
+    assert labels[:2] == ["group mean", "numca default"]
+    assert "numca relative_merge_distance=0.0 (reference)" in labels
     assert "hista default" in labels
-    assert "hista relative_d_min=0.0, neighbours=top_k (reference)" in labels
+    assert (
+        "hista relative_node_spacing=0.0, relative_d_min=0.0, neighbours=top_k (reference)"
+        in labels
+    )
+    # Length-relative settings (the defaults' kind) and fixed lengths are both searched.
+    assert "hista relative_node_spacing=0.125" in labels
+    assert "numca number_pattern=decimal, merge_distance=0, relative_merge_distance=0.0" in labels
     assert len({(row.method, row.config) for row in rows}) == len(rows)
 
 
@@ -297,7 +304,11 @@ def _short_group() -> GroupInput:
 
 
 def test_server_reports_its_params(params_server: ServerThread) -> None:
-    assert _reported(params_server) == PARAMS
+    # A fixed length set alone is reported with its relative field at 0, which it implies.
+    assert _reported(params_server) == {
+        "numca": {"merge_distance": 10, "relative_merge_distance": 0.0},
+        "hista": {"node_spacing": 10, "relative_node_spacing": 0.0, "k_max": 8},
+    }
 
 
 def test_server_params_are_the_defaults_of_requests(

@@ -1,6 +1,10 @@
 """Properties of all estimators on random groups (hypothesis)."""
 
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -10,6 +14,8 @@ from statevalue.estimators import (
     NumcaTable,
     ValueEstimate,
     group_mean_values,
+    group_merge_distance,
+    group_node_spacing,
     hista_values,
     numca_path,
     numca_values,
@@ -41,6 +47,7 @@ def groups(draw: st.DrawFn, equal_rewards: bool = False) -> dict:
         "numca": NumcaConfig(
             number_pattern=draw(st.sampled_from(["digits", "decimal"])),
             merge_distance=draw(st.integers(0, 3)),
+            relative_merge_distance=draw(st.sampled_from([0.0, 0.2, 0.5])),
             drop_last_number=draw(st.booleans()),
             number_boundary=draw(st.sampled_from(["after_first_token", "at_first_token"])),
             table_states=draw(st.sampled_from(["chain", "path"])),
@@ -52,6 +59,7 @@ def groups(draw: st.DrawFn, equal_rewards: bool = False) -> dict:
             ema_alpha=draw(st.sampled_from([0.0, 0.5, 0.7])),
             stride=draw(st.integers(1, 3)),
             node_spacing=draw(st.integers(1, 4)),
+            relative_node_spacing=draw(st.sampled_from([0.0, 0.25, 0.5])),
             **draw(st.sampled_from([{"d_min": 1e-3}, {"relative_d_min": 0.05}])),
             k_max=draw(st.integers(3, 8)),
             k_min=draw(st.integers(1, 3)),
@@ -69,13 +77,14 @@ def groups(draw: st.DrawFn, equal_rewards: bool = False) -> dict:
 
 def run_numca(g: dict, order: list[int] | None = None) -> ValueEstimate:
     order = list(range(len(g["lengths"]))) if order is None else order
+    lengths = [g["lengths"][i] for i in order]
+    rewards, rewarded = g["rewards"][order], g["rewarded"][order]
+    config = group_merge_distance(lengths, rewarded, g["numca"])
     paths = []
     for i in order:
         tokens = g["responses"][i]
         ends = np.cumsum([len(t) for t in tokens], dtype=np.int64)
-        paths.append(numca_path("".join(tokens), ends, g["numca"]))
-    lengths = [g["lengths"][i] for i in order]
-    rewards, rewarded = g["rewards"][order], g["rewarded"][order]
+        paths.append(numca_path("".join(tokens), ends, config))
     return numca_values(paths, lengths, rewards, rewarded, NumcaTable(), g["numca"])
 
 
@@ -160,3 +169,28 @@ def test_hista_is_deterministic(g: dict) -> None:
     first, second = run_hista(g), run_hista(g)
     for a, b in zip(first.values, second.values, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize(
+    ("resolve", "model", "fixed", "relative", "lower"),
+    [
+        (group_node_spacing, HistaConfig, "node_spacing", "relative_node_spacing", 1),
+        (group_merge_distance, NumcaConfig, "merge_distance", "relative_merge_distance", 0),
+    ],
+)
+def test_relative_lengths_follow_the_rewarded_responses(
+    resolve: Callable[..., Any], model: type[Any], fixed: str, relative: str, lower: int
+) -> None:
+    config = model.model_validate({relative: 0.05})
+    rewarded = np.array([True, True, True, False])
+    # Median of the rewarded lengths 60, 80, 100 is 80: 4 tokens; the query's 400 tokens
+    # change nothing.
+    assert getattr(resolve([60, 80, 100, 400], rewarded, config), fixed) == 4
+    # Bounded by the fixed length (the reference's 50) above, and below.
+    assert getattr(resolve([2000] * 3, rewarded[:3], config), fixed) == 50
+    assert getattr(resolve([5, 9], rewarded[:2], config), fixed) == lower
+    capped = model.model_validate({fixed: 3, relative: 0.5})
+    assert getattr(resolve([80], rewarded[:1], capped), fixed) == 3
+    # Set alone, a length is the fixed one, used as it is.
+    alone = model.model_validate({fixed: 7})
+    assert getattr(alone, relative) == 0.0 and resolve([80], rewarded[:1], alone) is alone

@@ -9,6 +9,7 @@ import torch
 from statevalue.config import HistaConfig
 from statevalue.estimators import (
     ema_smooth,
+    hista_nodes,
     hista_values,
     hista_values_explained,
     neighbour_counts,
@@ -346,3 +347,21 @@ def test_relative_d_min_does_not_depend_on_the_rollouts_order() -> None:
     )
     for got, want in zip(backward.values[::-1], forward.values, strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_a_relative_spacing_needs_the_group() -> None:
+    with pytest.raises(ValueError, match="group_node_spacing"):
+        hista_nodes(3, 80, HistaConfig(relative_node_spacing=0.1))
+
+
+def test_relative_spacing_values_equal_the_fixed_spacing_they_give() -> None:
+    gen = torch.Generator().manual_seed(3)
+    lengths = [16, 24, 20]
+    hidden = [torch.randn(2 + n, 4, generator=gen) for n in lengths]
+    rewards, rewarded = np.array([1.0, 0.0, 1.0]), np.array([True, True, True])
+    relative = HistaConfig(relative_node_spacing=0.25)  # 0.25 × median 20 = 5 tokens
+    fixed = HistaConfig(node_spacing=5)
+    got = hista_values(hidden, 2, lengths, rewards, rewarded, relative)
+    want = hista_values(hidden, 2, lengths, rewards, rewarded, fixed)
+    for a, b in zip(got.values + got.boundaries, want.values + want.boundaries, strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -122,10 +122,10 @@ def test_path_decimal_vs_digits() -> None:
 
 
 def test_path_of_empty_and_number_free_responses() -> None:
-    empty = numca_path("", np.array([], dtype=np.int64), NumcaConfig())
+    empty = numca_path("", np.array([], dtype=np.int64), NumcaConfig(merge_distance=0))
     assert empty.boundaries.tolist() == [] and empty.states == ()
     text, ends = tokenised(["hel", "lo"])
-    plain = numca_path(text, ends, NumcaConfig())
+    plain = numca_path(text, ends, NumcaConfig(merge_distance=0))
     assert plain.boundaries.tolist() == [0] and plain.states == (E,)
 
 
@@ -133,7 +133,8 @@ def test_table_counts_each_state_once_per_path() -> None:
     table = NumcaTable()
     table.add((E, s("a"), s("a")), 1.0)
     # An empty response still counts for the empty set.
-    table.add(numca_path("", np.zeros(0, dtype=np.int64), NumcaConfig()).table_states("chain"), 3.0)
+    path = numca_path("", np.zeros(0, dtype=np.int64), NumcaConfig(merge_distance=0))
+    table.add(path.table_states("chain"), 3.0)
     assert table.count(E) == 2 and table.value(E) == 2.0
     assert table.count(s("a")) == 1 and table.value(s("a")) == 1.0
     assert table.count(s("b")) == 0 and table.value(s("b")) is None
@@ -262,3 +263,9 @@ def test_large_prior_count_approaches_the_group_mean() -> None:
     )
     for values in estimate.values:
         np.testing.assert_allclose(values, [0.5, 0.5], atol=1e-6)
+
+
+def test_a_relative_merge_distance_needs_the_group() -> None:
+    text, ends = tokenised(["a", " 1", " b"])
+    with pytest.raises(ValueError, match="group_merge_distance"):
+        numca_path(text, ends, NumcaConfig(relative_merge_distance=0.1))

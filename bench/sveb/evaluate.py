@@ -27,7 +27,10 @@ each state, the response it lies in and 7 others drawn at random (seeded by prom
 
 MAE ± standard error: the standard error is clustered by prompt (the states of one group
 share its responses). "closer" is the fraction of states where the method is strictly
-closer to the target than the group mean; "ratio" is MAE / group-mean MAE.
+closer to the target than the group mean; "ratio" is MAE / group-mean MAE. Beside the
+ratio, the paired differences of absolute errors against the group mean and against the
+½R_i+½R̄ mix, ± their standard errors clustered by prompt (negative = better): a method
+beats a baseline when its difference is below −2 SE.
 
 Example::
 
@@ -57,7 +60,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from bench.sveb.backend_args import add_backend_arguments, apply_threads  # noqa: E402
-from statevalue.calibration import clustered_mean  # noqa: E402
+from statevalue.calibration import clustered_mean, paired_difference  # noqa: E402
 from statevalue.config import EstimatorConfig, HistaConfig, NumcaConfig  # noqa: E402
 
 # The settings file written by calibrate.py on the dev split, read unless --calibrated-file
@@ -134,6 +137,8 @@ CHOICE_KEYS = ("mix_weight", "best_numca", "best_hista")
 # The issue's targets on test: MAE / group-mean MAE at most this.
 TARGET_RATIOS = {"hista": 0.8, "numca": 0.85}
 
+# Row label of the trivial mix V = ½·R_i + ½·R̄, the bar every estimator must clear.
+MIX_LABEL = "shrinkage ½R_i+½R̄"
 # Row labels of the calibrated settings, by settings-file key.
 CALIBRATED_LABELS = {
     "numca_calibrated": "numca calibrated",
@@ -417,34 +422,53 @@ class StateRow:
     floors: dict[str, float] = field(default_factory=dict)
 
 
+def paired_text(errors: np.ndarray, base: np.ndarray | None, clusters: Sequence[str]) -> str:
+    """``errors − base`` as "+0.0000 ± 0.0000"; "—" without a base or against itself."""
+    if base is None or np.array_equal(errors, base):
+        return "—"
+    diff, se = paired_difference(errors, base, clusters)
+    return f"{diff:+.4f} ± {se:.4f}"
+
+
 def ratio_text(mae: float, reference: float) -> str:
     """MAE / reference MAE to three decimals; "—" when the reference is exactly right."""
     return f"{mae / reference:.3f}" if reference > 0 else "—"
 
 
 def summary_table(rows: Sequence[StateRow], methods: Sequence[str], floors: Sequence[str]) -> str:
-    """Markdown table: MAE ± SE, ratio to group mean, fraction closer than group mean."""
+    """Markdown table: MAE ± SE, ratio to group mean, paired differences (the method's
+    absolute error minus the group mean's, and minus the ½R_i+½R̄ mix's, ± SE clustered by
+    prompt, negative = better), fraction closer than group mean."""
     clusters = [r.prompt for r in rows]
     targets = np.array([r.target for r in rows])
-    gm_err = np.abs(np.array([r.estimates["group mean"] for r in rows]) - targets)
+
+    def errors(method: str) -> np.ndarray:
+        return np.abs(np.array([r.estimates[method] for r in rows]) - targets)
+
+    gm_err = errors("group mean")
     gm_mae = gm_err.mean()
+    mix_err = errors(MIX_LABEL) if MIX_LABEL in rows[0].estimates else None
     lines = [
-        "| method | MAE ± SE | ratio to group mean | closer than group mean | ties |",
-        "|---|---|---|---|---|",
+        "| method | MAE ± SE | ratio to group mean | − group mean ± SE | − ½R_i+½R̄ ± SE "
+        "| closer than group mean | ties |",
+        "|---|---|---|---|---|---|---|",
     ]
     for method in methods:
-        err = np.abs(np.array([r.estimates[method] for r in rows]) - targets)
+        err = errors(method)
         mae, se = clustered_mean(err, clusters)
         closer = float(np.mean(err < gm_err - 1e-9))
         ties = float(np.mean(np.abs(err - gm_err) <= 1e-9))
         lines.append(
-            f"| {method} | {mae:.4f} ± {se:.4f} | {ratio_text(mae, gm_mae)} | {closer:.2f} "
-            f"| {ties:.2f} |"
+            f"| {method} | {mae:.4f} ± {se:.4f} | {ratio_text(mae, gm_mae)} "
+            f"| {paired_text(err, gm_err, clusters)} | {paired_text(err, mix_err, clusters)} "
+            f"| {closer:.2f} | {ties:.2f} |"
         )
     for name in floors:
         err = np.array([r.floors[name] for r in rows])
         mae, se = clustered_mean(err, clusters)
-        lines.append(f"| {name} | {mae:.4f} ± {se:.4f} | {ratio_text(mae, gm_mae)} | — | — |")
+        lines.append(
+            f"| {name} | {mae:.4f} ± {se:.4f} | {ratio_text(mae, gm_mae)} | — | — | — | — |"
+        )
     return "\n".join(lines)
 
 
@@ -563,7 +587,7 @@ def evaluate(
                         weight * row.estimates[numca.label]
                         + (1 - weight) * row.estimates[hista.label]
                     )
-                row.estimates["shrinkage ½R_i+½R̄"] = 0.5 * rewards[i] + 0.5 * rewards.mean()
+                row.estimates[MIX_LABEL] = 0.5 * rewards[i] + 0.5 * rewards.mean()
                 if critic is not None and group_hidden_ is not None:
                     feature = group_hidden_[i][prompt_len - 1 + t].cpu().numpy()[None]
                     row.estimates["learned critic (ridge)"] = float(critic.predict(feature)[0])

@@ -84,6 +84,34 @@ def _mul_add(rng: random.Random) -> Problem:
     return Problem("mul_add", question, a * b + c)
 
 
+# Asks for the step-by-step reasoning that makes answers of the long family 100-400 tokens
+# long; the reward still reads the last number, which the answer line puts last.
+STEP_BY_STEP = "Think step by step and explain your reasoning, then write 'Answer: N'."
+
+
+def _long_steps(rng: random.Random) -> Problem:
+    """Three operations (buy in containers, then lose or give some) asked step by step.
+
+    The numbers stay small: the embedded model must solve a fair share of them for the
+    rewards of a group to differ, which is what value estimation needs.
+    """
+    name, friend = rng.sample(NAMES, 2)
+    item = rng.choice(ITEMS)
+    one, many = rng.choice(CONTAINERS)
+    start, boxes, per, lost = (
+        rng.randint(4, 12),
+        rng.randint(2, 3),
+        rng.randint(2, 5),
+        rng.randint(1, 4),
+    )
+    away = rng.choice((f"loses {lost} {item}", f"gives {lost} {item} to {friend}"))
+    question = (
+        f"{name} has {start} {item}. {name} buys {boxes} {many} with {per} {item} in each "
+        f"{one}, then {away}. How many {item} does {name} have now? {STEP_BY_STEP}"
+    )
+    return Problem("long_steps", question, start + boxes * per - lost)
+
+
 FAMILIES: dict[str, Callable[[random.Random], Problem]] = {
     "add": _add,
     "sub": _sub,
@@ -91,6 +119,7 @@ FAMILIES: dict[str, Callable[[random.Random], Problem]] = {
     "div": _div,
     "two_step": _two_step,
     "mul_add": _mul_add,
+    "long_steps": _long_steps,
 }
 
 

@@ -42,7 +42,11 @@ from statevalue.schema import EstimateRequest, GroupInput, InvalidRequest
 # the reference settings.
 NUMCA_PATTERNS = ("digits", "decimal")
 NUMCA_MERGE_DISTANCES = (0, 10, 25, 50)
+# Fractions of the group's median response length (capped at the reference's 50 tokens):
+# settings that carry over to answers of another length.
+NUMCA_RELATIVE_MERGE_DISTANCES = (0.025, 0.05, 0.1)
 HISTA_NODE_SPACINGS = (5, 10, 20, 50)
+HISTA_RELATIVE_NODE_SPACINGS = (0.05, 0.08, 0.125, 0.2)
 HISTA_RELATIVE_D_MINS = (0.01, 0.025, 0.05, 0.1)
 
 GROUP_MEAN = "group mean"
@@ -281,16 +285,32 @@ def candidates() -> list[Candidate]:
     Duplicates are dropped, so a grid point equal to the defaults appears once, as the
     defaults (which then win ties: they come first).
     """
-    numca = [NumcaConfig(), NumcaConfig.reference()] + [
-        NumcaConfig(number_pattern=p, merge_distance=m)
-        for p in NUMCA_PATTERNS
-        for m in NUMCA_MERGE_DISTANCES
-    ]
-    hista = [HistaConfig(), HistaConfig.reference()] + [
-        HistaConfig(node_spacing=n, relative_d_min=r)
-        for n in HISTA_NODE_SPACINGS
-        for r in HISTA_RELATIVE_D_MINS
-    ]
+    numca = (
+        [NumcaConfig(), NumcaConfig.reference()]
+        + [
+            NumcaConfig(number_pattern=p, relative_merge_distance=f)
+            for p in NUMCA_PATTERNS
+            for f in NUMCA_RELATIVE_MERGE_DISTANCES
+        ]
+        + [
+            NumcaConfig(number_pattern=p, merge_distance=m)
+            for p in NUMCA_PATTERNS
+            for m in NUMCA_MERGE_DISTANCES
+        ]
+    )
+    hista = (
+        [HistaConfig(), HistaConfig.reference()]
+        + [
+            HistaConfig(relative_node_spacing=f, relative_d_min=r)
+            for f in HISTA_RELATIVE_NODE_SPACINGS
+            for r in HISTA_RELATIVE_D_MINS
+        ]
+        + [
+            HistaConfig(node_spacing=n, relative_d_min=r)
+            for n in HISTA_NODE_SPACINGS
+            for r in HISTA_RELATIVE_D_MINS
+        ]
+    )
     out = [Candidate(GROUP_MEAN, "group_mean", EstimatorConfig())]
     for method, section in (("numca", numca), ("hista", hista)):
         for one in dict.fromkeys(section):

@@ -32,8 +32,26 @@ Method = Literal["numca", "hista", "group_mean"]
 METHODS: tuple[Method, ...] = ("numca", "hista", "group_mean")
 
 
+# The length-adaptive defaults: fractions of the median length of a group's rewarded
+# responses, chosen on the SVEB dev split (docs/design.md, "Reference mode and the
+# defaults").
+RELATIVE_NODE_SPACING = 0.08
+RELATIVE_MERGE_DISTANCE = 0.05
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _fixed_when_alone(data: Any, fixed: str, relative: str) -> Any:
+    """``data`` with ``relative`` = 0 when it sets ``fixed`` without ``relative``.
+
+    An explicit fixed length means that length, not a cap on a relative one: it is never
+    silently replaced by a length derived from the group.
+    """
+    if isinstance(data, dict) and fixed in data and relative not in data:
+        return {**data, relative: 0.0}
+    return data
 
 
 class NumcaConfig(_Strict):
@@ -45,7 +63,18 @@ class NumcaConfig(_Strict):
         "'decimal' = integers, decimals and fractions as one number each.",
     )
     merge_distance: int = Field(
-        50, ge=0, description="Boundaries closer than this many tokens merge into the later one."
+        50,
+        ge=0,
+        description="Boundaries closer than this many tokens merge into the later one "
+        "(reference); with relative_merge_distance, the most the group's distance can be. "
+        "Setting merge_distance alone sets relative_merge_distance to 0.",
+    )
+    relative_merge_distance: float = Field(
+        RELATIVE_MERGE_DISTANCE,
+        ge=0.0,
+        description="Merge distance as this fraction of the median length of the group's "
+        "rewarded responses, rounded and capped at merge_distance, so that it fits short "
+        "and long answers alike. 0 = the fixed merge_distance (reference).",
     )
     drop_last_number: bool = Field(
         True, description="Drop each response's last number (the answer)."
@@ -78,10 +107,16 @@ class NumcaConfig(_Strict):
         """The reference code's exact rules, with ``changes`` applied."""
         return cls.model_validate({**_NUMCA_REFERENCE, **changes})
 
+    @model_validator(mode="before")
+    @classmethod
+    def _explicit_merge_distance(cls, data: Any) -> Any:
+        return _fixed_when_alone(data, "merge_distance", "relative_merge_distance")
+
 
 _NUMCA_REFERENCE: dict[str, object] = {
     "number_pattern": "digits",
     "merge_distance": 50,
+    "relative_merge_distance": 0.0,
     "drop_last_number": True,
     "number_boundary": "after_first_token",
     "table_states": "chain",
@@ -106,7 +141,20 @@ class HistaConfig(_Strict):
         "includes its own token (reference); 'causal' = keep w-1, 2w-1, ... strictly before "
         "the node's token.",
     )
-    node_spacing: int = Field(50, ge=1, description="Tokens between nodes (delta).")
+    node_spacing: int = Field(
+        50,
+        ge=1,
+        description="Tokens between nodes (delta, reference); with relative_node_spacing, the "
+        "most the group's spacing can be. Setting node_spacing alone sets "
+        "relative_node_spacing to 0.",
+    )
+    relative_node_spacing: float = Field(
+        RELATIVE_NODE_SPACING,
+        ge=0.0,
+        description="Node spacing as this fraction of the median length of the group's "
+        "rewarded responses, rounded and kept between 1 and node_spacing, so that short "
+        "answers get nodes too. 0 = the fixed node_spacing (reference).",
+    )
     node_anchor: NodeAnchor = Field(
         "prompt_start",
         description="Node grid anchored at the first prompt token (reference) or at the "
@@ -164,6 +212,11 @@ class HistaConfig(_Strict):
 
     @model_validator(mode="before")
     @classmethod
+    def _explicit_node_spacing(cls, data: Any) -> Any:
+        return _fixed_when_alone(data, "node_spacing", "relative_node_spacing")
+
+    @model_validator(mode="before")
+    @classmethod
     def _one_clamp(cls, data: Any) -> Any:
         # An explicit d_min means the absolute clamp; it is never silently ignored.
         if isinstance(data, dict) and "d_min" in data:
@@ -187,6 +240,7 @@ _HISTA_REFERENCE: dict[str, object] = {
     "stride": 5,
     "downsample": "inclusive",
     "node_spacing": 50,
+    "relative_node_spacing": 0.0,
     "node_anchor": "prompt_start",
     "end_node": "last_token",
     "relative_d_min": 0.0,

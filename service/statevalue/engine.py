@@ -35,6 +35,7 @@ from statevalue.estimators.numca import (
     NumcaPath,
     NumcaTable,
     add_to_table,
+    group_merge_distance,
     numca_path,
     read_numca_values,
     table_rows,
@@ -401,10 +402,12 @@ class Engine:
         numca = prepared.config.numca
         paths: list[list[NumcaPath]] = []
         for group in prepared.groups:
+            lengths = [len(r) for r in group.responses]
+            group_numca = group_merge_distance(lengths, group.rewarded, numca)
             group_paths = []
             for response in group.responses:
                 text, ends = self.token_text.decode_with_offsets(response)
-                group_paths.append(numca_path(text, ends, numca))
+                group_paths.append(numca_path(text, ends, group_numca))
             paths.append(group_paths)
 
         def read(table: NumcaTable, g: int) -> ValueEstimate:
@@ -462,7 +465,7 @@ class Engine:
     def _table_key(prompt_id: str, numca: NumcaConfig) -> str:
         """The prompt's table under rules that decide states and counts (a content hash):
         rules that give different states or counts never share a table."""
-        rules = [
+        rules: list[object] = [
             prompt_id,
             numca.number_pattern,
             numca.merge_distance,
@@ -470,6 +473,9 @@ class Engine:
             numca.number_boundary,
             numca.table_states,
         ]
+        if numca.relative_merge_distance:
+            # Appended only when set, so the tables of a fixed distance keep their keys.
+            rules.append(numca.relative_merge_distance)
         return hashlib.sha256(json.dumps(rules).encode()).hexdigest()[:32]
 
     def _advantages(

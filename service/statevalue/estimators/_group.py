@@ -25,6 +25,22 @@ def check_group(
     return rewards, rewarded, float(rewards[rewarded].mean())
 
 
+def length_fraction(
+    lengths: Sequence[int], rewarded: np.ndarray, fraction: float, lower: int, upper: int
+) -> int:
+    """``fraction`` × the median length of the rewarded responses, rounded half up and
+    kept within [lower, upper].
+
+    Only rewarded responses count, so that a query never changes the other rollouts'
+    values.
+    """
+    kept = np.asarray(lengths, dtype=np.float64)[np.asarray(rewarded, dtype=bool)]
+    if not kept.size:
+        raise ValueError("a group needs at least one rewarded rollout")
+    scaled = int(np.floor(fraction * np.median(kept) + 0.5))
+    return min(max(scaled, lower), upper)
+
+
 def start_boundaries(length: int) -> np.ndarray:
     """Boundaries of a single-segment response: [0], or empty for an empty response."""
     return np.zeros(1 if length > 0 else 0, dtype=np.int64)

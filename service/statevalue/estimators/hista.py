@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
 from statevalue.config import EmaStart, HistaConfig, KSchedule
-from statevalue.estimators._group import check_group, piecewise
+from statevalue.estimators._group import check_group, length_fraction, piecewise
 from statevalue.estimators.base import ValueEstimate
 
 # Kernel terms below this relative weight are dropped from the EMA.
@@ -149,14 +149,33 @@ class HistaNodes:
     candidates: np.ndarray
 
 
+def group_node_spacing(
+    lengths: Sequence[int], rewarded: np.ndarray, config: HistaConfig
+) -> HistaConfig:
+    """``config`` with one group's node spacing fixed.
+
+    A relative spacing becomes ``relative_node_spacing`` × the median length of the
+    group's rewarded responses, rounded, between 1 and ``node_spacing``; a fixed spacing is
+    returned unchanged.
+    """
+    if config.relative_node_spacing == 0:
+        return config
+    spacing = length_fraction(
+        lengths, rewarded, config.relative_node_spacing, 1, config.node_spacing
+    )
+    return config.model_copy(update={"node_spacing": spacing, "relative_node_spacing": 0.0})
+
+
 def hista_nodes(prompt_len: int, length: int, config: HistaConfig) -> HistaNodes:
     """Where the nodes of a response of ``length`` tokens after ``prompt_len`` sit.
 
     The end node is on the last response token (``end_node = "last_token"``, reference) or
     after it. Interior nodes lie strictly between the start and the end node, on a grid of
     ``node_spacing`` tokens anchored at the first prompt token (reference) or at the first
-    response token.
+    response token. A relative spacing must be fixed first (:func:`group_node_spacing`).
     """
+    if config.relative_node_spacing:
+        raise ValueError("a relative node spacing needs the group: use group_node_spacing")
     spacing = config.node_spacing
     end = length - 1 if config.end_node == "last_token" else length
     if config.node_anchor == "prompt_start":
@@ -363,6 +382,7 @@ def _hista(
                 f"hidden[{i}] has shape {tuple(states.shape)}, expected "
                 f"({prompt_len + length}, H) with at least one row"
             )
+    config = group_node_spacing(lengths, rewarded, config)
     nodes = [hista_nodes(prompt_len, length, config) for length in lengths]
     queries = [i for i, n in enumerate(nodes) if len(n.interior)]
     node_values: dict[int, np.ndarray] = {}

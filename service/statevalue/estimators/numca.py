@@ -19,7 +19,7 @@ from statevalue.config import (
     TableStates,
     UnseenState,
 )
-from statevalue.estimators._group import check_group, piecewise
+from statevalue.estimators._group import check_group, length_fraction, piecewise
 from statevalue.estimators.base import ValueEstimate
 
 _DIGITS = re.compile(r"\d+")
@@ -125,8 +125,31 @@ class NumcaPath:
         raise ValueError(f"unknown table_states rule {rule!r}")
 
 
+def group_merge_distance(
+    lengths: Sequence[int], rewarded: np.ndarray, config: NumcaConfig
+) -> NumcaConfig:
+    """``config`` with one group's merge distance fixed.
+
+    A relative distance becomes ``relative_merge_distance`` × the median length of the
+    group's rewarded responses, rounded, between 0 and ``merge_distance``; a fixed distance
+    is returned unchanged.
+    """
+    if config.relative_merge_distance == 0:
+        return config
+    distance = length_fraction(
+        lengths, rewarded, config.relative_merge_distance, 0, config.merge_distance
+    )
+    return config.model_copy(update={"merge_distance": distance, "relative_merge_distance": 0.0})
+
+
 def numca_path(text: str, token_ends: np.ndarray, config: NumcaConfig) -> NumcaPath:
-    """Segment a response by its numbers; ``token_ends[t]`` = character end of token t in text."""
+    """Segment a response by its numbers; ``token_ends[t]`` = character end of token t in text.
+
+    A relative merge distance must be fixed first, for the whole group
+    (:func:`group_merge_distance`).
+    """
+    if config.relative_merge_distance:
+        raise ValueError("a relative merge distance needs the group: use group_merge_distance")
     length = len(token_ends)
     numbers = find_numbers(text, config.number_pattern)
     if config.drop_last_number:

@@ -50,7 +50,7 @@ class Group(_message.Message):
     def __init__(self, group_id: _Optional[str] = ..., prompt_id: _Optional[str] = ..., prompt_ids: _Optional[bytes] = ..., prompt_num_tokens: _Optional[int] = ..., prompt_text: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., rollouts: _Optional[_Iterable[_Union[Rollout, _Mapping]]] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
 
 class NumcaParams(_message.Message):
-    __slots__ = ("number_pattern", "merge_distance", "drop_last_number", "prior_count", "number_boundary", "table_states", "unseen_state")
+    __slots__ = ("number_pattern", "merge_distance", "drop_last_number", "prior_count", "number_boundary", "table_states", "unseen_state", "relative_merge_distance")
     NUMBER_PATTERN_FIELD_NUMBER: _ClassVar[int]
     MERGE_DISTANCE_FIELD_NUMBER: _ClassVar[int]
     DROP_LAST_NUMBER_FIELD_NUMBER: _ClassVar[int]
@@ -58,6 +58,7 @@ class NumcaParams(_message.Message):
     NUMBER_BOUNDARY_FIELD_NUMBER: _ClassVar[int]
     TABLE_STATES_FIELD_NUMBER: _ClassVar[int]
     UNSEEN_STATE_FIELD_NUMBER: _ClassVar[int]
+    RELATIVE_MERGE_DISTANCE_FIELD_NUMBER: _ClassVar[int]
     number_pattern: str
     merge_distance: int
     drop_last_number: bool
@@ -65,10 +66,11 @@ class NumcaParams(_message.Message):
     number_boundary: str
     table_states: str
     unseen_state: str
-    def __init__(self, number_pattern: _Optional[str] = ..., merge_distance: _Optional[int] = ..., drop_last_number: _Optional[bool] = ..., prior_count: _Optional[float] = ..., number_boundary: _Optional[str] = ..., table_states: _Optional[str] = ..., unseen_state: _Optional[str] = ...) -> None: ...
+    relative_merge_distance: float
+    def __init__(self, number_pattern: _Optional[str] = ..., merge_distance: _Optional[int] = ..., drop_last_number: _Optional[bool] = ..., prior_count: _Optional[float] = ..., number_boundary: _Optional[str] = ..., table_states: _Optional[str] = ..., unseen_state: _Optional[str] = ..., relative_merge_distance: _Optional[float] = ...) -> None: ...
 
 class HistaParams(_message.Message):
-    __slots__ = ("ema_alpha", "stride", "node_spacing", "d_min", "k_max", "k_min", "tau", "relative_d_min", "own_weight", "ema_start", "downsample", "node_anchor", "end_node", "k_schedule", "neighbours", "own_nodes")
+    __slots__ = ("ema_alpha", "stride", "node_spacing", "d_min", "k_max", "k_min", "tau", "relative_d_min", "own_weight", "ema_start", "downsample", "node_anchor", "end_node", "k_schedule", "neighbours", "own_nodes", "relative_node_spacing")
     EMA_ALPHA_FIELD_NUMBER: _ClassVar[int]
     STRIDE_FIELD_NUMBER: _ClassVar[int]
     NODE_SPACING_FIELD_NUMBER: _ClassVar[int]
@@ -85,6 +87,7 @@ class HistaParams(_message.Message):
     K_SCHEDULE_FIELD_NUMBER: _ClassVar[int]
     NEIGHBOURS_FIELD_NUMBER: _ClassVar[int]
     OWN_NODES_FIELD_NUMBER: _ClassVar[int]
+    RELATIVE_NODE_SPACING_FIELD_NUMBER: _ClassVar[int]
     ema_alpha: float
     stride: int
     node_spacing: int
@@ -101,7 +104,8 @@ class HistaParams(_message.Message):
     k_schedule: str
     neighbours: str
     own_nodes: str
-    def __init__(self, ema_alpha: _Optional[float] = ..., stride: _Optional[int] = ..., node_spacing: _Optional[int] = ..., d_min: _Optional[float] = ..., k_max: _Optional[int] = ..., k_min: _Optional[int] = ..., tau: _Optional[float] = ..., relative_d_min: _Optional[float] = ..., own_weight: _Optional[float] = ..., ema_start: _Optional[str] = ..., downsample: _Optional[str] = ..., node_anchor: _Optional[str] = ..., end_node: _Optional[str] = ..., k_schedule: _Optional[str] = ..., neighbours: _Optional[str] = ..., own_nodes: _Optional[str] = ...) -> None: ...
+    relative_node_spacing: float
+    def __init__(self, ema_alpha: _Optional[float] = ..., stride: _Optional[int] = ..., node_spacing: _Optional[int] = ..., d_min: _Optional[float] = ..., k_max: _Optional[int] = ..., k_min: _Optional[int] = ..., tau: _Optional[float] = ..., relative_d_min: _Optional[float] = ..., own_weight: _Optional[float] = ..., ema_start: _Optional[str] = ..., downsample: _Optional[str] = ..., node_anchor: _Optional[str] = ..., end_node: _Optional[str] = ..., k_schedule: _Optional[str] = ..., neighbours: _Optional[str] = ..., own_nodes: _Optional[str] = ..., relative_node_spacing: _Optional[float] = ...) -> None: ...
 
 class AdvantageParams(_message.Message):
     __slots__ = ("gae", "gamma", "lam", "scale", "scale_eps")
