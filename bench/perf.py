@@ -241,7 +241,9 @@ class ServerProcess:
             sys.executable, "-m", "statevalue.cli", "serve", "--model", model,
             "--device", device, "--dtype", dtype,
             "--grpc-port", str(self.grpc_port), "--http-port", str(self.http_port),
-            "--max-batch-tokens", str(max_batch_tokens), *flags,
+            "--max-batch-tokens", str(max_batch_tokens),
+            # Timed clients queue on purpose: nothing is refused for its estimated wait.
+            "--max-queue-wait-s", "3600", *flags,
         ]  # fmt: skip
         self.process = subprocess.Popen(
             command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
