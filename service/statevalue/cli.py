@@ -289,7 +289,7 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         flags = ("--" + name.replace("_", "-"), *_SERVE_ALIASES.get(name, ()))
         env = "STATEVALUE_" + name.upper()
         help_text = f"{info.description} (default {info.default!r}; env {env})"
-        if info.annotation is bool:
+        if info.annotation in (bool, bool | None):
             parser.add_argument(
                 *flags, dest=name, action=argparse.BooleanOptionalAction, help=help_text
             )
