@@ -285,32 +285,27 @@ def candidates() -> list[Candidate]:
     Duplicates are dropped, so a grid point equal to the defaults appears once, as the
     defaults (which then win ties: they come first).
     """
-    numca = (
-        [NumcaConfig(), NumcaConfig.reference()]
-        + [
-            NumcaConfig(number_pattern=p, relative_merge_distance=f)
-            for p in NUMCA_PATTERNS
-            for f in NUMCA_RELATIVE_MERGE_DISTANCES
-        ]
-        + [
-            NumcaConfig(number_pattern=p, merge_distance=m)
-            for p in NUMCA_PATTERNS
-            for m in NUMCA_MERGE_DISTANCES
-        ]
+    # Length settings: relative fractions first, then fixed lengths.
+    merges = (
+        [{"relative_merge_distance": f} for f in NUMCA_RELATIVE_MERGE_DISTANCES],
+        [{"merge_distance": m} for m in NUMCA_MERGE_DISTANCES],
     )
-    hista = (
-        [HistaConfig(), HistaConfig.reference()]
-        + [
-            HistaConfig(relative_node_spacing=f, relative_d_min=r)
-            for f in HISTA_RELATIVE_NODE_SPACINGS
-            for r in HISTA_RELATIVE_D_MINS
-        ]
-        + [
-            HistaConfig(node_spacing=n, relative_d_min=r)
-            for n in HISTA_NODE_SPACINGS
-            for r in HISTA_RELATIVE_D_MINS
-        ]
+    spacings = (
+        [{"relative_node_spacing": f} for f in HISTA_RELATIVE_NODE_SPACINGS],
+        [{"node_spacing": n} for n in HISTA_NODE_SPACINGS],
     )
+    numca = [NumcaConfig(), NumcaConfig.reference()] + [
+        NumcaConfig(number_pattern=p, **length)
+        for kind in merges
+        for p in NUMCA_PATTERNS
+        for length in kind
+    ]
+    hista = [HistaConfig(), HistaConfig.reference()] + [
+        HistaConfig(relative_d_min=r, **length)
+        for kind in spacings
+        for length in kind
+        for r in HISTA_RELATIVE_D_MINS
+    ]
     out = [Candidate(GROUP_MEAN, "group_mean", EstimatorConfig())]
     for method, section in (("numca", numca), ("hista", hista)):
         for one in dict.fromkeys(section):
