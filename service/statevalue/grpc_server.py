@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -17,6 +18,7 @@ from pydantic import ValidationError
 
 from statevalue.config import METHODS, EstimatorConfig
 from statevalue.errors import error_reply
+from statevalue.estimators.advantages import RewardStatistics
 from statevalue.metrics import Metrics
 from statevalue.request_ids import HEADER, request_id
 from statevalue.schema import (
@@ -120,7 +122,22 @@ def request_from_proto(message: pb.EstimateRequest) -> EstimateRequest:
         min_model_revision=message.min_model_revision,
         step_id=message.step_id,
         explain=message.explain,
+        step_rewards=_step_rewards(message),
     )
+
+
+def _step_rewards(message: pb.EstimateRequest) -> RewardStatistics | None:
+    if not message.HasField("step_rewards"):
+        return None
+    stats = message.step_rewards
+    if stats.count < 1:
+        raise InvalidRequest("step_rewards.count", "must be at least 1")
+    for name in ("mean", "sum_squared_deviations"):
+        if not math.isfinite(getattr(stats, name)):
+            raise InvalidRequest(f"step_rewards.{name}", "must be a finite number")
+    if stats.sum_squared_deviations < 0:
+        raise InvalidRequest("step_rewards.sum_squared_deviations", "must not be negative")
+    return RewardStatistics(stats.count, stats.mean, stats.sum_squared_deviations)
 
 
 def response_to_proto(result: EstimateResult) -> pb.EstimateResponse:

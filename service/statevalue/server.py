@@ -193,6 +193,11 @@ class StatevalueServer:
             "max_request_groups": self._engine.max_groups,
             # What the params file set; every other field is the built-in default.
             "default_params": self._engine.defaults.model_dump(mode="json", exclude_unset=True),
+            "backend": backend.kind,
+            "forward_path": str(backend.forward_path),
+            "tokens_per_second": (self.scheduler.tokens_per_second or 0.0)
+            if self.scheduler is not None
+            else 0.0,
         }
 
     async def estimate(

@@ -107,6 +107,9 @@ class ModelInfo:
     max_request_tokens: int = 0
     max_request_groups: int = 0
     default_params: dict[str, dict[str, Any]] = field(default_factory=dict)
+    backend: str = ""
+    forward_path: str = ""
+    tokens_per_second: float = 0.0
 
 
 @dataclass
@@ -309,6 +312,9 @@ def parse_model(info: pb.ModelInfo) -> ModelInfo:
         revision=info.revision,
         max_request_tokens=info.max_request_tokens,
         max_request_groups=info.max_request_groups,
+        backend=info.backend,
+        forward_path=info.forward_path,
+        tokens_per_second=info.tokens_per_second,
         default_params={
             section.name: {f.name: value for f, value in message.ListFields()}
             for section, message in info.default_params.ListFields()

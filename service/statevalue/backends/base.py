@@ -100,8 +100,16 @@ class LoadedModelInfo:
 class ModelBackend(Protocol):
     """A policy model that returns hidden states for whole prompt+response sequences."""
 
+    #: Which implementation answers: "torch" or "vllm" (model info reports it).
+    kind: str
+
     @property
     def identity(self) -> ModelIdentity: ...
+
+    @property
+    def forward_path(self) -> str:
+        """How sequences go through the model (docs/design.md, "Forward paths")."""
+        ...
 
     @property
     def tokenizer(self) -> Any:

@@ -135,6 +135,8 @@ class TorchBackend(LoadedModelInfo):
             shared prompt once, its KV cache reused by every rollout).
     """
 
+    kind = "torch"
+
     def __init__(
         self,
         model: str = EMBEDDED_MODEL,

@@ -108,6 +108,8 @@ class VllmBackend(LoadedModelInfo):
             there takes minutes), compiled on CUDA.
     """
 
+    kind = "vllm"
+
     def __init__(
         self,
         model: str = EMBEDDED_MODEL,
