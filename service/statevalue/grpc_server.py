@@ -258,6 +258,10 @@ class ValueServicer(pb_grpc.ValueServiceServicer):
         return model_info_to_proto(self._server.model_info())
 
 
+# gRPC's "infinite" for durations in milliseconds (INT_MAX).
+_NO_LIMIT_MS = 2**31 - 1
+
+
 def build_grpc_server(
     servicer: ValueServicer, *, max_message_bytes: int, max_connection_age_s: float
 ) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
@@ -269,7 +273,10 @@ def build_grpc_server(
             # Closing connections after a while makes clients re-resolve the DNS name and
             # spread over replicas added since they connected.
             ("grpc.max_connection_age_ms", int(max_connection_age_s * 1000)),
-            ("grpc.max_connection_age_grace_ms", 30_000),
+            # An old connection gets GOAWAY (new calls go on a new one) but is never cut
+            # while a call is in flight: a call may be a long step's request that queued
+            # behind minutes of work, and cutting it would throw that work away.
+            ("grpc.max_connection_age_grace_ms", _NO_LIMIT_MS),
         ]
     )
     _add_value_service(servicer, server)
