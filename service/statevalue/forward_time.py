@@ -53,6 +53,13 @@ class ForwardTimeModel:
             return 0.0
         return self.overhead + self.per_token * tokens
 
+    @property
+    def typical_tokens(self) -> float:
+        """The mean size of the micro-batches in the window (0 before any)."""
+        if not self._samples:
+            return 0.0
+        return sum(n for n, _ in self._samples) / len(self._samples)
+
     def tokens_within(self, seconds: float, at_most: int) -> int:
         """The most tokens one micro-batch can take in ``seconds`` (1 to ``at_most``)."""
         if self.per_token is None:

@@ -219,10 +219,14 @@ class Scheduler:
 
     @property
     def tokens_per_second(self) -> float | None:
-        """Measured model throughput at the micro-batch size (None before any measurement)."""
+        """Measured model throughput at the micro-batch size (None before any measurement).
+
+        A micro-batch takes at least one whole sequence, so where the time budget is
+        smaller than that, the size is that of the micro-batches that actually ran.
+        """
         if not self.forward_time.ready:
             return None
-        tokens = self.batch_tokens
+        tokens = max(self.batch_tokens, self.forward_time.typical_tokens)
         return tokens / self.forward_time.seconds(tokens)
 
     def stalled(self, limit_s: float) -> str | None:
@@ -369,9 +373,10 @@ class Scheduler:
         return wait
 
     def _retry_after(self, tokens: int) -> float:
-        """Seconds the model needs for ``tokens`` tokens in full micro-batches (at least 1)."""
-        budget = self.batch_tokens
-        return max(1.0, tokens / budget * self.forward_time.seconds(budget))
+        """Seconds the model needs for ``tokens`` tokens in micro-batches of the usual size
+        (at least 1)."""
+        size = max(self.batch_tokens, self.forward_time.typical_tokens)
+        return max(1.0, tokens / size * self.forward_time.seconds(size))
 
     def _admit(self, job: _Job) -> None:
         """Place ``job`` in the queue, or raise QueueFull with the time until it would fit."""
