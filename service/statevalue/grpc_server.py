@@ -38,6 +38,9 @@ from statevalue_client.weights import BACKENDS, TensorSpec, split_address, wire_
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ValueService"].full_name
+# Trailing metadata of a refusal worth retrying later: seconds to wait, as HTTP's
+# Retry-After header says (here with decimals).
+RETRY_AFTER = "retry-after"
 
 
 def _packed(data: bytes, dtype: np.dtype, count: int, field: str) -> np.ndarray:
@@ -269,7 +272,10 @@ class ValueServicer(pb_grpc.ValueServiceServicer):
                     await context.abort(code, f"internal error (request {rid})", echo)
                 else:
                     code = reply.grpc_code
-                    await context.abort(code, reply.details, echo)
+                    hint = ()
+                    if reply.retry_after is not None:
+                        hint = ((RETRY_AFTER, f"{reply.retry_after:.3f}"),)
+                    await context.abort(code, reply.details, echo + hint)
             context.set_trailing_metadata(echo)
             return response_to_proto(result)
         finally:
