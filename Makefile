@@ -71,12 +71,14 @@ proto: $(TEST_STAMP)
 test: $(TEST_STAMP) $(VLLM_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest --ignore=tests/test_vllm_backend.py --durations=15
+	# Two workers, each test module on one (tests/conftest.py schedules the timing-sensitive
+	# ones together); the 25 slowest tests are listed at the end.
+	$(BIN)/python -m pytest -n 2 --ignore=tests/test_vllm_backend.py --durations=25
 	$(MAKE) --no-print-directory test-vllm
 
 test-vllm: $(VLLM_STAMP)
 	$(VLLM_VENV)/bin/python -c "import vllm"
-	$(VLLM_VENV)/bin/python -m pytest -m vllm --durations=5 tests/test_vllm_backend.py
+	$(VLLM_VENV)/bin/python -m pytest -m vllm --durations=25 tests/test_vllm_backend.py
 
 format: $(TEST_STAMP)
 	$(BIN)/ruff format .
