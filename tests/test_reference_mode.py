@@ -256,6 +256,23 @@ def golden() -> dict:
     return json.loads(GOLDEN.read_text())
 
 
+def test_golden_file_names_its_reference_patches_and_generator(golden: dict) -> None:
+    from tests.data import generate_reference_golden as generator
+
+    header = golden["header"]
+    assert header["generator"] == "tests/data/generate_reference_golden.py"
+    assert (Path(__file__).parents[1] / header["generator"]).is_file()
+    assert 0 <= header["generator_version"] <= generator.GENERATOR_VERSION
+    assert header["reference"]["commit"] == generator.REFERENCE_COMMIT
+    assert set(header["reference"]["files"]) == {generator.HISTA_UTILS, generator.NUMCA_DICT}
+    assert "float64 distances" in header["patches"]
+    assert any("candidate order" in patch for patch in header["patches"])
+    if header["generator_version"] > 0:  # written by the generator: its own patch list
+        assert header["patches"] == generator.patch_descriptions()
+    ids = [json.loads(line)["id"] for line in generator.SVEB_DEV.read_text().splitlines()]
+    assert [g["id"] for g in golden["groups"]] == ids[: generator.GROUPS]
+
+
 @pytest.mark.slow
 def test_reference_mode_equals_the_reference_code_on_real_rollouts(
     golden: dict, backend: TorchBackend, engine: Engine
