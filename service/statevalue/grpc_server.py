@@ -17,7 +17,7 @@ from grpc_reflection.v1alpha import reflection
 from pydantic import ValidationError
 
 from statevalue.config import METHODS, EstimatorConfig
-from statevalue.errors import error_reply
+from statevalue.errors import ErrorReply, error_reply
 from statevalue.estimators.advantages import RewardStatistics
 from statevalue.metrics import Metrics
 from statevalue.request_ids import HEADER, request_id
@@ -65,6 +65,13 @@ def params_to_proto(params: dict[str, dict[str, Any]]) -> pb.EstimatorParams:
         for name, value in fields.items():
             setattr(getattr(message, section), name, value)
     return message
+
+
+def _retry_after(reply: ErrorReply) -> tuple[tuple[str, str], ...]:
+    """The refusal's Retry-After as trailing metadata (seconds), which clients honour."""
+    if reply.retry_after is None:
+        return ()
+    return (("retry-after", f"{reply.retry_after:.3f}"),)
 
 
 def model_info_to_proto(info: dict[str, Any]) -> pb.ModelInfo:
@@ -225,7 +232,7 @@ class ValueServicer(pb_grpc.ValueServiceServicer):
                     await context.abort(code, f"internal error (request {rid})", echo)
                 else:
                     code = reply.grpc_code
-                    await context.abort(code, reply.details, echo)
+                    await context.abort(code, reply.details, echo + _retry_after(reply))
             context.set_trailing_metadata(echo)
             return response_to_proto(result)
         finally:
