@@ -26,16 +26,19 @@ from statevalue_client.step import (
 class Refusal(grpc.RpcError):
     """A status as a call reports it: code, details and trailing metadata."""
 
-    def __init__(self, code: grpc.StatusCode, retry_after: float | None = None) -> None:
+    def __init__(
+        self, code: grpc.StatusCode, retry_after: float | None = None, details: str = ""
+    ) -> None:
         super().__init__(code.name)
         self._code = code
         self._retry_after = retry_after
+        self._details = details or code.name.lower()
 
     def code(self) -> grpc.StatusCode:
         return self._code
 
     def details(self) -> str:
-        return self._code.name.lower()
+        return self._details
 
     def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
         return () if self._retry_after is None else (("retry-after", str(self._retry_after)),)
@@ -214,3 +217,13 @@ def test_progress_counts_tokens_and_estimates_the_time_left() -> None:
     (progress,) = seen
     assert (progress.tokens_done, progress.tokens_total) == (100, 400)
     assert progress.eta_s == pytest.approx(6.0)
+
+
+def test_an_address_that_speaks_no_grpc_is_not_retried() -> None:
+    # What gRPC reports when the target is an HTTP/1.1 port (the server's HTTP API).
+    step = make_step(groups(1))
+    attempt = step.next_attempt(0.0)
+    assert attempt is not None
+    details = "ipv4:127.0.0.1:8000: Failed parsing HTTP/2 (Expected SETTINGS frame)"
+    step.failed(attempt, Refusal(grpc.StatusCode.UNAVAILABLE, details=details), 0.0)
+    assert step.finished and step.next_attempt(0.1) is None

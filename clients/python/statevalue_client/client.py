@@ -252,8 +252,9 @@ class _ClientSettings:
         self._limits = RequestLimits(info.max_request_tokens, info.max_request_groups)
         return info
 
-    def _info_timeout(self, timeout: float | None, started: float, deadline: float | None) -> float:
-        timeout = timeout or INFO_TIMEOUT_S
+    def _info_timeout(self, started: float, deadline: float | None) -> float:
+        """GetModelInfo's timeout within a step: its own, cut to the step's deadline."""
+        timeout = INFO_TIMEOUT_S
         if deadline is not None:
             timeout = min(timeout, max(0.001, started + deadline - time.monotonic()))
         return timeout
@@ -375,7 +376,7 @@ class ValueClient(_ClientSettings):
         **params: Mapping[str, Any],
     ) -> EstimateResult:
         started = time.monotonic()
-        info = self.model_info(timeout=self._info_timeout(timeout, started, deadline))
+        info = self.model_info(timeout=self._info_timeout(started, deadline))
         step = self._new_step(
             groups,
             methods,
@@ -559,7 +560,7 @@ class AsyncValueClient(_ClientSettings):
         **params: Mapping[str, Any],
     ) -> EstimateResult:
         started = time.monotonic()
-        info = await self.model_info(timeout=self._info_timeout(timeout, started, deadline))
+        info = await self.model_info(timeout=self._info_timeout(started, deadline))
         step = self._new_step(
             groups,
             methods,

@@ -104,6 +104,14 @@ def retry_after(exc: BaseException) -> float | None:
     return None
 
 
+def speaks_no_grpc(exc: BaseException) -> bool:
+    """The address answered, but not in HTTP/2 (e.g. the HTTP port): retrying cannot help."""
+    if error_code(exc) != grpc.StatusCode.UNAVAILABLE:
+        return False
+    details = str(exc.details() if isinstance(exc, grpc.RpcError) else exc)  # type: ignore[attr-defined]
+    return "Failed parsing HTTP/2" in details or "http1.x server" in details
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     """When a failed call is sent again.
@@ -131,7 +139,7 @@ class RetryPolicy:
         """Seconds to wait before sending again after ``exc`` on attempt ``attempt`` (0 is
         the first), or None to give up. ``heard_from``: when the service last showed life."""
         code = error_code(exc)
-        if code not in self.retry_codes or self.retries == 0:
+        if code not in self.retry_codes or self.retries == 0 or speaks_no_grpc(exc):
             return None
         silent = code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
         if silent and now - heard_from > self.unavailable_wait_s:
