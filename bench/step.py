@@ -121,6 +121,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--max-connection-age-s", type=float, default=None, help="the replicas' connection age"
     )
+    parser.add_argument(
+        "--model", default=EMBEDDED_MODEL, help="'embedded' (default) or a model directory"
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (seconds)")
     args = parser.parse_args(argv)
     if args.threads is not None:
@@ -143,8 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             flags += (flag, str(value))
             print(f"# replicas: {flag} {value:g}")
     servers = [
-        ServerProcess(EMBEDDED_MODEL, "cpu", "auto", args.max_batch_tokens, *flags)
-        for _ in range(2)
+        ServerProcess(args.model, "cpu", "auto", args.max_batch_tokens, *flags) for _ in range(2)
     ]
     header = (
         f"{'step':<26} {'replicas':>8} {'requests':>8} {'tokens':>8} {'wall s':>8} "

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -144,8 +144,17 @@ class ModelBackend(Protocol):
         """Load a checkpoint directory's weights into memory, checked against the model."""
         ...
 
+    def staging_weights(self, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+        """Empty tensors, shaped and typed like the model's, for weights sent from memory.
+
+        Raises ValueError naming a tensor that does not fit, NotImplementedError on a
+        backend that takes new weights from checkpoint files only.
+        """
+        ...
+
     def apply_weights(self, weights: LoadedWeights, version: str | None = None) -> ModelIdentity:
-        """Swap in weights from ``read_checkpoint``; returns the new identity."""
+        """Swap in weights from ``read_checkpoint`` or filled ``staging_weights``; returns the
+        new identity."""
         ...
 
     def close(self) -> None:
