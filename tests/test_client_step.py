@@ -186,6 +186,10 @@ def test_timeouts_never_outlast_the_steps_deadline() -> None:
     step = make_step(groups(1), deadline=30.0)
     attempt = step.next_attempt(10.0)
     assert attempt is not None and attempt.timeout == pytest.approx(20.0)
+    step.failed(attempt, Refusal(grpc.StatusCode.DEADLINE_EXCEEDED), 30.0)
+    with pytest.raises(StepFailed, match="the step's deadline passed") as failed:
+        step.outcome()
+    assert failed.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
 
 
 def test_unavailable_is_given_up_after_a_silence_of_unavailable_wait_s() -> None:

@@ -48,12 +48,12 @@ def params_server(backend: TorchBackend, tmp_path: Path) -> Iterator[ServerThrea
     """A server whose params file makes batch scaling the default, with a small request limit."""
     params = tmp_path / "params.json"
     params.write_text(json.dumps({"advantage": {"scale": "batch"}}))
-    with running_server(backend, params_file=params, max_request_tokens=200) as server:
+    with running_server(backend, params_file=params, max_request_tokens=150) as server:
         yield server
 
 
 def test_batch_scaling_set_by_the_server_spans_a_split_step(params_server: ServerThread) -> None:
-    # Two groups of different reward spreads, one request each under the 200-token limit.
+    # Two groups of different reward spreads, one request each under the 150-token limit.
     groups = [
         Group([5] * 10, [Rollout([7] * 40, 1.0), Rollout([8] * 40, 0.0)], group_id="wide"),
         Group([6] * 10, [Rollout([7] * 40, 0.5), Rollout([8] * 40, 0.25)], group_id="narrow"),

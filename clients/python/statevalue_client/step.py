@@ -74,6 +74,7 @@ UNMEASURED_REQUEST_TIMEOUT_S = 600.0
 # A request whose own timeout passed is sent again with a doubled timeout, this many times.
 MAX_TIMEOUT_RETRIES = 3
 _RETRY_AFTER = "retry-after"
+_DEADLINE_PASSED = "the step's deadline passed"
 
 ProgressCallback = Callable[[StepProgress], None]
 
@@ -219,11 +220,13 @@ class StepFailed(grpc.RpcError):
 
 @dataclass
 class Attempt:
-    """One request of a step to send now, with its timeout in seconds."""
+    """One request of a step to send now, with its timeout in seconds (``at_deadline``:
+    the timeout is what is left of the step's deadline)."""
 
     index: int
     request: pb.EstimateRequest
     timeout: float | None
+    at_deadline: bool = False
 
 
 @dataclass
@@ -382,7 +385,11 @@ class Step:
             if request.not_before <= now:
                 self._pending.remove(index)
                 self._in_flight.add(index)
-                return Attempt(index, request.message, self._request_timeout(request, now))
+                timeout = self._request_timeout(request, now)
+                at_deadline = self._deadline is not None and timeout == max(
+                    0.001, self._deadline - now
+                )
+                return Attempt(index, request.message, timeout, at_deadline)
         return None
 
     def wait_time(self, now: float) -> float | None:
@@ -443,14 +450,18 @@ class Step:
             return
         self._errors[attempt.index] = exc
         if self._stop_reason is None:
-            self._stop_reason = f"a request failed ({describe_error(exc)})"
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED and attempt.at_deadline:
+                self._stop_reason = _DEADLINE_PASSED
+            else:
+                self._stop_reason = f"a request failed ({describe_error(exc)})"
 
     def outcome(self) -> EstimateResult:
         """The merged result in the order of the groups; raises :class:`StepFailed`."""
         if self._bar is not None:
             self._bar.close()
         if len(self._finished) < len(self.groups) or self._errors:
-            if len(self._requests) == 1 and not self._finished and self._errors:
+            alone = len(self._requests) == 1 and not self._finished
+            if alone and self._errors and self._stop_reason != _DEADLINE_PASSED:
                 raise self._errors[0]  # the whole call was this one request: its own error
             errors = [self._errors[i] for i in sorted(self._errors)]
             code = error_code(errors[0]) if errors else grpc.StatusCode.DEADLINE_EXCEEDED
@@ -499,7 +510,7 @@ class Step:
             and now >= self._deadline
             and self._pending
         ):
-            self._stop_reason = "the step's deadline passed"
+            self._stop_reason = _DEADLINE_PASSED
 
     def _progress_now(self, now: float) -> StepProgress:
         elapsed = now - self._started
