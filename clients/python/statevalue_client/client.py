@@ -44,7 +44,9 @@ from statevalue_client.wire import (
     Rollout,
     RolloutResult,
     auth_metadata,
+    build_request,
     parse_model,
+    parse_response,
     reload_request,
 )
 
@@ -61,6 +63,8 @@ __all__ = [
     "RolloutResult",
     "StepFailed",
     "ValueClient",
+    "build_request",
+    "parse_response",
 ]
 
 if TYPE_CHECKING:

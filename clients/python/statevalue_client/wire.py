@@ -15,6 +15,7 @@ import numpy as np
 
 from statevalue_client.arrays import FLOAT32, INT32, pack_float32, pack_int32, unpack
 from statevalue_client.proto import statevalue_pb2 as pb
+from statevalue_client.states import GroupStates, add_states_to_request
 
 
 @dataclass
@@ -40,6 +41,8 @@ class Group:
     group_id: str = ""
     prompt_id: str = ""
     idempotency_key: str = ""
+    # Hista's representations from the trainer's own hidden states (statevalue_client.states).
+    hista_states: GroupStates | None = None
 
 
 @dataclass
@@ -111,6 +114,7 @@ def build_request(
     step_id: str = "",
 ) -> pb.EstimateRequest:
     """The protobuf request for ``groups``; ``params`` maps numca/hista/advantage to fields."""
+    groups = list(groups)
     request = pb.EstimateRequest(
         methods=list(methods), min_model_revision=min_model_revision, step_id=step_id
     )
@@ -139,6 +143,7 @@ def build_request(
                 item.reward = float(rollout.reward)
             if rollout.token_rewards is not None:
                 item.token_rewards = pack_float32(rollout.token_rewards)
+    add_states_to_request(request, groups)
     return request
 
 
