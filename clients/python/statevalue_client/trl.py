@@ -31,6 +31,7 @@ from trl import GRPOTrainer
 
 from statevalue_client.client import ValueClient
 from statevalue_client.flat_batch import groups_from_flat_batch, scatter_to_padded
+from statevalue_client.wire import content_step_id
 
 
 class StateValueGRPOTrainer(GRPOTrainer):
@@ -121,7 +122,14 @@ class StateValueGRPOTrainer(GRPOTrainer):
             rewards,
             np.arange(len(rows)) // n,
         )
-        result = self.value_client.estimate(groups, (self.value_method,), **self.value_params)
+        # A content step id: if this step fails and the trainer retries it with the same
+        # rollouts, the client resumes it instead of sending it all again.
+        result = self.value_client.estimate(
+            groups,
+            (self.value_method,),
+            step_id=content_step_id(groups),
+            **self.value_params,
+        )
         _, advantages = scatter_to_padded(result, layout, completion_mask)[self.value_method]
         # Unscorable completions (NaN reward) carry no signal, as in TRL.
         advantages[np.isnan(rewards)] = 0.0
