@@ -9,6 +9,7 @@ import numpy as np
 from statevalue.backends.base import ModelIdentity
 from statevalue.config import EstimatorConfig, Method
 from statevalue.estimators.hista import HistaNode
+from statevalue.estimators.self_calibration import SelfCalibration
 
 
 @dataclass
@@ -90,6 +91,8 @@ class RolloutResult:
 class GroupResult:
     group_id: str
     rollouts: list[RolloutResult]
+    # Per method, when the request's self_calibration is enabled.
+    self_calibration: dict[str, SelfCalibration] = field(default_factory=dict)
 
 
 @dataclass
