@@ -14,6 +14,7 @@ from statevalue.admin import ReloadRefused, Unauthenticated
 from statevalue.numca_store import StoreUnavailable
 from statevalue.scheduler import DeadlineExpired, ModelTooOld, NotAccepting, QueueFull
 from statevalue.schema import InvalidRequest
+from statevalue.weight_receiver import WeightTransferFailed
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,8 @@ def error_reply(exc: BaseException) -> ErrorReply | None:
         )
     if isinstance(exc, Unauthenticated):
         return ErrorReply(401, grpc.StatusCode.UNAUTHENTICATED, str(exc))
+    if isinstance(exc, WeightTransferFailed):
+        return ErrorReply(409, grpc.StatusCode.ABORTED, str(exc))
     if isinstance(exc, ReloadRefused):
         return ErrorReply(exc.http_status, exc.grpc_code, str(exc))
     return None

@@ -351,11 +351,9 @@ def create_app(server: Any, metrics: Metrics, *, max_body_bytes: int) -> FastAPI
             )
         except Exception as exc:
             reply = error_reply(exc)
-            if reply is not None:
-                return _reply(reply)
-            if isinstance(exc, ValueError):
-                return _error(400, "checkpoint", str(exc))
-            raise
+            if reply is None:
+                raise
+            return _reply(reply)
         return server.model_info()
 
     @app.get("/healthz")
