@@ -4,8 +4,10 @@ that reports it (the embedded model on a real gRPC and HTTP server)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -29,7 +31,7 @@ from statevalue.estimators.self_calibration import (
     self_calibrate,
     target_group,
 )
-from statevalue.schema import EstimateRequest, GroupInput
+from statevalue.schema import EstimateRequest, GroupInput, RolloutInput
 from statevalue_client import Group, Rollout, ValueClient
 from tests.servers import ServerThread, running_server
 
@@ -192,7 +194,53 @@ def test_choice_and_values_do_not_depend_on_the_order() -> None:
             np.testing.assert_array_equal(x, y)
 
 
+def test_choice_does_not_depend_on_the_order_of_the_rollouts() -> None:
+    hidden, prompt_len, lengths = random_group(2, size=8)
+    rewards = np.array([1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0, 0.0])
+    texts = [f"{3 * j} then {j + 1} and {j % 3}" for j in range(8)]
+    ends = [np.linspace(1, len(t), n).astype(np.int64) for t, n in zip(texts, lengths, strict=True)]
+
+    def run(order: list[int]) -> list[tuple[np.ndarray, object]]:
+        target = target_group([lengths[j] for j in order], rewards[order], np.ones(8, bool))
+        group = GroupCandidates(
+            target,
+            hista_candidates([hidden[j] for j in order], prompt_len, target, HistaConfig()),
+            numca_candidates(
+                [texts[j] for j in order], [ends[j] for j in order], target, NumcaConfig()
+            ),
+        )
+        (answer,) = self_calibrate([group], ["hista", "numca"], ENABLED)
+        return [(answer[m][0].values, answer[m][1]) for m in ("hista", "numca")]
+
+    order = [5, 2, 7, 0, 3, 1, 6, 4]
+    for (values, report), (shuffled, shuffled_report) in zip(
+        run(list(range(8))), run(order), strict=True
+    ):
+        assert report == shuffled_report
+        for position, j in enumerate(order):
+            np.testing.assert_allclose(shuffled[position], values[j], rtol=1e-6)
+
+
 # -- the engine and the servers ------------------------------------------------------------
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def sampled_group() -> GroupInput:
+    """8 responses of the embedded model with mixed rewards, from the committed SVEB set
+    (sampled once, so no test here has to generate)."""
+    with (ROOT / "bench/sveb/data/dev.jsonl").open() as handle:
+        record = next(r for r in map(json.loads, handle) if 0 < sum(r["rewards"][:8]) < 8)
+    return GroupInput(
+        group_id="apples",
+        prompt_ids=np.asarray(record["prompt_ids"]),
+        rollouts=[
+            RolloutInput(response_ids=np.asarray(r["ids"]), reward=r["reward"])
+            for r in record["responses"][:8]
+        ],
+    )
 
 
 def request(group: GroupInput, **calibration: object) -> EstimateRequest:
@@ -278,3 +326,21 @@ def test_both_front_ends_report_the_choice(
     assert reported["params"] == choice.params
     assert reported["own_weight"] == choice.own_weight
     assert reported["criterion"] == choice.criterion
+
+
+@pytest.mark.slow
+def test_the_sveb_script_prints_every_row_and_the_timing(
+    backend: TorchBackend, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bench.sveb import self_calibration as script
+
+    argv = ["--split", "dev", "--limit", "1", "--step-size", "1", "--group-sizes", "16,4"]
+    assert script.main([*argv, "--variants", "--timing", "--quiet"], backend=backend) == 0
+    out = capsys.readouterr().out
+    tables = out.split("## SVEB self-calibration")[1:]
+    assert [t.split("\n")[0] for t in tables] == [" — split dev, G = 16", " — split dev, G = 4"]
+    for table in tables:
+        for label in ("hista self-calibrated, per step", "numca self-calibrated, per group"):
+            row = next(line for line in table.splitlines() if line.startswith(f"| {label} |"))
+            assert math.isfinite(float(row.split("|")[2].split("±")[0]))
+        assert "| hidden states s | estimators s | with self-calibration s |" in table

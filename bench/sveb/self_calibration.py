@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -52,6 +53,7 @@ from bench.sveb.evaluate import (  # noqa: E402
     parse_params,
     summary_table,
 )
+from statevalue.calibration import paired_difference  # noqa: E402
 from statevalue.config import EstimatorConfig, HistaConfig, NumcaConfig  # noqa: E402
 
 
@@ -114,7 +116,10 @@ def record_hidden(backend: Any, record: dict[str, Any], cache: Path | None) -> l
         return torch.load(path)
     hidden = group_hidden(backend, record)
     cache.mkdir(parents=True, exist_ok=True)
-    torch.save(hidden, path)
+    # Written whole, then renamed: a run reading the folder meanwhile never sees half a file.
+    partial = path.with_suffix(f".{os.getpid()}.partial")
+    torch.save(hidden, partial)
+    partial.replace(path)
     return hidden
 
 
@@ -205,6 +210,24 @@ def step_states(
     return states
 
 
+def against_defaults(states: Sequence[StateRow]) -> str:
+    """Markdown table: each self-calibrated row's absolute error minus its method's
+    defaults', ± SE clustered by prompt (negative = better)."""
+    clusters = [r.prompt for r in states]
+    targets = np.array([r.target for r in states])
+
+    def errors(label: str) -> np.ndarray:
+        return np.abs(np.array([r.estimates[label] for r in states]) - targets)
+
+    lines = ["| self-calibrated row | − its method's defaults ± SE |", "|---|---|"]
+    for label in states[0].estimates:
+        method = label.split(" ")[0]
+        if "self-calibrated" in label:
+            diff, se = paired_difference(errors(label), errors(f"{method} defaults"), clusters)
+            lines.append(f"| {label} | {diff:+.4f} ± {se:.4f} |")
+    return "\n".join(lines)
+
+
 def timing_table(timing: Timing, step_size: int, group_size: int) -> str:
     """Markdown table: estimator seconds per step without and with self-calibration."""
     plain, calibrated = np.array(timing.plain), np.array(timing.calibrated)
@@ -212,8 +235,9 @@ def timing_table(timing: Timing, step_size: int, group_size: int) -> str:
     return "\n".join(
         [
             f"Estimator time per step ({step_size} prompts, G = {group_size}; numca, hista and "
-            "group mean; median over steps):\n",
-            "| forward pass s | estimators s | with self-calibration s | extra s | extra % |",
+            "group mean; median over steps; hidden states: the forward pass, or reading them "
+            "from --cache-dir):\n",
+            "| hidden states s | estimators s | with self-calibration s | extra s | extra % |",
             "|---|---|---|---|---|",
             f"| {np.median(timing.forward):.3f} | {np.median(plain):.3f} "
             f"| {np.median(calibrated):.3f} | {np.median(extra):+.3f} "
@@ -280,6 +304,8 @@ def main(argv: list[str] | None = None, backend: Any = None) -> int:
         print(f"- data: {data_summary(records, states)}")
         print(f"- steps of {args.step_size} prompts, one request each\n")
         print(summary_table(states, list(states[0].estimates), []))
+        print()
+        print(against_defaults(states))
         print()
         if args.timing:
             print(timing_table(timing, args.step_size, size))

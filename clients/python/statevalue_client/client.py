@@ -522,7 +522,7 @@ class _Step:
                 models.append(result.model)
             for position, group in zip(indices, result.groups, strict=True):
                 group_id = self.groups[position].group_id or group_name("", position)
-                merged[position] = GroupResult(group_id=group_id, rollouts=group.rollouts)
+                merged[position] = dataclasses.replace(group, group_id=group_id)
         if self._batch_eps is not None:
             self._scale_by_batch(merged, self._batch_eps)
         results = self._results.values()
