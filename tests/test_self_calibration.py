@@ -302,7 +302,10 @@ def test_both_front_ends_report_the_choice(
     params = {"self_calibration": {"enabled": True, "scope": "group"}}
     with ValueClient(server.grpc_target) as client:
         answer = client.estimate([group], methods=["hista"], **params)
-    assert answer.groups[0].self_calibration["hista"] == dataclasses.asdict(choice)
+    # The same choice; the fitted numbers up to the float rounding of the forward pass,
+    # which the server may batch differently.
+    expected_report = dataclasses.asdict(choice)
+    assert_same_report(answer.groups[0].self_calibration["hista"], expected_report)
     np.testing.assert_allclose(
         answer.groups[0].rollouts[0].values["hista"],
         expected.groups[0].rollouts[0].values["hista"],
@@ -322,10 +325,16 @@ def test_both_front_ends_report_the_choice(
     }
     reply = httpx.post(f"{server.http_url}/v1/estimate", json=body, timeout=120)
     assert reply.status_code == 200, reply.text
-    reported = reply.json()["groups"][0]["self_calibration"]["hista"]
-    assert reported["params"] == choice.params
-    assert reported["own_weight"] == choice.own_weight
-    assert reported["criterion"] == choice.criterion
+    assert_same_report(reply.json()["groups"][0]["self_calibration"]["hista"], expected_report)
+
+
+def assert_same_report(got: dict[str, object], want: dict[str, object]) -> None:
+    assert set(got) == set(want)
+    for name in ("params", "candidates", "scope"):
+        assert got[name] == want[name], name
+    assert got["weights"] == pytest.approx(want["weights"], rel=1e-6)
+    for name in ("own_weight", "criterion", "group_mean_criterion"):
+        assert got[name] == pytest.approx(want[name], rel=1e-6), name
 
 
 @pytest.mark.slow
