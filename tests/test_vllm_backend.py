@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from statevalue.backends.base import CheckpointRefused
 from statevalue.backends.torch_backend import TorchBackend
 from statevalue.config import EstimatorConfig, HistaConfig
 from statevalue.engine import Engine
@@ -145,7 +146,7 @@ def test_reload_swaps_weights_and_drops_the_prefix_cache(
     finally:
         vllm_backend.apply_weights(vllm_backend.read_checkpoint(str(embedded_checkpoint)))
     assert_states_match(vllm_backend.hidden_states(sequences, hints), before)
-    with pytest.raises(ValueError, match="safetensors"):
+    with pytest.raises(CheckpointRefused, match="safetensors"):
         vllm_backend.read_checkpoint(str(tmp_path / "missing"))
 
 

