@@ -150,6 +150,13 @@ def test_grpc_matches_engine(
     assert result.forward_seconds > 0
     assert (info.name, info.version) == (result.model.name, result.model.version)
     assert info.vocab_size > 0 and info.hidden_size > 0 and info.max_length > 0
+    # The torch backend answered, on the forward path it was built with, and the throughput
+    # it advertises comes from the forward step that just ran.
+    assert (info.backend, info.forward_path) == (
+        "torch",
+        server.server.scheduler.engine.backend.forward_path,
+    )
+    assert info.tokens_per_second > 0
 
 
 def test_http_matches_engine(
@@ -164,6 +171,12 @@ def test_http_matches_engine(
     assert_same(json_table(answer), engine_table(reference))
     info = httpx.get(f"{server.http_url}/v1/model", timeout=10).json()
     assert (info["name"], info["version"]) == (reference.model.name, reference.model.version)
+    assert info["backend"] == "torch" and info["forward_path"] in (
+        "padded",
+        "packed",
+        "prompt_once",
+    )
+    assert info["tokens_per_second"] > 0
 
 
 def test_readme_json_example(server: ServerThread, engine: Engine) -> None:

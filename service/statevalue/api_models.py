@@ -12,6 +12,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from statevalue.config import METHODS, EstimatorConfig
+from statevalue.estimators.advantages import RewardStatistics
 from statevalue.estimators.hista import HistaNode
 from statevalue.schema import (
     EstimateRequest,
@@ -129,6 +130,23 @@ ESTIMATE_EXAMPLE = {
 }
 
 
+class StepRewardsIn(_Wire):
+    """Sufficient statistics of a step's rewards (its rewarded rollouts)."""
+
+    count: int = Field(ge=1)
+    mean: float = Field(allow_inf_nan=False)
+    sum_squared_deviations: float = Field(ge=0, allow_inf_nan=False)
+
+    def to_statistics(self) -> RewardStatistics:
+        return RewardStatistics(self.count, self.mean, self.sum_squared_deviations)
+
+    @classmethod
+    def from_statistics(cls, stats: RewardStatistics) -> StepRewardsIn:
+        return cls(
+            count=stats.count, mean=stats.mean, sum_squared_deviations=stats.sum_squared_deviations
+        )
+
+
 class EstimateIn(_Wire):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [ESTIMATE_EXAMPLE]})
 
@@ -146,6 +164,12 @@ class EstimateIn(_Wire):
         description="Also answer why each rollout got its values (its 'explanation'): token "
         "texts, Numca's number sets, Hista's neighbours with their weights.",
     )
+    step_rewards: StepRewardsIn | None = Field(
+        None,
+        description="The rewards of the whole step this request is one part of: with "
+        'advantage scale "batch" the advantages are divided by their std instead of this '
+        "request's own, so a split step gets the advantages of one request.",
+    )
 
     def to_request(self) -> EstimateRequest:
         return EstimateRequest(
@@ -155,6 +179,7 @@ class EstimateIn(_Wire):
             min_model_revision=self.min_model_revision,
             step_id=self.step_id,
             explain=self.explain,
+            step_rewards=None if self.step_rewards is None else self.step_rewards.to_statistics(),
         )
 
     @classmethod
@@ -167,6 +192,9 @@ class EstimateIn(_Wire):
             min_model_revision=request.min_model_revision,
             step_id=request.step_id,
             explain=request.explain,
+            step_rewards=None
+            if request.step_rewards is None
+            else StepRewardsIn.from_statistics(request.step_rewards),
         )
 
 
@@ -196,6 +224,12 @@ class ModelInfoOut(_Wire):
     default_params: dict[str, dict[str, Any]] = Field(
         description="The estimator parameters the server's params file sets (serve --params), "
         "which fill what a request leaves unset; every other field is the built-in default."
+    )
+    backend: str = Field(description='The model backend: "torch" or "vllm".')
+    forward_path: str = Field(description="How sequences go through the model.")
+    tokens_per_second: float = Field(
+        description="Measured forward throughput in prompt+response tokens per second "
+        "(0 before the first measurement); clients size requests by it."
     )
 
 

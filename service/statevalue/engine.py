@@ -27,7 +27,12 @@ from statevalue.config import (
     validation_message,
     with_defaults,
 )
-from statevalue.estimators.advantages import scale_advantages, segment_gae, token_gae
+from statevalue.estimators.advantages import (
+    RewardStatistics,
+    scale_advantages,
+    segment_gae,
+    token_gae,
+)
 from statevalue.estimators.base import ValueEstimate
 from statevalue.estimators.group_mean import group_mean_values
 from statevalue.estimators.hista import HistaNode, hista_values, hista_values_explained
@@ -98,6 +103,7 @@ class PreparedRequest:
     methods: tuple[Method, ...]
     config: EstimatorConfig
     explain: bool = False
+    step_rewards: RewardStatistics | None = None
 
     @property
     def needs_hidden_states(self) -> bool:
@@ -193,7 +199,11 @@ class Engine:
             ) from exc
         groups = [self._prepare_group(g, f"groups[{i}]") for i, g in enumerate(request.groups)]
         prepared = PreparedRequest(
-            groups=groups, methods=methods, config=config, explain=request.explain
+            groups=groups,
+            methods=methods,
+            config=config,
+            explain=request.explain,
+            step_rewards=request.step_rewards,
         )
         if prepared.num_tokens > self.max_tokens:
             raise InvalidRequest(
@@ -517,7 +527,13 @@ class Engine:
                             )
                         )
             advantages[method] = scale_advantages(
-                raw, rewards, rewarded, group_index, adv_config.scale, adv_config.scale_eps
+                raw,
+                rewards,
+                rewarded,
+                group_index,
+                adv_config.scale,
+                adv_config.scale_eps,
+                prepared.step_rewards,
             )
         results = []
         flat = 0

@@ -15,6 +15,7 @@ from statevalue.backends.base import CheckpointRefused
 from statevalue.numca_store import StoreUnavailable
 from statevalue.scheduler import DeadlineExpired, ModelTooOld, NotAccepting, QueueFull
 from statevalue.schema import InvalidRequest
+from statevalue.weight_receiver import WeightTransferFailed
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,8 @@ def error_reply(exc: BaseException) -> ErrorReply | None:
         )
     if isinstance(exc, Unauthenticated):
         return ErrorReply(401, grpc.StatusCode.UNAUTHENTICATED, str(exc))
+    if isinstance(exc, WeightTransferFailed):
+        return ErrorReply(409, grpc.StatusCode.ABORTED, str(exc))
     if isinstance(exc, ReloadRefused):
         return ErrorReply(exc.http_status, exc.grpc_code, str(exc))
     if isinstance(exc, CheckpointRefused):

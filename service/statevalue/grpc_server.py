@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -17,6 +18,7 @@ from pydantic import ValidationError
 
 from statevalue.config import METHODS, EstimatorConfig
 from statevalue.errors import error_reply
+from statevalue.estimators.advantages import RewardStatistics
 from statevalue.metrics import Metrics
 from statevalue.request_ids import HEADER, request_id
 from statevalue.schema import (
@@ -27,9 +29,11 @@ from statevalue.schema import (
     RolloutExplanation,
     RolloutInput,
 )
+from statevalue.weight_receiver import UpdateOrder
 from statevalue_client.arrays import FLOAT32, INT32, pack_float32, pack_int32, unpack
 from statevalue_client.proto import statevalue_pb2 as pb
 from statevalue_client.proto import statevalue_pb2_grpc as pb_grpc
+from statevalue_client.weights import BACKENDS, TensorSpec, split_address, wire_dtype
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +124,63 @@ def request_from_proto(message: pb.EstimateRequest) -> EstimateRequest:
         min_model_revision=message.min_model_revision,
         step_id=message.step_id,
         explain=message.explain,
+        step_rewards=_step_rewards(message),
+    )
+
+
+def _step_rewards(message: pb.EstimateRequest) -> RewardStatistics | None:
+    if not message.HasField("step_rewards"):
+        return None
+    stats = message.step_rewards
+    if stats.count < 1:
+        raise InvalidRequest("step_rewards.count", "must be at least 1")
+    for name in ("mean", "sum_squared_deviations"):
+        if not math.isfinite(getattr(stats, name)):
+            raise InvalidRequest(f"step_rewards.{name}", "must be a finite number")
+    if stats.sum_squared_deviations < 0:
+        raise InvalidRequest("step_rewards.sum_squared_deviations", "must not be negative")
+    return RewardStatistics(stats.count, stats.mean, stats.sum_squared_deviations)
+
+
+def update_order_from_proto(message: pb.UpdateWeightsRequest) -> UpdateOrder:
+    """The update a trainer announces; raises InvalidRequest naming the field."""
+    try:
+        host, port = split_address(message.rendezvous)
+    except ValueError as exc:
+        raise InvalidRequest("rendezvous", str(exc)) from exc
+    if not message.group:
+        raise InvalidRequest("group", "must name the trainer's group")
+    if message.world_size < 2:
+        raise InvalidRequest("world_size", "must count the trainer and at least one replica")
+    if not 1 <= message.rank < message.world_size:
+        raise InvalidRequest("rank", f"must be in [1, {message.world_size - 1}]")
+    if message.backend not in BACKENDS:
+        raise InvalidRequest("backend", f"must be one of {', '.join(BACKENDS)}")
+    if not message.tensors:
+        raise InvalidRequest("tensors", "must list the tensors the trainer sends")
+    if message.bucket_bytes < 1 or message.update < 1:
+        field = "bucket_bytes" if message.bucket_bytes < 1 else "update"
+        raise InvalidRequest(field, "must be at least 1")
+    specs = []
+    for i, tensor in enumerate(message.tensors):
+        try:
+            dtype = wire_dtype(tensor.dtype)
+        except ValueError as exc:
+            raise InvalidRequest(f"tensors[{i}].dtype", str(exc)) from exc
+        specs.append(TensorSpec(tensor.name, tuple(tensor.shape), dtype))
+    if len({spec.name for spec in specs}) != len(specs):
+        raise InvalidRequest("tensors", "names a tensor twice")
+    return UpdateOrder(
+        host=host,
+        port=port,
+        group=message.group,
+        world_size=message.world_size,
+        rank=message.rank,
+        backend=message.backend,
+        tensors=tuple(specs),
+        bucket_bytes=message.bucket_bytes,
+        update=message.update,
+        version=message.version or f"{message.group[:8]}-{message.update}",
     )
 
 
@@ -242,18 +303,38 @@ class ValueServicer(pb_grpc.ValueServiceServicer):
     async def ReloadWeights(
         self, request: pb.ReloadWeightsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInfo:
-        metadata = dict(context.invocation_metadata() or ())
-        rid = request_id(metadata.get(HEADER))
+        authorization = dict(context.invocation_metadata() or ()).get("authorization")
+        reload = self._server.reload(request.checkpoint, request.version or None, authorization)
+        return await self._admin("ReloadWeights", reload, context)
+
+    async def UpdateWeights(
+        self, request: pb.UpdateWeightsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInfo:
+        authorization = dict(context.invocation_metadata() or ()).get("authorization")
+        try:
+            order = update_order_from_proto(request)
+        except InvalidRequest as exc:
+            self._metrics.requests.labels("grpc", "UpdateWeights", "INVALID_ARGUMENT").inc()
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        update = self._server.update_weights(order, authorization, context.time_remaining())
+        return await self._admin("UpdateWeights", update, context)
+
+    async def _admin(
+        self, rpc: str, action: Awaitable[None], context: grpc.aio.ServicerContext
+    ) -> pb.ModelInfo:
+        """Run an admin action (a weight reload or update); answer with the model it left."""
+        rid = request_id(dict(context.invocation_metadata() or ()).get(HEADER))
         code = grpc.StatusCode.OK
         try:
-            await self._server.reload(
-                request.checkpoint, request.version or None, metadata.get("authorization")
-            )
+            await action
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
         except Exception as exc:
             code, details = _refusal(exc, rid)
             await context.abort(code, details, ((HEADER, rid),))
         finally:
-            self._metrics.requests.labels("grpc", "ReloadWeights", code.name).inc()
+            self._metrics.requests.labels("grpc", rpc, code.name).inc()
         return model_info_to_proto(self._server.model_info())
 
 
@@ -334,6 +415,7 @@ def _add_value_service(servicer: ValueServicer, server: grpc.aio.Server) -> None
         "Estimate": (pb.EstimateRequest, pb.EstimateResponse, servicer.Estimate),
         "GetModelInfo": (pb.GetModelInfoRequest, pb.ModelInfo, servicer.GetModelInfo),
         "ReloadWeights": (pb.ReloadWeightsRequest, pb.ModelInfo, servicer.ReloadWeights),
+        "UpdateWeights": (pb.UpdateWeightsRequest, pb.ModelInfo, servicer.UpdateWeights),
     }
     handlers = {
         name: grpc.unary_unary_rpc_method_handler(

@@ -105,6 +105,17 @@ class Metrics:
             "Tokens run through the model.",
             registry=r,
         )
+        self.weight_update_bytes = Counter(
+            "statevalue_weight_update_bytes",
+            "Bytes of weights received from the trainer's memory (UpdateWeights).",
+            registry=r,
+        )
+        self.weight_swap_seconds = Histogram(
+            "statevalue_weight_swap_seconds",
+            "Time the model spent swapping in new weights (no forward step runs meanwhile).",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.model_info = Gauge(
             "statevalue_model_info",
             "The served model (value is always 1).",

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from statevalue.backends.base import ModelIdentity
+from statevalue.backends.base import LoadedWeights, ModelIdentity
 from statevalue.engine import Engine, PreparedRequest
 from statevalue.metrics import Metrics
 from statevalue.schema import EstimateRequest, EstimateResult, InvalidRequest
@@ -476,13 +476,24 @@ class Scheduler:
         between two forward steps.
         """
         loop = asyncio.get_running_loop()
-        backend = self.engine.backend
         weights = await loop.run_in_executor(
-            self._prepare_threads, backend.read_checkpoint, checkpoint
+            self._prepare_threads, self.engine.backend.read_checkpoint, checkpoint
         )
-        return await loop.run_in_executor(
-            self._model_thread, backend.apply_weights, weights, version
-        )
+        return await self.apply_weights(weights, version)
+
+    async def apply_weights(
+        self, weights: LoadedWeights, version: str | None = None
+    ) -> ModelIdentity:
+        """Swap in weights already read and checked, on the model thread between two
+        forward steps."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._model_thread, self._swap, weights, version)
+
+    def _swap(self, weights: LoadedWeights, version: str | None) -> ModelIdentity:
+        started = time.perf_counter()
+        identity = self.engine.backend.apply_weights(weights, version)
+        self.metrics.weight_swap_seconds.observe(time.perf_counter() - started)
+        return identity
 
     async def _compute(
         self,

@@ -8,6 +8,7 @@ import numpy as np
 
 from statevalue.backends.base import ModelIdentity
 from statevalue.config import EstimatorConfig, Method
+from statevalue.estimators.advantages import RewardStatistics
 from statevalue.estimators.hista import HistaNode
 
 
@@ -47,7 +48,8 @@ class GroupInput:
 class EstimateRequest:
     """A batch of groups, the methods to run and the estimator parameters.
 
-    ``step_id`` is shared by the requests a client split one training step into. With
+    ``step_id`` is shared by the requests a client split one training step into, and
+    ``step_rewards`` are that whole step's rewards (batch scaling divides by their std). With
     ``explain`` every rollout's result also carries a :class:`RolloutExplanation`.
     """
 
@@ -57,6 +59,7 @@ class EstimateRequest:
     min_model_revision: int = 0
     step_id: str = ""
     explain: bool = False
+    step_rewards: RewardStatistics | None = None
 
 
 @dataclass

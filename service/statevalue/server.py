@@ -24,7 +24,7 @@ import uvicorn
 from grpc_health.v1 import health, health_pb2
 
 from statevalue.admin import ReloadRefused, check_admin, check_api_token
-from statevalue.backends.base import ModelBackend
+from statevalue.backends.base import LoadedWeights, ModelBackend
 from statevalue.backends.factory import open_backend
 from statevalue.config import load_params
 from statevalue.debug_history import DebugHistory
@@ -34,10 +34,14 @@ from statevalue.http_server import create_app
 from statevalue.metrics import Metrics
 from statevalue.numca_store import open_numca_store
 from statevalue.scheduler import DRAINING, NotAccepting, Scheduler
-from statevalue.schema import EstimateRequest, EstimateResult
+from statevalue.schema import EstimateRequest, EstimateResult, InvalidRequest
 from statevalue.settings import ServerSettings
+from statevalue.weight_receiver import UpdateOrder, WeightReceiver
 
 log = logging.getLogger(__name__)
+
+# How long an update may wait for the trainer when its call has no deadline.
+_WEIGHT_TIMEOUT_S = 600.0
 
 # The part of the shutdown grace kept for sending the last answers after the drain.
 _SEND_RESERVE_S = 2.0
@@ -159,6 +163,7 @@ class StatevalueServer:
         )
         self._http_task: asyncio.Task[None] | None = None
         self._reload_lock = asyncio.Lock()
+        self._weights = WeightReceiver()
         self._load_task: asyncio.Task[None] | None = None
 
     @property
@@ -186,6 +191,11 @@ class StatevalueServer:
             "max_request_groups": self._engine.max_groups,
             # What the params file set; every other field is the built-in default.
             "default_params": self._engine.defaults.model_dump(mode="json", exclude_unset=True),
+            "backend": backend.kind,
+            "forward_path": str(backend.forward_path),
+            "tokens_per_second": (self.scheduler.tokens_per_second or 0.0)
+            if self.scheduler is not None
+            else 0.0,
         }
 
     async def estimate(
@@ -222,11 +232,19 @@ class StatevalueServer:
         return self._history
 
     async def reload(self, checkpoint: str, version: str | None, authorization: str | None) -> None:
-        """Authenticated weight reload.
+        """Authenticated weight reload from a checkpoint directory.
 
         Raises:
-            ReloadRefused (disabled, wrong token, model not loaded yet), or CheckpointRefused.
+            ReloadRefused (disabled, wrong token, model not loaded yet), or CheckpointRefused
+            (a checkpoint that cannot be read or does not fit the model).
         """
+        scheduler = self._admin_scheduler(authorization)
+        async with self._reload_lock:
+            identity = await scheduler.reload(checkpoint, version)
+        self.metrics.set_model(identity.name, identity.version)
+
+    def _admin_scheduler(self, authorization: str | None) -> Scheduler:
+        """The scheduler, for a caller with the admin token once the model is loaded."""
         check_admin(authorization, self.settings.secret("admin_token"))
         if self.scheduler is None:
             raise ReloadRefused(
@@ -234,8 +252,50 @@ class StatevalueServer:
                 http_status=503,
                 grpc_code=grpc.StatusCode.UNAVAILABLE,
             )
+        return self.scheduler
+
+    async def update_weights(
+        self, order: UpdateOrder, authorization: str | None, timeout: float | None
+    ) -> None:
+        """Authenticated weight update from the trainer's memory (``order`` says where its
+        group meets and what it sends): received into a staged copy, then swapped in.
+
+        Raises:
+            ReloadRefused, InvalidRequest (tensors that do not fit, naming one),
+            WeightTransferFailed (the old weights keep serving).
+        """
+        scheduler = self._admin_scheduler(authorization)
+        update = asyncio.ensure_future(
+            self._receive_weights(scheduler, order, timeout or _WEIGHT_TIMEOUT_S)
+        )
+        try:
+            # A trainer that goes away cancels the call, not the update: it fails on its
+            # own (the transfer breaks), and the next update waits until it has.
+            await asyncio.shield(update)
+        except asyncio.CancelledError:
+            update.add_done_callback(_log_unanswered_update)
+            raise
+
+    async def _receive_weights(
+        self, scheduler: Scheduler, order: UpdateOrder, timeout: float
+    ) -> None:
+        backend = scheduler.engine.backend
         async with self._reload_lock:
-            identity = await self.scheduler.reload(checkpoint, version)
+            try:
+                staged = backend.staging_weights({spec.name: spec.shape for spec in order.tensors})
+            except NotImplementedError as exc:
+                raise ReloadRefused(
+                    str(exc), http_status=501, grpc_code=grpc.StatusCode.UNIMPLEMENTED
+                ) from exc
+            except ValueError as exc:
+                raise InvalidRequest("tensors", str(exc)) from exc
+            order.check_device(backend.device)
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(
+                self._weights.thread, self._weights.receive, order, staged, backend.device, timeout
+            )
+            self.metrics.weight_update_bytes.inc(order.nbytes)
+            identity = await scheduler.apply_weights(LoadedWeights(staged, order.version))
         self.metrics.set_model(identity.name, identity.version)
 
     async def start(self) -> None:
@@ -325,6 +385,7 @@ class StatevalueServer:
         drained = True
         if self.scheduler is not None:
             drained = await self.scheduler.drain(grace - min(_SEND_RESERVE_S, grace / 4))
+        await asyncio.to_thread(self._weights.close)
         if self._engine is not None:
             # After the drain, so a memory store's snapshot holds everything answered.
             await asyncio.to_thread(self._engine.numca_store.close)
@@ -340,6 +401,12 @@ class StatevalueServer:
             await self._http_task
         log.info("stopped (%s)", "drained" if drained else "drain timed out")
         return drained
+
+
+def _log_unanswered_update(update: asyncio.Future[None]) -> None:
+    """Log how an update ended whose caller is gone (nobody else would see it)."""
+    if not update.cancelled() and update.exception() is not None:
+        log.warning("weight update failed: %s", update.exception())
 
 
 def _without_explanations(result: EstimateResult) -> EstimateResult:

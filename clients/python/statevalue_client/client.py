@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import itertools
 import random
 import time
@@ -11,7 +12,7 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 import numpy as np
@@ -28,6 +29,12 @@ from statevalue_client.chunking import (
 from statevalue_client.proto import statevalue_pb2 as pb
 from statevalue_client.proto import statevalue_pb2_grpc as pb_grpc
 from statevalue_client.targets import is_multi_address, replica_addresses
+
+if TYPE_CHECKING:
+    # The weight updates need torch, which only trainers have; the rest of the client not.
+    import torch
+
+    from statevalue_client.weights import WeightSender
 
 DEFAULT_METHODS = ("numca", "hista", "group_mean")
 # A full queue (RESOURCE_EXHAUSTED) has counted nothing, so sending again is safe.
@@ -107,6 +114,9 @@ class ModelInfo:
     max_request_tokens: int = 0
     max_request_groups: int = 0
     default_params: dict[str, dict[str, Any]] = field(default_factory=dict)
+    backend: str = ""
+    forward_path: str = ""
+    tokens_per_second: float = 0.0
 
 
 @dataclass
@@ -309,6 +319,9 @@ def parse_model(info: pb.ModelInfo) -> ModelInfo:
         revision=info.revision,
         max_request_tokens=info.max_request_tokens,
         max_request_groups=info.max_request_groups,
+        backend=info.backend,
+        forward_path=info.forward_path,
+        tokens_per_second=info.tokens_per_second,
         default_params={
             section.name: {f.name: value for f, value in message.ListFields()}
             for section, message in info.default_params.ListFields()
@@ -596,6 +609,7 @@ class ValueClient:
             else grpc.secure_channel(target, credentials, options=options)
         )
         self._stub = pb_grpc.ValueServiceStub(self._channel)
+        self._weights: WeightSender | None = None
 
     def _call(self, fn: Callable[..., _T], request: Any, timeout: float | None) -> _T:
         started = time.monotonic()
@@ -697,26 +711,79 @@ class ValueClient:
         """
         request, metadata = reload_request(checkpoint, version, admin_token)
         addresses = replica_addresses(self.target)
-
-        def reload_one(address: str) -> ModelInfo:
-            if address == self.target:
-                stub = self._stub
-                return parse_model(
-                    stub.ReloadWeights(request, timeout=timeout or self.timeout, metadata=metadata)
-                )
-            with _replica_channel(
-                grpc, address, self.target, self._max_message_bytes, self._credentials
-            ) as channel:
-                stub = pb_grpc.ValueServiceStub(channel)
-                return parse_model(
-                    stub.ReloadWeights(request, timeout=timeout or self.timeout, metadata=metadata)
-                )
-
+        call = functools.partial(self._admin_call, "ReloadWeights", timeout=timeout)
         with ThreadPoolExecutor(len(addresses), thread_name_prefix="statevalue-reload") as pool:
-            futures = {address: pool.submit(reload_one, address) for address in addresses}
+            futures = {
+                address: pool.submit(call, address, request, metadata) for address in addresses
+            }
         return _reload_outcome(futures)
 
+    def update_weights(
+        self,
+        tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+        *,
+        admin_token: str,
+        version: str = "",
+        rendezvous: str | None = None,
+        backend: str = "auto",
+        bucket_bytes: int | None = None,
+        timeout: float | None = None,
+    ) -> ReloadResult:
+        """Send the trainer's current weights from memory to every replica behind the target.
+
+        ``tensors``: a (gathered) state dict or ``named_parameters()``. The first call opens
+        a TCP store at ``rendezvous`` (``host:port`` the replicas reach; default: this
+        machine's address towards them, any free port) and a process group with the
+        replicas; later calls reuse both. ``backend``: ``"gloo"``, ``"nccl"`` or ``"auto"``
+        (NCCL when the tensors are on CUDA). Each replica checks names and shapes before
+        any byte moves, receives buckets of at most ``bucket_bytes`` (default 128 MiB)
+        into a staged copy and swaps it in between two forward steps
+        (docs/integrations.md). Needs torch.
+
+        Raises:
+            ReloadFailed: some replicas did not take the new weights (it says which, and
+                why); they keep serving their old ones.
+        """
+        from statevalue_client.weights import open_weight_sender
+
+        sender = self._weights = open_weight_sender(self._weights, rendezvous)
+        metadata = auth_metadata(admin_token)
+        call = functools.partial(self._admin_call, "UpdateWeights", timeout=timeout)
+        addresses = replica_addresses(self.target)
+        with ThreadPoolExecutor(len(addresses), thread_name_prefix="statevalue-weights") as pool:
+            calls = sender.update(
+                tensors,
+                addresses=addresses,
+                version=version,
+                send=lambda address, request: pool.submit(call, address, request, metadata),
+                backend=backend,
+                bucket_bytes=bucket_bytes,
+                timeout=timeout or self.timeout,
+            )
+        return _reload_outcome(calls)
+
+    def _admin_call(
+        self,
+        rpc: str,
+        address: str,
+        request: Any,
+        metadata: tuple[tuple[str, str], ...],
+        *,
+        timeout: float | None,
+    ) -> ModelInfo:
+        """An admin RPC (ReloadWeights, UpdateWeights) to one replica behind the target."""
+        if address == self.target:
+            method = getattr(self._stub, rpc)
+            return parse_model(method(request, timeout=timeout or self.timeout, metadata=metadata))
+        with _replica_channel(
+            grpc, address, self.target, self._max_message_bytes, self._credentials
+        ) as channel:
+            method = getattr(pb_grpc.ValueServiceStub(channel), rpc)
+            return parse_model(method(request, timeout=timeout or self.timeout, metadata=metadata))
+
     def close(self) -> None:
+        if self._weights is not None:
+            self._weights.close()
         self._channel.close()
 
     def __enter__(self) -> ValueClient:
@@ -769,6 +836,7 @@ class AsyncValueClient:
             else grpc.aio.secure_channel(target, credentials, options=options)
         )
         self._stub = pb_grpc.ValueServiceStub(self._channel)
+        self._weights: WeightSender | None = None
 
     async def _call(self, fn: Callable[..., Any], request: Any, timeout: float | None) -> Any:
         started = time.monotonic()
@@ -852,27 +920,77 @@ class AsyncValueClient:
         """Reload every replica (see :meth:`ValueClient.reload_weights`)."""
         request, metadata = reload_request(checkpoint, version, admin_token)
         addresses = await asyncio.to_thread(replica_addresses, self.target)
-
-        async def reload_one(address: str) -> ModelInfo:
-            if address == self.target:
-                response = await self._stub.ReloadWeights(
-                    request, timeout=timeout or self.timeout, metadata=metadata
-                )
-                return parse_model(response)
-            async with _replica_channel(
-                grpc.aio, address, self.target, self._max_message_bytes, self._credentials
-            ) as channel:
-                stub = pb_grpc.ValueServiceStub(channel)
-                response = await stub.ReloadWeights(
-                    request, timeout=timeout or self.timeout, metadata=metadata
-                )
-                return parse_model(response)
-
-        tasks = {address: asyncio.ensure_future(reload_one(address)) for address in addresses}
+        tasks = {
+            address: asyncio.ensure_future(
+                self._admin_call("ReloadWeights", address, request, metadata, timeout=timeout)
+            )
+            for address in addresses
+        }
         await asyncio.wait(tasks.values())
         return _reload_outcome(tasks)
 
+    async def update_weights(
+        self,
+        tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+        *,
+        admin_token: str,
+        version: str = "",
+        rendezvous: str | None = None,
+        backend: str = "auto",
+        bucket_bytes: int | None = None,
+        timeout: float | None = None,
+    ) -> ReloadResult:
+        """Send the trainer's weights to every replica (see :meth:`ValueClient.update_weights`).
+
+        The transfer runs on a worker thread; the calls to the replicas on this loop.
+        """
+        from statevalue_client.weights import open_weight_sender
+
+        sender = self._weights = open_weight_sender(self._weights, rendezvous)
+        metadata = auth_metadata(admin_token)
+        addresses = await asyncio.to_thread(replica_addresses, self.target)
+        loop = asyncio.get_running_loop()
+
+        def send(address: str, request: Any) -> Future[ModelInfo]:
+            call = self._admin_call("UpdateWeights", address, request, metadata, timeout=timeout)
+            return asyncio.run_coroutine_threadsafe(call, loop)
+
+        calls = await asyncio.to_thread(
+            sender.update,
+            tensors,
+            addresses=addresses,
+            version=version,
+            send=send,
+            backend=backend,
+            bucket_bytes=bucket_bytes,
+            timeout=timeout or self.timeout,
+        )
+        return _reload_outcome(calls)
+
+    async def _admin_call(
+        self,
+        rpc: str,
+        address: str,
+        request: Any,
+        metadata: tuple[tuple[str, str], ...],
+        *,
+        timeout: float | None,
+    ) -> ModelInfo:
+        """An admin RPC (ReloadWeights, UpdateWeights) to one replica behind the target."""
+        if address == self.target:
+            method = getattr(self._stub, rpc)
+            response = await method(request, timeout=timeout or self.timeout, metadata=metadata)
+            return parse_model(response)
+        async with _replica_channel(
+            grpc.aio, address, self.target, self._max_message_bytes, self._credentials
+        ) as channel:
+            method = getattr(pb_grpc.ValueServiceStub(channel), rpc)
+            response = await method(request, timeout=timeout or self.timeout, metadata=metadata)
+            return parse_model(response)
+
     async def close(self) -> None:
+        if self._weights is not None:
+            self._weights.close()
         await self._channel.close()
 
     async def __aenter__(self) -> AsyncValueClient:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -117,8 +117,16 @@ class LoadedModelInfo:
 class ModelBackend(Protocol):
     """A policy model that returns hidden states for whole prompt+response sequences."""
 
+    #: Which implementation answers: "torch" or "vllm" (model info reports it).
+    kind: str
+
     @property
     def identity(self) -> ModelIdentity: ...
+
+    @property
+    def forward_path(self) -> str:
+        """How sequences go through the model (docs/design.md, "Forward paths")."""
+        ...
 
     @property
     def tokenizer(self) -> Any:
@@ -157,8 +165,17 @@ class ModelBackend(Protocol):
         """
         ...
 
+    def staging_weights(self, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+        """Empty tensors, shaped and typed like the model's, for weights sent from memory.
+
+        Raises ValueError naming a tensor that does not fit, NotImplementedError on a
+        backend that takes new weights from checkpoint files only.
+        """
+        ...
+
     def apply_weights(self, weights: LoadedWeights, version: str | None = None) -> ModelIdentity:
-        """Swap in weights from ``read_checkpoint``; returns the new identity."""
+        """Swap in weights from ``read_checkpoint`` or filled ``staging_weights``; returns the
+        new identity."""
         ...
 
     def close(self) -> None:

@@ -6,7 +6,7 @@ import hashlib
 import inspect
 import logging
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -141,6 +141,8 @@ class TorchBackend(LoadedModelInfo):
             rows with a block mask, each shared prompt once) or ``"prompt_once"`` (each
             shared prompt once, its KV cache reused by every rollout).
     """
+
+    kind = "torch"
 
     def __init__(
         self,
@@ -327,28 +329,49 @@ class TorchBackend(LoadedModelInfo):
         weights: dict[str, torch.Tensor] = {}
         for file in files:
             weights.update(read_safetensors(file, load_file))
-        expected = self._causal_lm.state_dict()
-        unknown = sorted(set(weights) - set(expected))
-        if unknown:
-            raise CheckpointRefused(
-                f"{checkpoint}: weights this model does not have: {unknown[:3]}"
-            )
-        # Tied output embeddings are usually not stored; everything else must be there.
-        tied = (
-            {"lm_head.weight"}
-            if getattr(self._causal_lm.config, "tie_word_embeddings", False)
-            else set()
-        )
-        missing = sorted(set(expected) - set(weights) - tied)
-        if missing:
-            raise CheckpointRefused(f"{checkpoint}: missing weights: {missing[:3]}")
-        for name, tensor in weights.items():
-            if tensor.shape != expected[name].shape:
-                raise CheckpointRefused(
-                    f"{checkpoint}: {name} has shape {tuple(tensor.shape)}, "
-                    f"the model {tuple(expected[name].shape)}"
-                )
+        try:
+            self._check_fit({name: tuple(tensor.shape) for name, tensor in weights.items()})
+        except ValueError as exc:
+            raise CheckpointRefused(f"{checkpoint}: {exc}") from None
         return LoadedWeights(tensors=weights, version=directory_stamp(directory))
+
+    def staging_weights(self, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+        """Empty tensors to receive new weights into, each with its parameter's dtype and
+        device, once the names and shapes are checked against the model.
+
+        Raises:
+            ValueError: names or shapes that do not fit this model (it names the tensor).
+        """
+        self._check_fit(shapes)
+        expected = self._causal_lm.state_dict()
+        return {
+            name: torch.empty(shape, dtype=expected[name].dtype, device=expected[name].device)
+            for name, shape in shapes.items()
+        }
+
+    def _check_fit(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
+        """Raise ValueError, naming the tensor, unless ``shapes`` are this model's weights.
+
+        Every weight must be there, except that of two tied weights (an output embedding
+        sharing the input embedding's storage) one stands for both.
+        """
+        expected = self._causal_lm.state_dict()
+        unknown = sorted(set(shapes) - set(expected))
+        if unknown:
+            raise ValueError(f"weights this model does not have: {unknown[:3]}")
+        given_storage = {expected[name].data_ptr() for name in shapes}
+        missing = [
+            name
+            for name, tensor in expected.items()
+            if name not in shapes and tensor.data_ptr() not in given_storage
+        ]
+        if missing:
+            raise ValueError(f"missing weights: {missing[:3]}")
+        for name, shape in shapes.items():
+            if tuple(shape) != tuple(expected[name].shape):
+                raise ValueError(
+                    f"{name} has shape {tuple(shape)}, the model {tuple(expected[name].shape)}"
+                )
 
     def apply_weights(self, weights: LoadedWeights, version: str | None = None) -> ModelIdentity:
         """Copy ``weights`` into the model in place (under the model lock) and bump the revision.

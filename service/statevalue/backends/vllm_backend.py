@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import partial
 from pathlib import Path
 
@@ -115,6 +115,8 @@ class VllmBackend(LoadedModelInfo):
         enforce_eager: no ``torch.compile`` or CUDA graphs; None: eager on a CPU (compiling
             there takes minutes), compiled on CUDA.
     """
+
+    kind = "vllm"
 
     def __init__(
         self,
@@ -279,6 +281,14 @@ class VllmBackend(LoadedModelInfo):
                     f"{checkpoint}: {name} has shape {shape}, the model {self._shapes[name]}"
                 )
         return LoadedWeights(tensors={}, version=directory_stamp(directory), source=directory)
+
+    def staging_weights(self, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+        """Not on this backend: vLLM's workers hold the model, and take new weights from a
+        checkpoint directory (ReloadWeights)."""
+        raise NotImplementedError(
+            "the vllm backend takes new weights from a checkpoint directory only "
+            "(ReloadWeights), not from the trainer's memory"
+        )
 
     def apply_weights(self, weights: LoadedWeights, version: str | None = None) -> ModelIdentity:
         """Reload the weights in vLLM's workers in place, then drop the prefix cache (its

@@ -6,6 +6,8 @@ A rollout with a reward (or token rewards) is terminal: the value after its last
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from statevalue.config import ScaleMode
@@ -102,11 +104,29 @@ def token_gae(
     return _reverse_discounted_sum(deltas, gamma * lam).astype(np.float32)
 
 
-def _reward_std(rewards: np.ndarray) -> float:
-    """Unbiased std of the rewards; 1.0 for a single reward (it carries no spread)."""
-    if len(rewards) == 0:
-        raise ValueError("scaling needs at least one rewarded rollout per group")
-    return float(rewards.std(ddof=1)) if len(rewards) > 1 else 1.0
+@dataclass(frozen=True)
+class RewardStatistics:
+    """Count, mean and sum of squared deviations of a set of rewards: enough for their std,
+    and mergeable, so a step split into requests can send its whole batch's statistics."""
+
+    count: int
+    mean: float
+    sum_squared_deviations: float
+
+    @classmethod
+    def of(cls, rewards: np.ndarray) -> RewardStatistics:
+        rewards = np.asarray(rewards, dtype=np.float64)
+        if len(rewards) == 0:
+            raise ValueError("scaling needs at least one rewarded rollout per group")
+        mean = float(rewards.mean())
+        return cls(len(rewards), mean, float(((rewards - mean) ** 2).sum()))
+
+    @property
+    def std(self) -> float:
+        """Unbiased std; 1.0 for a single reward (it carries no spread)."""
+        if self.count < 2:
+            return 1.0
+        return float(np.sqrt(self.sum_squared_deviations / (self.count - 1)))
 
 
 def scale_advantages(
@@ -116,10 +136,13 @@ def scale_advantages(
     group_index: np.ndarray,
     mode: ScaleMode,
     eps: float,
+    batch: RewardStatistics | None = None,
 ) -> list[np.ndarray]:
     """Divide each rollout's advantages by (reward std + eps) of its group or of the batch.
 
     Only rewarded rollouts enter the std; queries are scaled like their group's rollouts.
+    ``batch``: the statistics of the whole batch when these rollouts are only part of it
+    (a step split into requests); by default the batch is these rollouts.
     """
     rewards = np.asarray(rewards, dtype=np.float64)
     rewarded = np.asarray(rewarded, dtype=bool)
@@ -129,12 +152,13 @@ def scale_advantages(
     if mode == "none":
         return list(advantages)
     if mode == "batch":
-        scale = np.full(len(rewards), _reward_std(rewards[rewarded]) + eps)
+        stats = batch if batch is not None else RewardStatistics.of(rewards[rewarded])
+        scale = np.full(len(rewards), stats.std + eps)
     elif mode == "group":
         scale = np.empty(len(rewards))
         for group in np.unique(group_index):
             members = group_index == group
-            scale[members] = _reward_std(rewards[members & rewarded]) + eps
+            scale[members] = RewardStatistics.of(rewards[members & rewarded]).std + eps
     else:
         raise ValueError(f"unknown scale mode {mode!r}")
     return [

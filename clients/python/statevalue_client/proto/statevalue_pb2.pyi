@@ -132,20 +132,32 @@ class EstimatorParams(_message.Message):
     def __init__(self, numca: _Optional[_Union[NumcaParams, _Mapping]] = ..., hista: _Optional[_Union[HistaParams, _Mapping]] = ..., advantage: _Optional[_Union[AdvantageParams, _Mapping]] = ...) -> None: ...
 
 class EstimateRequest(_message.Message):
-    __slots__ = ("methods", "params", "groups", "min_model_revision", "step_id", "explain")
+    __slots__ = ("methods", "params", "groups", "min_model_revision", "step_id", "explain", "step_rewards")
     METHODS_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     GROUPS_FIELD_NUMBER: _ClassVar[int]
     MIN_MODEL_REVISION_FIELD_NUMBER: _ClassVar[int]
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     EXPLAIN_FIELD_NUMBER: _ClassVar[int]
+    STEP_REWARDS_FIELD_NUMBER: _ClassVar[int]
     methods: _containers.RepeatedScalarFieldContainer[str]
     params: EstimatorParams
     groups: _containers.RepeatedCompositeFieldContainer[Group]
     min_model_revision: int
     step_id: str
     explain: bool
-    def __init__(self, methods: _Optional[_Iterable[str]] = ..., params: _Optional[_Union[EstimatorParams, _Mapping]] = ..., groups: _Optional[_Iterable[_Union[Group, _Mapping]]] = ..., min_model_revision: _Optional[int] = ..., step_id: _Optional[str] = ..., explain: _Optional[bool] = ...) -> None: ...
+    step_rewards: StepRewards
+    def __init__(self, methods: _Optional[_Iterable[str]] = ..., params: _Optional[_Union[EstimatorParams, _Mapping]] = ..., groups: _Optional[_Iterable[_Union[Group, _Mapping]]] = ..., min_model_revision: _Optional[int] = ..., step_id: _Optional[str] = ..., explain: _Optional[bool] = ..., step_rewards: _Optional[_Union[StepRewards, _Mapping]] = ...) -> None: ...
+
+class StepRewards(_message.Message):
+    __slots__ = ("count", "mean", "sum_squared_deviations")
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    MEAN_FIELD_NUMBER: _ClassVar[int]
+    SUM_SQUARED_DEVIATIONS_FIELD_NUMBER: _ClassVar[int]
+    count: int
+    mean: float
+    sum_squared_deviations: float
+    def __init__(self, count: _Optional[int] = ..., mean: _Optional[float] = ..., sum_squared_deviations: _Optional[float] = ...) -> None: ...
 
 class MethodOutput(_message.Message):
     __slots__ = ("values", "advantages", "boundaries")
@@ -237,7 +249,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "vocab_size", "max_length", "hidden_size", "device", "revision", "max_request_tokens", "max_request_groups", "default_params")
+    __slots__ = ("name", "version", "vocab_size", "max_length", "hidden_size", "device", "revision", "max_request_tokens", "max_request_groups", "default_params", "backend", "forward_path", "tokens_per_second")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -248,6 +260,9 @@ class ModelInfo(_message.Message):
     MAX_REQUEST_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_REQUEST_GROUPS_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_PARAMS_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    FORWARD_PATH_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     vocab_size: int
@@ -258,7 +273,10 @@ class ModelInfo(_message.Message):
     max_request_tokens: int
     max_request_groups: int
     default_params: EstimatorParams
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_length: _Optional[int] = ..., hidden_size: _Optional[int] = ..., device: _Optional[str] = ..., revision: _Optional[int] = ..., max_request_tokens: _Optional[int] = ..., max_request_groups: _Optional[int] = ..., default_params: _Optional[_Union[EstimatorParams, _Mapping]] = ...) -> None: ...
+    backend: str
+    forward_path: str
+    tokens_per_second: float
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_length: _Optional[int] = ..., hidden_size: _Optional[int] = ..., device: _Optional[str] = ..., revision: _Optional[int] = ..., max_request_tokens: _Optional[int] = ..., max_request_groups: _Optional[int] = ..., default_params: _Optional[_Union[EstimatorParams, _Mapping]] = ..., backend: _Optional[str] = ..., forward_path: _Optional[str] = ..., tokens_per_second: _Optional[float] = ...) -> None: ...
 
 class ReloadWeightsRequest(_message.Message):
     __slots__ = ("checkpoint", "version")
@@ -267,3 +285,35 @@ class ReloadWeightsRequest(_message.Message):
     checkpoint: str
     version: str
     def __init__(self, checkpoint: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
+
+class TensorSpec(_message.Message):
+    __slots__ = ("name", "shape", "dtype")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    dtype: str
+    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ...) -> None: ...
+
+class UpdateWeightsRequest(_message.Message):
+    __slots__ = ("rendezvous", "group", "world_size", "rank", "backend", "tensors", "bucket_bytes", "update", "version")
+    RENDEZVOUS_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    BUCKET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    rendezvous: str
+    group: str
+    world_size: int
+    rank: int
+    backend: str
+    tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
+    bucket_bytes: int
+    update: int
+    version: str
+    def __init__(self, rendezvous: _Optional[str] = ..., group: _Optional[str] = ..., world_size: _Optional[int] = ..., rank: _Optional[int] = ..., backend: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., bucket_bytes: _Optional[int] = ..., update: _Optional[int] = ..., version: _Optional[str] = ...) -> None: ...

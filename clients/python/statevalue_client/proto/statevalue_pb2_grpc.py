@@ -50,6 +50,11 @@ class ValueServiceStub:
                 request_serializer=statevalue_dot_v1_dot_statevalue__pb2.ReloadWeightsRequest.SerializeToString,
                 response_deserializer=statevalue_dot_v1_dot_statevalue__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.UpdateWeights = channel.unary_unary(
+                '/statevalue.v1.ValueService/UpdateWeights',
+                request_serializer=statevalue_dot_v1_dot_statevalue__pb2.UpdateWeightsRequest.SerializeToString,
+                response_deserializer=statevalue_dot_v1_dot_statevalue__pb2.ModelInfo.FromString,
+                _registered_method=True)
 
 
 class ValueServiceServicer:
@@ -77,6 +82,15 @@ class ValueServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdateWeights(self, request, context):
+        """Admin: receive new weights from the trainer through a torch.distributed process group
+        (no files), applied all or nothing between two forward steps. Same metadata as
+        ReloadWeights. docs/integrations.md, "Keeping the weights fresh".
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ValueServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -93,6 +107,11 @@ def add_ValueServiceServicer_to_server(servicer, server):
             'ReloadWeights': grpc.unary_unary_rpc_method_handler(
                     servicer.ReloadWeights,
                     request_deserializer=statevalue_dot_v1_dot_statevalue__pb2.ReloadWeightsRequest.FromString,
+                    response_serializer=statevalue_dot_v1_dot_statevalue__pb2.ModelInfo.SerializeToString,
+            ),
+            'UpdateWeights': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateWeights,
+                    request_deserializer=statevalue_dot_v1_dot_statevalue__pb2.UpdateWeightsRequest.FromString,
                     response_serializer=statevalue_dot_v1_dot_statevalue__pb2.ModelInfo.SerializeToString,
             ),
     }
@@ -176,6 +195,33 @@ class ValueService:
             target,
             '/statevalue.v1.ValueService/ReloadWeights',
             statevalue_dot_v1_dot_statevalue__pb2.ReloadWeightsRequest.SerializeToString,
+            statevalue_dot_v1_dot_statevalue__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateWeights(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/statevalue.v1.ValueService/UpdateWeights',
+            statevalue_dot_v1_dot_statevalue__pb2.UpdateWeightsRequest.SerializeToString,
             statevalue_dot_v1_dot_statevalue__pb2.ModelInfo.FromString,
             options,
             channel_credentials,

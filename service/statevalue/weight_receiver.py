@@ -1,0 +1,180 @@
+"""A replica's end of in-memory weight updates from the trainer.
+
+The replica joins the trainer's process group (set up on the first update, reused after)
+and receives the broadcast buckets into a staged copy of its model; the server swaps the
+staged copy in only once every byte arrived. ``statevalue_client.weights`` describes the
+exchange; both ends plan the buckets with its :func:`plan_buckets`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from statevalue.schema import InvalidRequest
+from statevalue_client.weights import (
+    ABORT,
+    TensorSpec,
+    bucket_device,
+    decision_key,
+    group_store,
+    local_address_towards,
+    open_process_group,
+    plan_buckets,
+    ready_key,
+)
+
+log = logging.getLogger(__name__)
+
+
+class WeightTransferFailed(Exception):
+    """The update did not complete on this replica; its old weights keep serving."""
+
+
+@dataclass(frozen=True)
+class UpdateOrder:
+    """One ``UpdateWeights`` call: where the trainer's group meets, and what it sends."""
+
+    host: str
+    port: int
+    group: str
+    world_size: int
+    rank: int
+    backend: str
+    tensors: tuple[TensorSpec, ...]
+    bucket_bytes: int
+    update: int
+    version: str
+
+    @property
+    def nbytes(self) -> int:
+        return sum(spec.nbytes for spec in self.tensors)
+
+    def check_device(self, device: torch.device) -> None:
+        """Refuse NCCL for a model that is not on a CUDA device."""
+        if self.backend == "nccl" and device.type != "cuda":
+            raise InvalidRequest(
+                "backend", f"nccl needs the model on a CUDA device; this replica's is on {device}"
+            )
+
+
+@dataclass
+class _Membership:
+    """This replica's place in one trainer's group: the store, and the process group."""
+
+    key: tuple[str, str, int, int, int]
+    store: dist.Store
+    address: str
+    generation: int = 0
+    process_group: dist.ProcessGroup | None = None
+
+
+class WeightReceiver:
+    """Receives weight updates, one at a time, on a thread of its own."""
+
+    def __init__(self) -> None:
+        self._membership: _Membership | None = None
+        self.thread = ThreadPoolExecutor(1, thread_name_prefix="statevalue-weights")
+
+    def receive(
+        self,
+        order: UpdateOrder,
+        staged: dict[str, torch.Tensor],
+        device: torch.device,
+        timeout: float,
+    ) -> None:
+        """Fill ``staged`` with the tensors ``order`` announces (blocking).
+
+        Raises:
+            WeightTransferFailed: the trainer called the update off (another replica
+                refused it) or the transfer broke; ``staged`` is then incomplete.
+        """
+        wait = datetime.timedelta(seconds=timeout)
+        try:
+            membership = self._member(order, wait)
+            store = membership.store
+            store.set(ready_key(order.update, order.rank), str(membership.generation))
+            store.wait([decision_key(order.update)], wait)
+            decision = store.get(decision_key(order.update)).decode()
+        except Exception as exc:  # a store error: the trainer is gone or unreachable
+            self.close()
+            raise WeightTransferFailed(
+                f"no answer from the trainer's store at {order.host}:{order.port}: {exc}"
+            ) from exc
+        if decision == ABORT:
+            raise WeightTransferFailed(
+                "the trainer called the update off before sending anything "
+                "(another replica refused it or did not answer)"
+            )
+        received = 0
+        try:
+            group = self._join(membership, int(decision.split()[1]), order, device, wait)
+            buckets = plan_buckets(order.tensors, order.bucket_bytes)
+            buffer = torch.empty(
+                max(b.nbytes for b in buckets),
+                dtype=torch.uint8,
+                device=bucket_device(order.backend, device),
+            )
+            for bucket in buckets:
+                payload = buffer[: bucket.nbytes]
+                group.broadcast(payload, 0, wait).wait()
+                for placed in bucket.tensors:
+                    spec = placed.spec
+                    data = payload[placed.offset : placed.offset + spec.nbytes]
+                    staged[spec.name].copy_(data.view(spec.dtype).view(spec.shape))
+                received += bucket.nbytes
+        except Exception as exc:  # a broken connection, a timeout: the update is lost
+            self.close()
+            raise WeightTransferFailed(
+                f"the transfer broke after {received} of {order.nbytes} bytes ({exc}); "
+                "the old weights keep serving"
+            ) from exc
+
+    def close(self) -> None:
+        """Leave the trainer's group (a later update joins again)."""
+        membership, self._membership = self._membership, None
+        if membership is not None and membership.process_group is not None:
+            membership.process_group.abort()
+
+    def _member(self, order: UpdateOrder, timeout: datetime.timedelta) -> _Membership:
+        key = (order.group, order.host, order.port, order.rank, order.world_size)
+        if self._membership is None or self._membership.key != key:
+            self.close()
+            log.info("joining the trainer's weight group at %s:%d", order.host, order.port)
+            store = dist.TCPStore(order.host, order.port, None, False, timeout)
+            self._membership = _Membership(
+                key=key,
+                store=group_store(store, order.group),
+                address=local_address_towards(order.host, order.port),
+            )
+        return self._membership
+
+    @staticmethod
+    def _join(
+        membership: _Membership,
+        generation: int,
+        order: UpdateOrder,
+        device: torch.device,
+        timeout: datetime.timedelta,
+    ) -> dist.ProcessGroup:
+        if membership.process_group is None or membership.generation != generation:
+            if membership.process_group is not None:
+                membership.process_group.abort()
+            if order.backend == "nccl":
+                torch.cuda.set_device(device)
+            membership.process_group = open_process_group(
+                membership.store,
+                generation,
+                rank=order.rank,
+                world_size=order.world_size,
+                backend=order.backend,
+                address=membership.address,
+                timeout=timeout,
+            )
+            membership.generation = generation
+        return membership.process_group
