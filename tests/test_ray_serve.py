@@ -29,6 +29,10 @@ from tests.servers import free_port, metric_value  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parents[1] / "deploy" / "ray" / "serve.yaml"
 PARAMS = {"hista": {"node_spacing": 4}}
+TOKEN = "ray-s3cret"
+AUTHORIZATION = f"Bearer {TOKEN}"
+HTTP_401 = '{frontend="http",rpc="estimate",status="401"}'
+RAY_401 = '{frontend="ray",rpc="estimate",status="401"}'
 
 
 def written_group() -> dict[str, Any]:
@@ -95,10 +99,6 @@ def ray_app(embedded_checkpoint: Path) -> Iterator[tuple[Any, str]]:
         ray.shutdown()
 
 
-TOKEN = "ray-s3cret"
-AUTHORIZATION = f"Bearer {TOKEN}"
-
-
 @pytest.mark.slow
 def test_handle_and_http_answer_like_the_engine(
     ray_app: tuple[Any, str], embedded_checkpoint: Path
@@ -109,6 +109,13 @@ def test_handle_and_http_answer_like_the_engine(
     engine = Engine(TorchBackend(str(embedded_checkpoint), device="cpu"))
     expected = engine.estimate(EstimateIn.model_validate(body).to_request())
 
+    # The torch backend answers, on its default path.
+    model = httpx.get(f"{url}/v1/model", timeout=60).json()
+    assert (model["name"], model["backend"], model["forward_path"]) == (
+        "smollm2",
+        "torch",
+        "padded",
+    )
     answer = handle.estimate.remote(body, authorization=AUTHORIZATION).result(timeout_s=120)
     over_http = httpx.post(
         f"{url}/v1/estimate", json=body, headers={"Authorization": AUTHORIZATION}, timeout=120
@@ -157,9 +164,3 @@ def test_a_call_without_the_api_token_is_refused_and_counted(ray_app: tuple[Any,
     page = httpx.get(f"{url}/metrics", timeout=60).text
     assert metric_value(page, "statevalue_requests_total", HTTP_401) == 2
     assert metric_value(page, "statevalue_requests_total", RAY_401) == 1
-    model = httpx.get(f"{url}/v1/model", timeout=60).json()
-    assert model["name"] == "smollm2"
-
-
-HTTP_401 = '{frontend="http",rpc="estimate",status="401"}'
-RAY_401 = '{frontend="ray",rpc="estimate",status="401"}'

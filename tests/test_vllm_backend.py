@@ -168,6 +168,8 @@ def test_serve_with_the_vllm_backend_end_to_end(
         wait_for(lambda: serve_ready(process, http_port), timeout=600, what="vllm serve ready")
         model = httpx.get(f"http://127.0.0.1:{http_port}/v1/model", timeout=10).json()
         assert model["name"] == engine.model.name
+        # vLLM answers, on its default path (a group's prompt once, through the prefix cache).
+        assert (model["backend"], model["forward_path"]) == ("vllm", "prompt_once")
         request = EstimateRequest(
             groups=[sampled_group], config=EstimatorConfig(hista=HistaConfig(**FIXED_SPACING))
         )
@@ -181,6 +183,8 @@ def test_serve_with_the_vllm_backend_end_to_end(
         )
         with ValueClient(f"127.0.0.1:{grpc_port}") as client:
             got = client.estimate([group], hista=FIXED_SPACING).groups[0]
+            info = client.model_info()
+        assert (info.backend, info.forward_path) == ("vllm", "prompt_once")
         for rollout, wanted in zip(got.rollouts, expected.rollouts, strict=True):
             np.testing.assert_allclose(
                 rollout.values["hista"], wanted.values["hista"], atol=VALUE_ATOL
