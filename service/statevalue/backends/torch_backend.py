@@ -20,7 +20,7 @@ from statevalue.backends.base import (
     ModelIdentity,
     read_safetensors,
 )
-from statevalue.backends.embedded import EMBEDDED_MODEL, EMBEDDED_NAME
+from statevalue.backends.embedded import EMBEDDED_MODEL, EMBEDDED_NAME, file_digest
 from statevalue.backends.layout import (
     PrefixGroup,
     group_shared_prefixes,
@@ -85,14 +85,6 @@ def _expanded_cache(cache: Any, copies: int, config: Any) -> Any:
         ],
         config=config,
     )
-
-
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()[:12]
 
 
 def directory_stamp(directory: Path) -> str:
