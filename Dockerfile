@@ -61,8 +61,7 @@ COPY clients/python clients/python
 COPY service service
 ARG WHEELS_ONLY=""
 RUN --mount=type=bind,source=deploy/image/wheels,target=/wheels \
-    pip install --find-links /wheels/cpu ${WHEELS_ONLY:+--no-index} --no-deps ./clients/python . \
-    && rm -rf build clients/python/build
+    pip install --find-links /wheels/cpu ${WHEELS_ONLY:+--no-index} --no-deps ./clients/python . && rm -rf build clients/python/build
 ENV STATEVALUE_DEVICE=cpu
 USER statevalue
 EXPOSE 50051 8000
@@ -78,8 +77,7 @@ COPY clients/python clients/python
 COPY service service
 ARG WHEELS_ONLY=""
 RUN --mount=type=bind,source=deploy/image/wheels,target=/wheels \
-    pip install --find-links /wheels/cuda ${WHEELS_ONLY:+--no-index} --no-deps ./clients/python . \
-    && rm -rf build clients/python/build
+    pip install --find-links /wheels/cuda ${WHEELS_ONLY:+--no-index} --no-deps ./clients/python . && rm -rf build clients/python/build
 # The policy model is mounted here (a Hugging Face model directory or a .gguf file); the
 # image carries no model.
 ENV STATEVALUE_DEVICE=cuda \
