@@ -112,7 +112,7 @@ def test_handle_and_http_answer_like_the_engine(
     # The torch backend answers, on its default path.
     model = httpx.get(f"{url}/v1/model", timeout=60).json()
     assert (model["name"], model["backend"], model["forward_path"]) == (
-        "smollm2",
+        embedded_checkpoint.name,
         "torch",
         "padded",
     )
