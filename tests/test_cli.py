@@ -137,6 +137,7 @@ def test_every_serve_flag_reaches_the_settings(tmp_path: Path) -> None:
         "host": (["--host", "0.0.0.0"], "0.0.0.0"),
         "http_port": (["--http-port", "8123"], 8123),
         "grpc_port": (["--grpc-port", "50123"], 50123),
+        "micro_batch_seconds": (["--micro-batch-seconds", "0.5"], 0.5),
         "max_wait_ms": (["--max-wait-ms", "2.5"], 2.5),
         "max_queue_requests": (["--max-queue-requests", "7"], 7),
         "max_queue_tokens": (["--max-queue-tokens", "70000"], 70000),
@@ -190,7 +191,7 @@ def test_bad_serve_flags_are_named_in_one_line(tmp_path: Path) -> None:
     gguf = tmp_path / "policy.gguf"
     gguf.write_bytes(b"GGUF")
     cases = {
-        "--backend: Input should be 'torch' or 'vllm', not 'bogus'": ["--backend", "bogus"],
+        "--backend: Input should be 'torch', 'vllm' or 'none', not 'bogus'": ["--backend", "bogus"],
         "--device: must be auto, cpu, cuda or cuda:N, not 'bogus'": ["--device", "bogus"],
         "--dtype: Input should be": ["--dtype", "bogus"],
         "--http-port: Input should be a valid integer": ["--http-port", "eighty"],
@@ -216,3 +217,13 @@ def test_estimate_and_calibrate_take_the_model_flags_of_serve() -> None:
     for name in ServerSettings.model_fields:
         assert f"--{name.replace('_', '-')}" in help_text
         assert f"STATEVALUE_{name.upper()}" in help_text.replace("\n", "").replace(" ", "")
+
+
+def test_backend_none_takes_a_tokenizer_directory(tmp_path: Path) -> None:
+    tokenizer = tmp_path / "tokenizer"
+    tokenizer.mkdir()
+    (tokenizer / "tokenizer.json").write_text("{}")
+    settings = serve_settings("--backend", "none", "--model", str(tokenizer))
+    assert (settings.backend, settings.model) == ("none", str(tokenizer))
+    with pytest.raises(ValueError, match=f"--model: {tokenizer}: a directory without a config"):
+        serve_settings("--model", str(tokenizer))

@@ -28,9 +28,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-# Ordinary token ids (1-8 are the tokenizer's special tokens).
-PROMPT = [504, 3458, 282]
-RESPONSES = [([1116, 314, 253], 1.0), ([1229, 28], 0.0)]
+# "What is 2 + 3?" and two answers, " It is 5." and " 6.", in the embedded model's tokens.
+PROMPT = [1780, 314, 216, 34, 1232, 216, 35, 47]
+RESPONSES = [([657, 314, 216, 37, 30], 1.0), ([216, 38, 30], 0.0)]
 GRACE_S = 20.0
 GRPC_CLIENT = """
 import json, sys
@@ -148,6 +148,9 @@ def smoke(
             ["buildah", "run", "--isolation", "chroot", *mounts, server, "--", *serve],
             stdout=log,
             stderr=subprocess.STDOUT,
+            # Its own process group, so that buildah's helpers and the server under them
+            # all go when the test ends, however it ends.
+            start_new_session=True,
         )
         base = f"http://127.0.0.1:{http_port}"
         while http(base + "/readyz")[0] != 200:
@@ -226,8 +229,11 @@ def smoke(
         sys.stderr.write(log.read().decode(errors="replace")[-6000:])
         raise
     finally:
-        if runner is not None and runner.poll() is None:
-            runner.kill()
+        if runner is not None:
+            try:
+                os.killpg(runner.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
             runner.wait()
         for container in (server, client):
             subprocess.run(["buildah", "rm", container], capture_output=True, timeout=120)

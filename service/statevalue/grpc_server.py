@@ -28,6 +28,7 @@ from statevalue.schema import (
     InvalidRequest,
     RolloutExplanation,
     RolloutInput,
+    states_format,
 )
 from statevalue.weight_receiver import UpdateOrder
 from statevalue_client.arrays import FLOAT32, INT32, pack_float32, pack_int32, unpack
@@ -38,6 +39,9 @@ from statevalue_client.weights import BACKENDS, TensorSpec, split_address, wire_
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ValueService"].full_name
+# Trailing metadata of a refusal worth retrying later: seconds to wait, as HTTP's
+# Retry-After header says (here with decimals).
+RETRY_AFTER = "retry-after"
 
 
 def _packed(data: bytes, dtype: np.dtype, count: int, field: str) -> np.ndarray:
@@ -98,6 +102,8 @@ def request_from_proto(message: pb.EstimateRequest) -> EstimateRequest:
                     response_text=text,
                     reward=rollout.reward if rollout.HasField("reward") else None,
                     token_rewards=token_rewards,
+                    hista_states=rollout.hista_states,
+                    num_hista_states=rollout.num_hista_states,
                 )
             )
         has_text = group.HasField("prompt_text")
@@ -115,6 +121,8 @@ def request_from_proto(message: pb.EstimateRequest) -> EstimateRequest:
                 prompt_ids=prompt_ids,
                 prompt_text=group.prompt_text if has_text else None,
                 messages=[{"role": m.role, "content": m.content} for m in group.messages] or None,
+                prompt_hista_states=group.prompt_hista_states,
+                prompt_num_hista_states=group.prompt_num_hista_states,
             )
         )
     return EstimateRequest(
@@ -125,6 +133,14 @@ def request_from_proto(message: pb.EstimateRequest) -> EstimateRequest:
         step_id=message.step_id,
         explain=message.explain,
         step_rewards=_step_rewards(message),
+        hista_states=states_format(
+            {
+                f.name: getattr(message.hista_states, f.name)
+                for f in pb.HistaStatesFormat.DESCRIPTOR.fields
+            }
+        )
+        if message.HasField("hista_states")
+        else None,
     )
 
 
@@ -230,14 +246,17 @@ def _answer_before(deadline_in: float | None) -> float | None:
     return deadline_in - min(0.1 * deadline_in, 0.25)
 
 
-def _refusal(exc: Exception, rid: str) -> tuple[grpc.StatusCode, str]:
-    """The status and details a failed call ends with: its errors.py reply, or INTERNAL
-    (logged with the request id; the caller gets the id, not the exception's text)."""
+def _refusal(exc: Exception, rid: str) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]:
+    """The status, details and trailing metadata (a retry-after hint) a failed call ends
+    with: its errors.py reply, or INTERNAL (logged with the request id; the caller gets the
+    id, not the exception's text)."""
     reply = error_reply(exc)
     if reply is None:
         log.error("request_id=%s failed", rid, exc_info=exc)
-        return grpc.StatusCode.INTERNAL, f"internal error (request {rid})"
-    return reply.grpc_code, reply.details
+        return grpc.StatusCode.INTERNAL, f"internal error (request {rid})", ()
+    if reply.retry_after is None:
+        return reply.grpc_code, reply.details, ()
+    return reply.grpc_code, reply.details, ((RETRY_AFTER, f"{reply.retry_after:.3f}"),)
 
 
 class ValueServicer(pb_grpc.ValueServiceServicer):
@@ -272,8 +291,8 @@ class ValueServicer(pb_grpc.ValueServiceServicer):
                 code = grpc.StatusCode.CANCELLED
                 raise
             except Exception as exc:
-                code, details = _refusal(exc, rid)
-                await context.abort(code, details, echo)
+                code, details, trailer = _refusal(exc, rid)
+                await context.abort(code, details, echo + trailer)
             context.set_trailing_metadata(echo)
             return response_to_proto(result)
         finally:
@@ -331,11 +350,15 @@ class ValueServicer(pb_grpc.ValueServiceServicer):
             code = grpc.StatusCode.CANCELLED
             raise
         except Exception as exc:
-            code, details = _refusal(exc, rid)
-            await context.abort(code, details, ((HEADER, rid),))
+            code, details, trailer = _refusal(exc, rid)
+            await context.abort(code, details, ((HEADER, rid), *trailer))
         finally:
             self._metrics.requests.labels("grpc", rpc, code.name).inc()
         return model_info_to_proto(self._server.model_info())
+
+
+# gRPC's "infinite" for durations in milliseconds (INT_MAX).
+_NO_LIMIT_MS = 2**31 - 1
 
 
 def build_grpc_server(
@@ -349,7 +372,10 @@ def build_grpc_server(
             # Closing connections after a while makes clients re-resolve the DNS name and
             # spread over replicas added since they connected.
             ("grpc.max_connection_age_ms", int(max_connection_age_s * 1000)),
-            ("grpc.max_connection_age_grace_ms", 30_000),
+            # An old connection gets GOAWAY (new calls go on a new one) but is never cut
+            # while a call is in flight: a call may be a long step's request that queued
+            # behind minutes of work, and cutting it would throw that work away.
+            ("grpc.max_connection_age_grace_ms", _NO_LIMIT_MS),
             # A second server on a taken port must fail, not share it (gRPC's default).
             ("grpc.so_reuseport", 0),
         ]

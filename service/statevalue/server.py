@@ -72,6 +72,7 @@ async def open_scheduler(
         max_groups=settings.max_groups_per_request,
         max_tokens=settings.max_request_tokens,
         defaults=None if settings.params_file is None else load_params(settings.params_file),
+        layer=settings.layer,
     )
     if settings.params_file is not None:
         log.info(
@@ -83,6 +84,7 @@ async def open_scheduler(
         engine,
         metrics,
         max_batch_tokens=settings.max_batch_tokens,
+        micro_batch_seconds=settings.micro_batch_seconds,
         max_wait_s=settings.max_wait_ms / 1000,
         max_queue_requests=settings.max_queue_requests,
         max_queue_tokens=settings.max_queue_tokens,
@@ -90,7 +92,8 @@ async def open_scheduler(
     )
     metrics.watch_numca_store(engine.numca_store.stats)
     log.info("Numca tables: %s", engine.numca_store.describe())
-    await scheduler.start(warmup=settings.warmup)
+    # Without a model there is no forward pass to warm.
+    await scheduler.start(warmup=settings.warmup and backend.kind != "none")
     metrics.set_model(backend.identity.name, backend.identity.version)
     return scheduler
 
@@ -169,6 +172,18 @@ class StatevalueServer:
     @property
     def ready(self) -> bool:
         return not self._stopping and self.scheduler is not None and self.scheduler.accepting
+
+    async def not_ready(self) -> str | None:
+        """Why the server is not ready now (None when it is): not loaded yet, draining, or
+        the Numca store does not answer (a request with a prompt_id would get 503)."""
+        if self._stopping:
+            return "draining"
+        if not self.ready or self._engine is None:
+            return "not ready"
+        store = self._engine.numca_store
+        if not await asyncio.to_thread(store.ping):
+            return f"the Numca store {store.describe()} does not answer"
+        return None
 
     @property
     def draining(self) -> bool:

@@ -33,10 +33,11 @@ class ModelSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="STATEVALUE_", extra="forbid", frozen=True)
 
     # Before `model`, whose check depends on it.
-    backend: Literal["torch", "vllm"] = Field(
+    backend: Literal["torch", "vllm", "none"] = Field(
         "torch",
-        description="what runs the model: torch (transformers, in this process) or vllm "
-        "(vLLM's pooling runner; needs the vllm extra, last layer only)",
+        description="what runs the model: torch (transformers, in this process), vllm "
+        "(vLLM's pooling runner; needs the vllm extra, last layer only) or none (only the "
+        "model's tokenizer: Hista from representations the trainer sends)",
     )
     model: str = Field(
         "embedded",
@@ -98,6 +99,13 @@ class ServerSettings(ModelSettings):
     http_port: int = Field(8000, ge=0, le=65535, description="HTTP port (0 = any free port)")
     grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 = any free port)")
 
+    micro_batch_seconds: float = Field(
+        1.0,
+        gt=0,
+        description="model time one forward micro-batch aims at (its tokens come from the "
+        "measured speed, at most max_batch_tokens): how soon a cancel, a deadline or a "
+        "drain stops work",
+    )
     max_wait_ms: float = Field(5.0, ge=0, description="how long a batch waits for more requests")
     max_queue_requests: int = Field(
         256, ge=1, description="queued requests before 429 / RESOURCE_EXHAUSTED"

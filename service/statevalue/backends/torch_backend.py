@@ -155,7 +155,7 @@ class TorchBackend(LoadedModelInfo):
         self._forward_path = check_forward_path(forward_path)
         self._lock = threading.Lock()
 
-        source, kwargs, name, version = self._locate(model)
+        source, kwargs, name, version = self.locate(model)
         log.info("loading model %s (%s) on %s as %s", name, version, self._device, self._dtype)
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         causal_lm = AutoModelForCausalLM.from_pretrained(source, dtype=self._dtype, **kwargs)
@@ -173,7 +173,7 @@ class TorchBackend(LoadedModelInfo):
         self._describe_model(name, version, tokenizer, config)
 
     @staticmethod
-    def _locate(model: str) -> tuple[str, dict[str, Any], str, str]:
+    def locate(model: str) -> tuple[str, dict[str, Any], str, str]:
         """Source for from_pretrained, its extra kwargs, a display name and a version."""
         location = locate_model(model)
         path = location.path
