@@ -111,6 +111,6 @@ format: $(TEST_STAMP)
 # Freeze the current .venv as the new constraints (after a dependency change passed tests).
 constraints: $(TEST_STAMP)
 	{ grep '^#' constraints.txt; \
-	  $(BIN)/pip freeze --exclude-editable | sed -E 's/\+[a-z0-9.]+$$//' | sort -f; } \
+	  $(BIN)/pip freeze --all --exclude pip --exclude-editable | sed -E 's/\+[a-z0-9.]+$$//' | sort -f; } \
 	  > constraints.txt.new
 	mv constraints.txt.new constraints.txt
