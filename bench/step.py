@@ -34,22 +34,29 @@ from bench.perf import EMBEDDED_MODEL, ServerProcess, machine
 from statevalue_client import Group, Rollout, ValueClient
 
 PROMPT_TOKENS = 16
-RESPONSE_TOKENS = (8, 25)  # short responses: uniform lengths in [8, 25)
+RESPONSE_TOKENS = (8, 25)  # short responses by default: uniform lengths in [8, 25)
 
 
 GROUPS_PER_PROMPT = 4  # with --numca-store: groups sharing one prompt_id
 
 
-def make_step(groups: int, g: int, seed: int = 0, prompt_ids: bool = False) -> list[Group]:
+def make_step(
+    groups: int,
+    g: int,
+    seed: int = 0,
+    prompt_ids: bool = False,
+    response_tokens: tuple[int, int] = RESPONSE_TOKENS,
+) -> list[Group]:
     """Random prompts and responses (timing does not depend on which ids) with 0/1 rewards;
-    with ``prompt_ids``, every GROUPS_PER_PROMPT groups share a prompt_id (of this seed)."""
+    response lengths uniform in ``[response_tokens[0], response_tokens[1])``; with
+    ``prompt_ids``, every GROUPS_PER_PROMPT groups share a prompt_id (of this seed)."""
     rng = np.random.default_rng(seed)
     return [
         Group(
             prompt_ids=rng.integers(100, 40000, PROMPT_TOKENS).astype(np.int32),
             rollouts=[
                 Rollout(
-                    rng.integers(100, 40000, rng.integers(*RESPONSE_TOKENS)).astype(np.int32),
+                    rng.integers(100, 40000, rng.integers(*response_tokens)).astype(np.int32),
                     float(rng.integers(0, 2)),
                 )
                 for _ in range(g)
@@ -116,6 +123,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"prompt_ids, {GROUPS_PER_PROMPT} groups per prompt, so Numca adds to and reads it",
     )
     parser.add_argument(
+        "--response-tokens",
+        default=f"{RESPONSE_TOKENS[0]},{RESPONSE_TOKENS[1]}",
+        help="response lengths, uniform in [MIN, MAX) (default %(default)s)",
+    )
+    parser.add_argument(
+        "--replicas", default="1,2", help="replica counts to run each step on (default 1,2)"
+    )
+    parser.add_argument(
         "--max-queue-wait-s", type=float, default=None, help="the replicas' admission bound"
     )
     parser.add_argument(
@@ -145,8 +160,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if value is not None:
             flags += (flag, str(value))
             print(f"# replicas: {flag} {value:g}")
+    low, high = (int(n) for n in args.response_tokens.split(","))
+    counts = [int(n) for n in args.replicas.split(",")]
     servers = [
-        ServerProcess(args.model, "cpu", "auto", args.max_batch_tokens, *flags) for _ in range(2)
+        ServerProcess(args.model, "cpu", "auto", args.max_batch_tokens, *flags)
+        for _ in range(max(counts))
     ]
     header = (
         f"{'step':<26} {'replicas':>8} {'requests':>8} {'tokens':>8} {'wall s':>8} "
@@ -160,9 +178,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ]
     try:
         for name, count, methods, params in rows:
-            for replicas in (1, 2):
+            for replicas in counts:
                 # A fresh step per row: with a store, nothing is counted already.
-                groups = make_step(count, args.g, replicas, bool(args.numca_store))
+                groups = make_step(count, args.g, replicas, bool(args.numca_store), (low, high))
                 tokens = step_tokens(groups)
                 wall, first, forward, requests = run_row(
                     servers[:replicas], groups, methods, **params

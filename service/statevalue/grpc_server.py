@@ -255,6 +255,19 @@ def _answer_before(deadline_in: float | None) -> float | None:
     return deadline_in - min(0.1 * deadline_in, 0.25)
 
 
+def _refusal(exc: Exception, rid: str) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]:
+    """The status, details and trailing metadata (a retry-after hint) a failed call ends
+    with: its errors.py reply, or INTERNAL (logged with the request id; the caller gets the
+    id, not the exception's text)."""
+    reply = error_reply(exc)
+    if reply is None:
+        log.error("request_id=%s failed", rid, exc_info=exc)
+        return grpc.StatusCode.INTERNAL, f"internal error (request {rid})", ()
+    if reply.retry_after is None:
+        return reply.grpc_code, reply.details, ()
+    return reply.grpc_code, reply.details, ((RETRY_AFTER, f"{reply.retry_after:.3f}"),)
+
+
 class ValueServicer(pb_grpc.ValueServiceServicer):
     """Maps RPCs onto the scheduler and its errors onto gRPC status codes."""
 
@@ -287,17 +300,8 @@ class ValueServicer(pb_grpc.ValueServiceServicer):
                 code = grpc.StatusCode.CANCELLED
                 raise
             except Exception as exc:
-                reply = error_reply(exc)
-                if reply is None:
-                    code = grpc.StatusCode.INTERNAL
-                    log.exception("request_id=%s failed", rid)
-                    await context.abort(code, f"internal error (request {rid})", echo)
-                else:
-                    code = reply.grpc_code
-                    hint = ()
-                    if reply.retry_after is not None:
-                        hint = ((RETRY_AFTER, f"{reply.retry_after:.3f}"),)
-                    await context.abort(code, reply.details, echo + hint)
+                code, details, trailer = _refusal(exc, rid)
+                await context.abort(code, details, echo + trailer)
             context.set_trailing_metadata(echo)
             return response_to_proto(result)
         finally:
@@ -347,6 +351,7 @@ class ValueServicer(pb_grpc.ValueServiceServicer):
         self, rpc: str, action: Awaitable[None], context: grpc.aio.ServicerContext
     ) -> pb.ModelInfo:
         """Run an admin action (a weight reload or update); answer with the model it left."""
+        rid = request_id(dict(context.invocation_metadata() or ()).get(HEADER))
         code = grpc.StatusCode.OK
         try:
             await action
@@ -354,14 +359,8 @@ class ValueServicer(pb_grpc.ValueServiceServicer):
             code = grpc.StatusCode.CANCELLED
             raise
         except Exception as exc:
-            reply = error_reply(exc)
-            if reply is None:
-                code = grpc.StatusCode.INTERNAL
-                log.exception("%s failed", rpc)
-                await context.abort(code, f"internal error ({type(exc).__name__})")
-            else:
-                code = reply.grpc_code
-                await context.abort(code, reply.details)
+            code, details, trailer = _refusal(exc, rid)
+            await context.abort(code, details, ((HEADER, rid), *trailer))
         finally:
             self._metrics.requests.labels("grpc", rpc, code.name).inc()
         return model_info_to_proto(self._server.model_info())
@@ -386,6 +385,8 @@ def build_grpc_server(
             # while a call is in flight: a call may be a long step's request that queued
             # behind minutes of work, and cutting it would throw that work away.
             ("grpc.max_connection_age_grace_ms", _NO_LIMIT_MS),
+            # A second server on a taken port must fail, not share it (gRPC's default).
+            ("grpc.so_reuseport", 0),
         ]
     )
     _add_value_service(servicer, server)
