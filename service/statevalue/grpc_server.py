@@ -54,7 +54,7 @@ def _packed(data: bytes, dtype: np.dtype, count: int, field: str) -> np.ndarray:
 def params_from_proto(params: pb.EstimatorParams) -> EstimatorConfig:
     """Only the fields the caller set; the rest keep the service defaults."""
     tree: dict[str, dict[str, Any]] = {}
-    for section in ("numca", "hista", "advantage"):
+    for section in EstimatorConfig.model_fields:
         message = getattr(params, section)
         tree[section] = {f.name: value for f, value in message.ListFields()}
     try:
@@ -220,6 +220,15 @@ def response_to_proto(result: EstimateResult) -> pb.EstimateResponse:
                 entry.boundaries = pack_int32(rollout.boundaries[method])
             if rollout.explanation is not None:
                 _explanation_to_proto(rollout.explanation, item.explanation)
+        for method, choice in group.self_calibration.items():
+            entry = out.self_calibration[method]
+            entry.params.CopyFrom(params_to_proto(choice.params))
+            entry.weights.update(choice.weights)
+            entry.own_weight = choice.own_weight
+            entry.criterion = choice.criterion
+            entry.group_mean_criterion = choice.group_mean_criterion
+            entry.candidates = choice.candidates
+            entry.scope = choice.scope
     return response
 
 
