@@ -18,8 +18,8 @@ import pytest
 
 from statevalue.backends.torch_backend import TorchBackend
 from statevalue_client import Group, Rollout
-from statevalue_client.client import build_request
 from statevalue_client.proto import statevalue_pb2_grpc as pb_grpc
+from statevalue_client.wire import build_request
 from tests.conftest import redis_or_skip
 from tests.servers import ServerThread, running_server, wait_for
 
