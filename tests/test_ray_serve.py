@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 import yaml
 
-ray = pytest.importorskip("ray")
-serve = pytest.importorskip("ray.serve")
+from tests.conftest import import_or_skip
+
+ray = import_or_skip("ray")
+serve = import_or_skip("ray.serve")
 
 from statevalue.api_models import EstimateIn  # noqa: E402
 from statevalue.engine import Engine  # noqa: E402

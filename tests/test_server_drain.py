@@ -132,6 +132,9 @@ def test_admission_refuses_a_wait_past_the_limit_at_once(
                 client.estimate([group(2)], ["hista"])
             assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "estimated wait" in caught.value.details()
+            # The time until it would fit: the estimated wait past the limit.
+            hint = dict(caught.value.trailing_metadata())["retry-after"]
+            assert float(hint) >= 1.0
             response = httpx.post(
                 f"{server.http_url}/v1/estimate",
                 json={"methods": ["hista"], "groups": [as_json(group(3))]},

@@ -40,7 +40,9 @@ RELATIVE_MERGE_DISTANCE = 0.05
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # NaN passes no bound check and inf overflows the lengths derived from a fraction:
+    # every parameter must be a finite number.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def _fixed_when_alone(data: Any, fixed: str, relative: str) -> Any:

@@ -702,14 +702,22 @@ def _conflict(
 def _check_finite(groups: list[GroupResult], config: EstimatorConfig) -> None:
     """Refuse to answer with a number that is not finite as the float32 the wire carries.
 
-    Bounded rewards keep values finite; a scale_eps too small for a group whose rewards are
-    (nearly) equal can still blow the scaled advantages up, so that is the field named.
+    Bounded rewards keep values finite, except Hista's, whose neighbour weights
+    ``1 / distance**tau`` overflow for a large ``tau``, so that is the field named; a
+    scale_eps too small for a group whose rewards are (nearly) equal can still blow the
+    scaled advantages up, so that is the field named for advantages.
     """
     for i, group in enumerate(groups):
         for j, rollout in enumerate(group.rollouts):
             for method, values in rollout.values.items():
                 at = f"groups[{i}].rollouts[{j}]"
                 if not np.isfinite(np.asarray(values, dtype=np.float32)).all():
+                    if method == "hista":
+                        raise InvalidRequest(
+                            "params.hista.tau",
+                            f"the hista values of {at} are not finite: the neighbour weights "
+                            f"1 / distance**tau overflow at tau = {config.hista.tau:g}",
+                        )
                     raise InvalidRequest(
                         f"{at}.reward", f"the {method} values are not finite for these rewards"
                     )

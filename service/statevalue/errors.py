@@ -16,6 +16,15 @@ from statevalue.scheduler import DeadlineExpired, ModelTooOld, NotAccepting, Que
 from statevalue.schema import InvalidRequest
 from statevalue.weight_receiver import WeightTransferFailed
 
+# Most characters of a message a reply carries: messages may quote caller strings (ids,
+# keys, texts), and a gRPC status travels in metadata, which is limited to a few KiB.
+MAX_MESSAGE_CHARS = 1000
+
+
+def cut(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """``text``, shortened to ``limit`` characters with a mark when it is longer."""
+    return text if len(text) <= limit else text[: limit - 16] + " ... (shortened)"
+
 
 @dataclass(frozen=True)
 class ErrorReply:
@@ -26,6 +35,12 @@ class ErrorReply:
     message: str
     field: str | None = None
     retry_after: float | None = None
+
+    def __post_init__(self) -> None:
+        # Cut here, so that no reply, whoever builds it, carries a caller's megabytes.
+        object.__setattr__(self, "message", cut(self.message))
+        if self.field is not None:
+            object.__setattr__(self, "field", cut(self.field, 200))
 
     @property
     def details(self) -> str:

@@ -39,6 +39,9 @@ from statevalue_client.weights import BACKENDS, TensorSpec, split_address, wire_
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ValueService"].full_name
+# Trailing metadata of a refusal worth retrying later: seconds to wait, as HTTP's
+# Retry-After header says (here with decimals).
+RETRY_AFTER = "retry-after"
 
 
 def _packed(data: bytes, dtype: np.dtype, count: int, field: str) -> np.ndarray:
@@ -282,7 +285,10 @@ class ValueServicer(pb_grpc.ValueServiceServicer):
                     await context.abort(code, f"internal error (request {rid})", echo)
                 else:
                     code = reply.grpc_code
-                    await context.abort(code, reply.details, echo)
+                    hint = ()
+                    if reply.retry_after is not None:
+                        hint = ((RETRY_AFTER, f"{reply.retry_after:.3f}"),)
+                    await context.abort(code, reply.details, echo + hint)
             context.set_trailing_metadata(echo)
             return response_to_proto(result)
         finally:
@@ -352,6 +358,10 @@ class ValueServicer(pb_grpc.ValueServiceServicer):
         return model_info_to_proto(self._server.model_info())
 
 
+# gRPC's "infinite" for durations in milliseconds (INT_MAX).
+_NO_LIMIT_MS = 2**31 - 1
+
+
 def build_grpc_server(
     servicer: ValueServicer, *, max_message_bytes: int, max_connection_age_s: float
 ) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
@@ -363,7 +373,10 @@ def build_grpc_server(
             # Closing connections after a while makes clients re-resolve the DNS name and
             # spread over replicas added since they connected.
             ("grpc.max_connection_age_ms", int(max_connection_age_s * 1000)),
-            ("grpc.max_connection_age_grace_ms", 30_000),
+            # An old connection gets GOAWAY (new calls go on a new one) but is never cut
+            # while a call is in flight: a call may be a long step's request that queued
+            # behind minutes of work, and cutting it would throw that work away.
+            ("grpc.max_connection_age_grace_ms", _NO_LIMIT_MS),
         ]
     )
     _add_value_service(servicer, server)

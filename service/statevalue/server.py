@@ -113,6 +113,7 @@ async def open_scheduler(
         engine,
         metrics,
         max_batch_tokens=settings.max_batch_tokens,
+        micro_batch_seconds=settings.micro_batch_seconds,
         max_wait_s=settings.max_wait_ms / 1000,
         max_queue_requests=settings.max_queue_requests,
         max_queue_tokens=settings.max_queue_tokens,
@@ -182,6 +183,18 @@ class StatevalueServer:
     @property
     def ready(self) -> bool:
         return not self._stopping and self.scheduler is not None and self.scheduler.accepting
+
+    async def not_ready(self) -> str | None:
+        """Why the server is not ready now (None when it is): not loaded yet, draining, or
+        the Numca store does not answer (a request with a prompt_id would get 503)."""
+        if self._stopping:
+            return "draining"
+        if not self.ready or self._engine is None:
+            return "not ready"
+        store = self._engine.numca_store
+        if not await asyncio.to_thread(store.ping):
+            return f"the Numca store {store.describe()} does not answer"
+        return None
 
     @property
     def draining(self) -> bool:

@@ -61,6 +61,13 @@ class ServerSettings(BaseSettings):
     grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 = any free port)")
 
     max_batch_tokens: int = Field(8192, ge=1, description="padded tokens per forward batch")
+    micro_batch_seconds: float = Field(
+        1.0,
+        gt=0,
+        description="model time one forward micro-batch aims at (its tokens come from the "
+        "measured speed, at most max_batch_tokens): how soon a cancel, a deadline or a "
+        "drain stops work",
+    )
     max_wait_ms: float = Field(5.0, ge=0, description="how long a batch waits for more requests")
     max_queue_requests: int = Field(
         256, ge=1, description="queued requests before 429 / RESOURCE_EXHAUSTED"
