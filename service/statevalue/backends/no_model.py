@@ -8,7 +8,7 @@ it needs no GPU and loads in seconds.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from types import SimpleNamespace
 from typing import Any
 
@@ -64,6 +64,9 @@ class NoModelBackend(LoadedModelInfo):
 
     def read_checkpoint(self, checkpoint: str) -> LoadedWeights:
         raise CheckpointRefused(f"{_NO_MODEL}: there are no weights to reload")
+
+    def staging_weights(self, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError(f"{_NO_MODEL}: there are no weights to update")
 
     def apply_weights(self, weights: LoadedWeights, version: str | None = None) -> ModelIdentity:
         raise CheckpointRefused(f"{_NO_MODEL}: there are no weights to reload")
