@@ -36,6 +36,7 @@ from statevalue_client import (
 )
 from statevalue_client.proto import statevalue_pb2_grpc as pb_grpc
 from statevalue_client.wire import build_request
+from tests.conftest import import_or_skip
 from tests.servers import RedisServer, ServerThread, metric_value, running_server
 
 MAX_TOKENS, MAX_GROUPS = 400, 3
@@ -187,7 +188,7 @@ def test_the_async_client_splits_the_same_way(
 def test_the_verl_adapter_through_two_replicas(
     replicas: list[ServerThread], engine: Engine, method: str
 ) -> None:
-    pytest.importorskip("verl")
+    import_or_skip("verl")
     from verl import DataProto
 
     from statevalue_client.verl import compute_statevalue_advantage
