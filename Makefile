@@ -15,7 +15,7 @@ VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: install install-dev install-vllm serve estimate test test-vllm lint format proto constraints \
-	image image-cuda image-tools
+	image image-cuda image-cuda-vllm image-tools
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -98,11 +98,16 @@ image: image-tools | $(BIN)/python
 
 # The cuda target: PyPI's CUDA torch and its CUDA libraries (GBs to download); no GPU is
 # needed to build it. Its smoke test serves the embedded model's file with --device cpu.
+# image-cuda-vllm adds the vllm extra (EXTRAS=vllm) and checks that vllm imports.
 EMBEDDED_GGUF = $$($(BIN)/python -c 'from statevalue.backends.embedded import embedded_model_file; print(embedded_model_file())')
+CUDA_SMOKE = --device cpu --volume "$(EMBEDDED_GGUF):/models/embedded.gguf" --model /models/embedded.gguf
 image-cuda: image-tools $(SERVE_STAMP)
 	PYTHON=$(BIN)/python deploy/image/build.sh cuda
-	$(BIN)/python deploy/image/smoke.py statevalue:$(VERSION)-cuda --device cpu \
-	  --volume "$(EMBEDDED_GGUF):/models/embedded.gguf" --model /models/embedded.gguf
+	$(BIN)/python deploy/image/smoke.py statevalue:$(VERSION)-cuda $(CUDA_SMOKE)
+
+image-cuda-vllm: image-tools $(SERVE_STAMP)
+	EXTRAS=vllm PYTHON=$(BIN)/python deploy/image/build.sh cuda
+	$(BIN)/python deploy/image/smoke.py statevalue:$(VERSION)-cuda-vllm $(CUDA_SMOKE) --import vllm
 
 format: $(TEST_STAMP)
 	$(BIN)/ruff format .
