@@ -142,7 +142,7 @@ def test_an_update_over_gloo_equals_a_disk_reload_of_the_same_weights(
                 assert np.array_equal(got.values["hista"], want.values["hista"])
 
 
-def test_the_async_client_reuses_the_group_for_the_next_update(
+def test_the_async_client_reuses_the_group_and_sends_any_float_dtype(
     replicas: list[ServerThread], replica_backends: list[TorchBackend], trainer: torch.nn.Module
 ) -> None:
     before = revisions(replicas)
@@ -150,10 +150,16 @@ def test_the_async_client_reuses_the_group_for_the_next_update(
     async def two_updates() -> list[int]:
         async with AsyncValueClient(target(replicas), retries=0) as client:
             found = []
-            for step in (2, 3):
+            for step, wire in ((2, torch.float32), (3, torch.bfloat16)):
                 take_a_step(trainer, seed=step)
+                with torch.no_grad():
+                    for parameter in trainer.parameters():
+                        # Weights a bfloat16 copy holds exactly, so either wire gives them.
+                        parameter.copy_(parameter.to(torch.bfloat16))
+                # bfloat16 on the wire: each replica casts to its model's float32.
+                tensors = {name: p.to(wire) for name, p in trainer.named_parameters()}
                 result = await client.update_weights(
-                    dict(trainer.named_parameters()), admin_token=TOKEN, version=f"step-{step}"
+                    tensors, admin_token=TOKEN, version=f"step-{step}"
                 )
                 found.append(result.revision)
                 with ValueClient(target(replicas), retries=0) as blocking:

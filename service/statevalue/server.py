@@ -291,7 +291,7 @@ class StatevalueServer:
         backend = scheduler.engine.backend
         async with self._reload_lock:
             try:
-                staged = backend.staging_weights({spec.name: spec.shape for spec in order.tensors})
+                dtypes = backend.weight_dtypes({spec.name: spec.shape for spec in order.tensors})
             except NotImplementedError as exc:
                 raise ReloadRefused(
                     str(exc), http_status=501, grpc_code=grpc.StatusCode.UNIMPLEMENTED
@@ -300,8 +300,8 @@ class StatevalueServer:
                 raise InvalidRequest("tensors", str(exc)) from exc
             order.check_device(backend.device)
             loop = asyncio.get_running_loop()
-            await loop.run_in_executor(
-                self._weights.thread, self._weights.receive, order, staged, backend.device, timeout
+            staged = await loop.run_in_executor(
+                self._weights.thread, self._weights.receive, order, dtypes, backend.device, timeout
             )
             self.metrics.weight_update_bytes.inc(order.nbytes)
             identity = await scheduler.apply_weights(LoadedWeights(staged, order.version))
