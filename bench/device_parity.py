@@ -57,9 +57,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--responses", type=int, default=8)
     parser.add_argument("--max-new", type=int, default=96, help="tokens per sampled response")
+    parser.add_argument(
+        "--model", default="embedded", help="'embedded' (default) or a model directory"
+    )
     args = parser.parse_args(argv)
 
-    reference = TorchBackend("embedded", device="cpu", dtype="float32", forward_path="padded")
+    reference = TorchBackend(args.model, device="cpu", dtype="float32", forward_path="padded")
     ref_engine = Engine(reference)
     group = sampled_group(reference, ref_engine, args.responses, args.max_new)
     prepared = ref_engine.prepare(EstimateRequest(groups=[group], methods=("hista",)))
@@ -75,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{'device':<8} {'dtype':<9} {'path':<12} {'max |dh|':>9} {'rel':>9} {'max |dV|':>9}")
     failed = False
     for dtype in args.dtypes.split(","):
-        backend = TorchBackend("embedded", device=args.device, dtype=dtype)
+        backend = TorchBackend(args.model, device=args.device, dtype=dtype)
         engine = Engine(backend)
         for path in FORWARD_PATHS:
             backend.forward_path = path

@@ -107,6 +107,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="the replicas' Numca store (e.g. redis://127.0.0.1:6379/0); groups then carry "
         f"prompt_ids, {GROUPS_PER_PROMPT} groups per prompt, so Numca adds to and reads it",
     )
+    parser.add_argument(
+        "--model", default=EMBEDDED_MODEL, help="'embedded' (default) or a model directory"
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (seconds)")
     args = parser.parse_args(argv)
     if args.threads is not None:
@@ -122,8 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         flags += ("--numca-store", args.numca_store)
         print(f"# Numca store: {args.numca_store}, {GROUPS_PER_PROMPT} groups per prompt_id")
     servers = [
-        ServerProcess(EMBEDDED_MODEL, "cpu", "auto", args.max_batch_tokens, *flags)
-        for _ in range(2)
+        ServerProcess(args.model, "cpu", "auto", args.max_batch_tokens, *flags) for _ in range(2)
     ]
     header = (
         f"{'step':<26} {'replicas':>8} {'requests':>8} {'tokens':>8} {'wall s':>8} "

@@ -26,6 +26,7 @@ REQUEST_PAIRS: list[tuple[type[BaseModel], Descriptor]] = [
     (api_models.GroupIn, pb.Group.DESCRIPTOR),
     (api_models.ChatMessage, pb.ChatMessage.DESCRIPTOR),
     (api_models.EstimateIn, pb.EstimateRequest.DESCRIPTOR),
+    (api_models.HistaStatesFormatIn, pb.HistaStatesFormat.DESCRIPTOR),
 ]
 PARAM_PAIRS: list[tuple[type[BaseModel], Descriptor]] = [
     (EstimatorConfig, pb.EstimatorParams.DESCRIPTOR),

@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
-from statevalue.backends.torch_backend import TorchBackend, plan_batches, resolve_dtype
+from statevalue.backends.torch_backend import (
+    TorchBackend,
+    directory_stamp,
+    plan_batches,
+    resolve_dtype,
+)
 
 
-def test_identity_names_the_embedded_model(backend: TorchBackend) -> None:
+def test_identity_names_the_embedded_model(
+    backend: TorchBackend, embedded_checkpoint: Path
+) -> None:
+    # The exported checkpoint's directory carries the model's name; its version is the
+    # directory's stamp (the GGUF file's q4_1 version: tests/test_cli.py).
     assert backend.identity.name == "SmolLM2-135M-Instruct"
-    assert backend.identity.version.startswith("q4_1-")
+    assert backend.identity.version == directory_stamp(embedded_checkpoint)
     assert backend.vocab_size == 49152
     assert backend.max_length == 8192
 

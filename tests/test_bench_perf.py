@@ -33,8 +33,8 @@ def ratio(lines: list[str], row: str) -> float:
 
 
 @pytest.mark.slow
-def test_perf_smoke_prints_every_row() -> None:
-    lines = run_module("bench.perf", "--smoke")
+def test_perf_smoke_prints_every_row(embedded_checkpoint: Path) -> None:
+    lines = run_module("bench.perf", "--smoke", "--model", str(embedded_checkpoint))
     assert lines[0].startswith("# statevalue perf") and "cores" in lines[0]
     assert "SmolLM2-135M-Instruct" in lines[1] and "device cpu" in lines[1]
     assert ratio(lines, "bare forward") == 1.0
@@ -54,10 +54,10 @@ def test_perf_runs_a_random_init_model() -> None:
 
 
 @pytest.mark.slow
-def test_device_parity_on_cpu_is_exact_to_float32() -> None:
+def test_device_parity_on_cpu_is_exact_to_float32(embedded_checkpoint: Path) -> None:
     lines = run_module(
         "bench.device_parity", "--device", "cpu", "--dtypes", "float32",
-        "--responses", "4", "--max-new", "16",
+        "--responses", "4", "--max-new", "16", "--model", str(embedded_checkpoint),
     )  # fmt: skip
     rows = [line.split() for line in lines if line.startswith("cpu ")]
     assert [row[2] for row in rows] == ["padded", "packed", "prompt_once"]

@@ -12,9 +12,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_step_smoke_prints_every_row() -> None:
+def test_step_smoke_prints_every_row(embedded_checkpoint: Path) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "bench.step", "--smoke", "--threads", "1"],
+        [
+            sys.executable,
+            "-m",
+            "bench.step",
+            "--smoke",
+            "--threads",
+            "1",
+            "--model",
+            str(embedded_checkpoint),
+        ],  # fmt: skip
         cwd=ROOT,
         capture_output=True,
         text=True,

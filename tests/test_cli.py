@@ -7,9 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from statevalue.cli import build_parser, parse_params
+from statevalue.backends.torch_backend import TorchBackend
+from statevalue.cli import build_parser, main, parse_params
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "groups.jsonl"
@@ -26,15 +28,30 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.slow
-def test_estimate_round_trips_example_file(tmp_path: Path) -> None:
+def test_estimate_round_trips_example_file(tmp_path: Path, backend: TorchBackend) -> None:
+    # The suite's one load of the GGUF file itself (the default model): every other test
+    # loads its exported checkpoint, which must answer the same.
     output = tmp_path / "values.jsonl"
     done = _run("estimate", "--input", str(EXAMPLE), "--output", str(output), "--quiet")
     assert done.returncode == 0, done.stderr
     inputs = [json.loads(line) for line in EXAMPLE.read_text().splitlines()]
     outputs = [json.loads(line) for line in output.read_text().splitlines()]
+    exported = tmp_path / "exported.jsonl"
+    assert (
+        main(["estimate", "--input", str(EXAMPLE), "--output", str(exported)], backend=backend) == 0
+    )
+    from_checkpoint = [json.loads(line) for line in exported.read_text().splitlines()]
     assert [o["group_id"] for o in outputs] == [i["group_id"] for i in inputs]
-    for group_in, group_out in zip(inputs, outputs, strict=True):
+    for group_in, group_out, group_exported in zip(inputs, outputs, from_checkpoint, strict=True):
         assert group_out["model"]["name"] == "SmolLM2-135M-Instruct"
+        assert group_out["model"]["version"].startswith("q4_1-")
+        for rollout_out, rollout_exported in zip(
+            group_out["rollouts"], group_exported["rollouts"], strict=True
+        ):
+            for method, values in rollout_out["values"].items():
+                np.testing.assert_allclose(
+                    values, rollout_exported["values"][method], rtol=1e-5, atol=1e-6
+                )
         assert len(group_out["rollouts"]) == len(group_in["rollouts"])
         for rollout_in, rollout_out in zip(
             group_in["rollouts"], group_out["rollouts"], strict=True

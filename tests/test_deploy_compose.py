@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import tomllib
 import yaml
 
 from statevalue.metrics import Metrics
@@ -54,6 +55,9 @@ def test_services_and_their_wiring(compose: dict[str, Any]) -> None:
     assert re.search(r"^FROM \S+ AS cpu$", dockerfile, re.MULTILINE)
     declared = set(re.findall(r"^ARG (\w+)", dockerfile, re.MULTILINE))
     assert set(build["args"]) <= declared
+    # The image `make image` builds and smoke-tests (deploy/image/build.sh's tag).
+    version = tomllib.loads((DEPLOY.parent / "pyproject.toml").read_text())["project"]["version"]
+    assert server["image"] == f"statevalue:{version}-cpu"
     assert {"50051:50051", "8000:8000"} <= set(server["ports"])
     fields = {f"STATEVALUE_{name.upper()}" for name in ServerSettings.model_fields}
     assert set(server["environment"]) - {"STATEVALUE_NUMCA_STORE"} <= fields

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import tomllib
 import yaml
 
 helm = pytest.importorskip("helm_python")
@@ -16,7 +17,8 @@ from statevalue.http_server import create_app  # noqa: E402
 from statevalue.metrics import Metrics  # noqa: E402
 from statevalue.settings import ServerSettings  # noqa: E402
 
-CHART = Path(__file__).resolve().parents[1] / "deploy" / "helm" / "statevalue"
+ROOT = Path(__file__).resolve().parents[1]
+CHART = ROOT / "deploy" / "helm" / "statevalue"
 KUBERNETES = "1.37.0"
 
 
@@ -93,6 +95,14 @@ def test_default_release_runs_gpu_replicas_on_a_mounted_model() -> None:
     assert "replicas" not in kinds["Deployment"][0]["spec"]
     (service,) = kinds["Service"]
     assert service["spec"]["clusterIP"] == "None"
+
+
+def test_default_image_is_the_one_make_image_cuda_builds() -> None:
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    # deploy/image/build.sh tags statevalue:<version>-<target> (make image, make image-cuda).
+    assert "image=statevalue:$version-$target" in (ROOT / "deploy/image/build.sh").read_text()
+    assert server_container(render())["image"] == f"statevalue:{version}-cuda"
+    assert server_container(render(CPU))["image"] == f"statevalue:{version}-cpu"
 
 
 def test_probes_hit_endpoints_that_exist_and_can_fail() -> None:

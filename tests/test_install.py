@@ -141,7 +141,12 @@ def test_dockerfile_installs_dependencies_before_the_code() -> None:
                     "constraints-vllm.txt",
                 }, args
         after_code = [chain[i][1] for i in installs if i > min(code)]
-        assert after_code == ["pip install --no-deps . && rm -rf build"], target
+        (package,) = after_code
+        assert package.endswith(
+            "pip install --find-links /wheels/"
+            + target
+            + " ${WHEELS_ONLY:+--no-index} --no-deps . && rm -rf build"
+        ), target
         assert chain[-1] == ("ENTRYPOINT", '["statevalue", "serve"]')
         assert ("USER", "statevalue") in chain
     cuda = dict(target_chain("cuda"))
@@ -160,8 +165,27 @@ def test_dockerignore_sends_only_the_build_inputs() -> None:
         assert not dockerignored(path)
     for path in (".venv/bin/python", ".git/HEAD", "tests/conftest.py", "bench/README.md",
                  "deploy/compose.yaml", "service/statevalue/__pycache__/x.pyc",
-                 "service/statevalue.egg-info/PKG-INFO", "values.jsonl"):  # fmt: skip
+                 "service/statevalue.egg-info/PKG-INFO", "values.jsonl",
+                 "deploy/image/cache/debian-bookworm.tar", "deploy/image/build.sh"):  # fmt: skip
         assert dockerignored(path), path
+    # The wheels that deploy/image/build.sh downloads are part of the context (bind-mounted).
+    assert not dockerignored("deploy/image/wheels/cpu/torch-2.13.0+cpu-cp311-cp311.whl")
+
+
+def test_cpu_target_takes_wheels_from_the_context_and_refuses_a_cuda_torch() -> None:
+    for target in ("cpu", "cuda"):
+        installs = [a for op, a in target_chain(target) if op == "RUN" and "pip install" in a]
+        for args in installs:
+            # Each install may read the build's wheel directory, and only it with WHEELS_ONLY.
+            assert args.startswith(
+                "--mount=type=bind,source=deploy/image/wheels,target=/wheels "
+            ), args
+            assert f"--find-links /wheels/{target} ${{WHEELS_ONLY:+--no-index}}" in args, args
+        assert (ROOT / "deploy/image/wheels").is_dir()
+    cpu = [a for op, a in target_chain("cpu") if op == "RUN"]
+    # After every dependency is in (any of them could bring a CUDA torch), before the code.
+    dependencies = max(i for i, a in enumerate(cpu) if "--requirement requirements.txt" in a)
+    assert "torch.version.cuda" in cpu[dependencies + 1] and "sys.exit(" in cpu[dependencies + 1]
 
 
 def build_context(tmp_path: Path) -> Path:
@@ -228,7 +252,9 @@ def test_dockerfile_cpu_install_resolves_without_test_or_trainer_packages(tmp_pa
     # The Dockerfile's own step that reads the serving dependencies out of pyproject.toml.
     subprocess.run(["bash", "-c", requirements_step], cwd=context, check=True, timeout=60)
     installs = [
-        a for op, a in dockerfile_stages()["deps-cpu"] if op == "RUN" and "--no-deps" not in a
+        a
+        for op, a in dockerfile_stages()["deps-cpu"]
+        if op == "RUN" and "pip install" in a and "--no-deps" not in a
     ]
     assert [a.split()[-1] for a in installs] == ["torch==2.13.0", "requirements.txt"]
     report = tmp_path / "report.json"

@@ -7,17 +7,27 @@ from __future__ import annotations
 import importlib.util
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 
 @pytest.mark.slow
-def test_the_short_load_run_has_no_server_errors() -> None:
+def test_the_short_load_run_has_no_server_errors(embedded_checkpoint: Path) -> None:
     # Not imported here: locust patches the process for gevent (scenarios.py runs it apart).
     if importlib.util.find_spec("locust") is None:
         pytest.skip("locust is not installed (the dev extra has it)")
     done = subprocess.run(
-        [sys.executable, "-m", "bench.load.scenarios", "--short", "--only", "capacity,levels"],
+        [
+            sys.executable,
+            "-m",
+            "bench.load.scenarios",
+            "--short",
+            "--only",
+            "capacity,levels",
+            "--model",
+            str(embedded_checkpoint),
+        ],  # fmt: skip
         capture_output=True,
         text=True,
         timeout=1200,

@@ -1,7 +1,9 @@
-"""Two ``statevalue serve`` processes share Numca's tables in a real Redis; one is killed
-with SIGKILL in the middle of a step. The step completes with the values one process
-computes (retried requests count nothing twice), and the restarted replica finds its
-tables intact. A memory store's snapshot survives a clean restart too (in process).
+"""Two replicas share Numca's tables in a real Redis; one, a ``statevalue serve`` process,
+is killed with SIGKILL in the middle of a step. The step completes with the values one
+process computes (retried requests count nothing twice), and the replica restarted on its
+ports finds its tables intact. The other replica and the restarted one run in this
+process: only the killed one needs a process of its own. A memory store's snapshot
+survives a clean restart too (in process).
 """
 
 from __future__ import annotations
@@ -34,9 +36,11 @@ from tests.servers import (
 GROUPS, G, PROMPT = 16, 4, 12
 METHODS = ("numca", "group_mean", "hista")
 PARAMS = {"hista": {"node_spacing": 5, "stride": 2}}
-LIMITS = ("--max-request-tokens", "300", "--max-groups-per-request", "2")
 # A busy 2-core machine measures a low warm-up throughput; admission by time is not tested.
-ADMISSION = ("--max-queue-wait-s", "1e9")
+SETTINGS = {"max_request_tokens": 300, "max_groups_per_request": 2, "max_queue_wait_s": 1e9}
+FLAGS = [
+    item for name, value in SETTINGS.items() for item in (f"--{name.replace('_', '-')}", str(value))
+]
 
 
 def step(seed: int) -> list[Group]:
@@ -95,27 +99,31 @@ def wait_ready(serve: Serve) -> None:
 
 @pytest.mark.slow
 def test_a_replica_killed_mid_step(
-    start_serve: Callable[..., Serve], redis_server: RedisServer, engine: Engine
+    start_serve: Callable[..., Serve],
+    redis_server: RedisServer,
+    backend: TorchBackend,
+    engine: Engine,
 ) -> None:
-    flags = ("--numca-store", redis_server.url, *LIMITS, *ADMISSION)
-    replicas = [start_serve(*flags), start_serve(*flags)]
-    for replica in replicas:
-        wait_ready(replica)
-    victim = replicas[0]
-    target = "ipv4:" + ",".join(f"127.0.0.1:{r[1]}" for r in replicas)
+    settings = {"numca_store": redis_server.url, **SETTINGS}
+    victim = start_serve("--numca-store", redis_server.url, *FLAGS)
     groups = step(0)
     first_answer = Event()
 
     def progress(update: StepProgress) -> None:
         first_answer.set()
 
-    with ValueClient(target, max_in_flight=2, retries=6, timeout=300) as client:
-        with ThreadPoolExecutor(1) as threads:
-            running = threads.submit(client.estimate, groups, METHODS, progress=progress, **PARAMS)
-            assert first_answer.wait(timeout=300)
-            still_running = not running.done()
-            victim[0].send_signal(signal.SIGKILL)
-            result = running.result(timeout=600)
+    with running_server(backend, **settings) as survivor:
+        wait_ready(victim)
+        target = f"ipv4:127.0.0.1:{victim[1]},{survivor.grpc_target}"
+        with ValueClient(target, max_in_flight=2, retries=6, timeout=300) as client:
+            with ThreadPoolExecutor(1) as threads:
+                running = threads.submit(
+                    client.estimate, groups, METHODS, progress=progress, **PARAMS
+                )
+                assert first_answer.wait(timeout=300)
+                still_running = not running.done()
+                victim[0].send_signal(signal.SIGKILL)
+                result = running.result(timeout=600)
     assert still_running, "the step ended before the kill; it proves nothing"
     assert victim[0].wait(timeout=30) == -signal.SIGKILL
     expected = one_process(engine, groups)
@@ -123,12 +131,11 @@ def test_a_replica_killed_mid_step(
 
     # The replica comes back on its ports and finds every table in Redis: resending the
     # step (all of it already counted) answers the same values and counts nothing.
-    restarted = start_serve(*flags, ports=(victim[1], victim[2]))
-    wait_ready(restarted)
-    with ValueClient(f"127.0.0.1:{restarted[1]}", timeout=300) as client:
-        again = client.estimate(groups, METHODS, **PARAMS)
+    with running_server(backend, grpc_port=victim[1], http_port=victim[2], **settings) as back:
+        with ValueClient(f"127.0.0.1:{victim[1]}", timeout=300) as client:
+            again = client.estimate(groups, METHODS, **PARAMS)
+        page = back.metrics()
     assert_values(again, expected)
-    page = httpx.get(f"http://127.0.0.1:{restarted[2]}/metrics", timeout=10).text
     assert metric_value(page, "statevalue_numca_groups_total", '{outcome="repeated"}') == GROUPS
     assert metric_value(page, "statevalue_numca_groups_total", '{outcome="counted"}') == 0
     assert metric_value(page, "statevalue_numca_tables") == GROUPS // 2

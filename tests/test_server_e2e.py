@@ -44,10 +44,10 @@ README_EXAMPLE: dict[str, Any] = {
         {
             "group_id": "g1",
             "prompt_id": "optional-stable-id",
-            "prompt_ids": [1, 2, 3],
+            "prompt_ids": [1780, 314, 216, 34, 1232, 216, 35, 47],
             "rollouts": [
-                {"response_ids": [4, 5, 6], "reward": 1.0},
-                {"response_ids": [7, 8], "reward": 0.0},
+                {"response_ids": [657, 314, 216, 37, 30], "reward": 1.0},
+                {"response_ids": [216, 38, 30], "reward": 0.0},
             ],
         }
     ],
@@ -187,8 +187,8 @@ def test_readme_json_example(server: ServerThread, engine: Engine) -> None:
     assert answer["model"]["version"] == engine.model.version
     (group,) = answer["groups"]
     assert group["group_id"] == "g1"
-    assert [len(r["values"]["numca"]) for r in group["rollouts"]] == [3, 2]
-    for rollout, length, reward in zip(group["rollouts"], (3, 2), (1.0, 0.0), strict=True):
+    assert [len(r["values"]["numca"]) for r in group["rollouts"]] == [5, 3]
+    for rollout, length, reward in zip(group["rollouts"], (5, 3), (1.0, 0.0), strict=True):
         assert sorted(rollout["values"]) == sorted(ALL)
         for method in ALL:
             assert len(rollout["values"][method]) == length

@@ -171,16 +171,19 @@ def test_debug_page_in_chromium(backend: TorchBackend, chromium: Any, tmp_path: 
         assert backend.identity.name in model and backend.identity.version in model
 
         # The README's example, pasted.
-        find("#request").send_keys(json.dumps(readme_example(), indent=1))
+        example = readme_example()
+        find("#request").send_keys(json.dumps(example, indent=1))
         spans = estimate()
-        assert len(spans) == 5  # 3 + 2 response tokens
+        # One span per response token.
+        assert len(spans) == sum(len(r["response_ids"]) for r in example["groups"][0]["rollouts"])
         assert "answered by" in find(".answered").text
         assert len(driver.find_elements(By.CSS_SELECTOR, "svg.plot")) == 2
         choose("colour", "advantage")
         colours = [t.value_of_css_property("background-color") for t in tokens()]
         assert all(c.startswith("rgb") and c != "rgba(0, 0, 0, 0)" for c in colours)
-        # Rewards 1 and 0: positive advantages on one side of the scale, negative on the other.
-        assert colours[0] != colours[3]
+        # Rewards 1 and 0: positive advantages on one side of the scale, negative on the other
+        # (the first token is the first rollout's, the last the second's).
+        assert colours[0] != colours[-1]
         choose("method", "hista")
         first = tokens()[0]
         assert float(first.get_attribute("data-value")) == pytest.approx(0.5)

@@ -41,8 +41,10 @@ FIXED_SPACING = {"node_spacing": 50}
 
 
 @pytest.fixture(scope="module")
-def vllm_backend() -> Iterator[VllmBackend]:
-    backend = VllmBackend("embedded", device="cpu")
+def vllm_backend(embedded_checkpoint: Path) -> Iterator[VllmBackend]:
+    # The torch backend's checkpoint, so both report one model version ("embedded" itself
+    # is served end to end below).
+    backend = VllmBackend(str(embedded_checkpoint), device="cpu")
     yield backend
     backend.close()
 

@@ -35,7 +35,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import grpc
@@ -66,15 +66,16 @@ class Durations:
     sigterm_load_s: int
     kill_s: int
     levels: tuple[float, ...] = (0.5, 1.0, 2.0)
+    model: str = "embedded"  # what the servers load: 'embedded' or a model directory
 
 
 FULL = Durations(capacity_s=90, level_s=180, soak_s=600, sigterm_load_s=40, kill_s=90)
 SHORT = Durations(capacity_s=12, level_s=12, soak_s=0, sigterm_load_s=8, kill_s=15, levels=(2.0,))
 
 
-def start_server(*flags: str) -> ServerProcess:
-    """`statevalue serve` on the embedded model on CPU, ready."""
-    return ServerProcess("embedded", "cpu", "auto", 8192, *flags)
+def start_server(model: str, *flags: str) -> ServerProcess:
+    """`statevalue serve` on ``model`` on CPU, ready."""
+    return ServerProcess(model, "cpu", "auto", 8192, *flags)
 
 
 def url(server: ServerProcess) -> str:
@@ -203,7 +204,7 @@ def levels(server: ServerProcess, d: Durations, capacity_rps: float, report: lis
 
 
 def soak(d: Durations, capacity_rps: float, report: list[str]) -> int:
-    server = start_server()
+    server = start_server(d.model)
     try:
         locust(server, 4, 20, rate_per_user=0.7 * capacity_rps / 4)  # warm
         before = rss_mib(server)
@@ -248,7 +249,7 @@ def run_threads(workers: Sequence[Callable[[], None]], timeout: float) -> bool:
 
 def sigterm(d: Durations, capacity_rps: float, report: list[str]) -> int:
     grace = 30.0
-    server = start_server("--shutdown-grace-s", str(grace))
+    server = start_server(d.model, "--shutdown-grace-s", str(grace))
     outcomes, done = Outcomes(), threading.Event()
     users = 8
     period = users / (1.5 * capacity_rps)
@@ -328,7 +329,7 @@ def sigterm(d: Durations, capacity_rps: float, report: list[str]) -> int:
 
 def kill(d: Durations, report: list[str]) -> int:
     with ThreadPoolExecutor(2) as starting:
-        replicas = list(starting.map(lambda _: start_server(), range(2)))
+        replicas = list(starting.map(lambda _: start_server(d.model), range(2)))
     address = "ipv4:" + ",".join(target(r) for r in replicas)
     outcomes, done = Outcomes(), threading.Event()
     served = Counter[str]()
@@ -389,17 +390,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--levels", default=None, help="comma-separated shares of capacity (default 0.5,1,2)"
     )
+    parser.add_argument(
+        "--model", default="embedded", help="'embedded' (default) or a model directory"
+    )
     args = parser.parse_args(argv)
     chosen = args.only.split(",")
     unknown = set(chosen) - set(SCENARIOS)
     if unknown:
         parser.error(f"unknown scenario(s): {', '.join(sorted(unknown))}")
-    d = SHORT if args.short else FULL
+    d = replace(SHORT if args.short else FULL, model=args.model)
     if args.levels:
-        d.levels = tuple(float(share) for share in args.levels.split(","))
+        d = replace(d, levels=tuple(float(share) for share in args.levels.split(",")))
     report = [
         f"# statevalue load scenarios, {datetime.date.today()}, {platform.machine()}, "
-        f"{os.cpu_count()} cores, embedded model on CPU",
+        f"{os.cpu_count()} cores, model {d.model} on CPU",
         f"# command: python -m bench.load.scenarios {shlex.join(argv or sys.argv[1:])}",
         "",
     ]
@@ -407,7 +411,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rate = args.capacity
     needs_rate = not rate and {"levels", "soak", "sigterm"} & set(chosen)
     if "capacity" in chosen or needs_rate or "levels" in chosen:
-        server = start_server()
+        server = start_server(d.model)
         try:
             if "capacity" in chosen or needs_rate:
                 rate = capacity(server, d, report)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import Base64Bytes, BaseModel, ConfigDict, Field, StrictInt
 
 from statevalue.config import METHODS, EstimatorConfig
 from statevalue.estimators.advantages import RewardStatistics
@@ -20,7 +20,9 @@ from statevalue.schema import (
     GroupInput,
     RolloutExplanation,
     RolloutInput,
+    states_format,
 )
+from statevalue_client.states import StatesFormat
 
 # Token ids travel as int32 on the gRPC wire; the same range keeps huge JSON integers a
 # schema error instead of an overflow when they become arrays. Strict: "5" is not an id.
@@ -43,6 +45,12 @@ class RolloutIn(_Wire):
     token_rewards: list[float] | None = Field(
         None, description="Optional per-token rewards (e.g. KL folded in), one per response token."
     )
+    hista_states: Base64Bytes | None = Field(
+        None,
+        description="With the request's hista_states: this rollout's Hista representation "
+        "after the prompt part, packed as the format says, base64.",
+    )
+    num_hista_states: int = Field(0, ge=0, description="Vectors in hista_states.")
 
     @classmethod
     def from_input(cls, rollout: RolloutInput) -> RolloutIn:
@@ -53,6 +61,8 @@ class RolloutIn(_Wire):
             token_rewards=None
             if rollout.token_rewards is None
             else np.asarray(rollout.token_rewards, dtype=np.float64).tolist(),
+            hista_states=rollout.hista_states or None,
+            num_hista_states=rollout.num_hista_states,
         )
 
 
@@ -70,6 +80,12 @@ class GroupIn(_Wire):
     prompt_text: str | None = None
     messages: list[ChatMessage] | None = None
     rollouts: list[RolloutIn]
+    prompt_hista_states: Base64Bytes | None = Field(
+        None,
+        description="With the request's hista_states: the representation vectors inside the "
+        "prompt, the same for every rollout, base64.",
+    )
+    prompt_num_hista_states: int = Field(0, ge=0, description="Vectors in prompt_hista_states.")
 
     def to_input(self) -> GroupInput:
         return GroupInput(
@@ -81,6 +97,8 @@ class GroupIn(_Wire):
                     response_text=r.response_text,
                     reward=r.reward,
                     token_rewards=None if r.token_rewards is None else np.asarray(r.token_rewards),
+                    hista_states=r.hista_states,
+                    num_hista_states=r.num_hista_states,
                 )
                 for r in self.rollouts
             ],
@@ -92,6 +110,8 @@ class GroupIn(_Wire):
             else np.asarray(self.prompt_ids, dtype=np.int64),
             prompt_text=self.prompt_text,
             messages=None if self.messages is None else [m.model_dump() for m in self.messages],
+            prompt_hista_states=self.prompt_hista_states,
+            prompt_num_hista_states=self.prompt_num_hista_states,
         )
 
     @classmethod
@@ -107,6 +127,8 @@ class GroupIn(_Wire):
             if group.messages is None
             else [ChatMessage.model_validate(m) for m in group.messages],
             rollouts=[RolloutIn.from_input(r) for r in group.rollouts],
+            prompt_hista_states=group.prompt_hista_states or None,
+            prompt_num_hista_states=group.prompt_num_hista_states,
         )
 
 
@@ -147,6 +169,23 @@ class StepRewardsIn(_Wire):
         )
 
 
+class HistaStatesFormatIn(_Wire):
+    """How the trainer made and packed the Hista representations (statevalue_client.states)."""
+
+    dimension: int = Field(ge=1, description="Length of each vector.")
+    ema_alpha: float = 0.7
+    ema_start: str = "first"
+    stride: int = Field(5, ge=1)
+    downsample: str = "inclusive"
+    layer: int = Field(-1, description="Hidden-state layer; -1 = the last.")
+    dtype: str = Field("float32", description='"float32", "float16" or "bfloat16".')
+    projection: str = Field("", description='"" (none) or "gaussian" (seeded).')
+    projection_seed: int = Field(0, ge=0)
+
+    def to_format(self) -> StatesFormat:
+        return states_format(self.model_dump())
+
+
 class EstimateIn(_Wire):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [ESTIMATE_EXAMPLE]})
 
@@ -170,6 +209,11 @@ class EstimateIn(_Wire):
         'advantage scale "batch" the advantages are divided by their std instead of this '
         "request's own, so a split step gets the advantages of one request.",
     )
+    hista_states: HistaStatesFormatIn | None = Field(
+        None,
+        description="Set when every group carries the trainer's Hista representations: "
+        "Hista runs on them, with no forward pass.",
+    )
 
     def to_request(self) -> EstimateRequest:
         return EstimateRequest(
@@ -180,6 +224,7 @@ class EstimateIn(_Wire):
             step_id=self.step_id,
             explain=self.explain,
             step_rewards=None if self.step_rewards is None else self.step_rewards.to_statistics(),
+            hista_states=None if self.hista_states is None else self.hista_states.to_format(),
         )
 
     @classmethod
@@ -195,6 +240,9 @@ class EstimateIn(_Wire):
             step_rewards=None
             if request.step_rewards is None
             else StepRewardsIn.from_statistics(request.step_rewards),
+            hista_states=None
+            if request.hista_states is None
+            else HistaStatesFormatIn(**request.hista_states.as_dict()),
         )
 
 
@@ -225,7 +273,10 @@ class ModelInfoOut(_Wire):
         description="The estimator parameters the server's params file sets (serve --params), "
         "which fill what a request leaves unset; every other field is the built-in default."
     )
-    backend: str = Field(description='The model backend: "torch" or "vllm".')
+    backend: str = Field(
+        description='The model backend: "torch", "vllm" or "none" (Hista only from '
+        "representations the trainer sends)."
+    )
     forward_path: str = Field(description="How sequences go through the model.")
     tokens_per_second: float = Field(
         description="Measured forward throughput in prompt+response tokens per second "

@@ -219,8 +219,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
 
 def _load_backend(args: argparse.Namespace) -> ModelBackend:
     """The model of --model/--device/--dtype/--layer, or the one :func:`main` was given."""
-    if args.backend is not None:
-        return args.backend
+    if args.loaded_backend is not None:
+        return args.loaded_backend
     from statevalue.backends.torch_backend import TorchBackend
 
     started = time.perf_counter()
@@ -467,7 +467,8 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
 def main(argv: Sequence[str] | None = None, *, backend: ModelBackend | None = None) -> int:
     """Run the command line ``argv``; ``backend`` reuses a loaded model instead of --model."""
     args = build_parser().parse_args(argv)
-    args.backend = backend
+    # Not args.backend: that is serve's --backend flag.
+    args.loaded_backend = backend
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s %(message)s",

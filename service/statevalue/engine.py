@@ -35,7 +35,12 @@ from statevalue.estimators.advantages import (
 )
 from statevalue.estimators.base import ValueEstimate
 from statevalue.estimators.group_mean import group_mean_values
-from statevalue.estimators.hista import HistaNode, hista_values, hista_values_explained
+from statevalue.estimators.hista import (
+    HistaNode,
+    hista_values,
+    hista_values_explained,
+    hista_values_from_states,
+)
 from statevalue.estimators.numca import (
     NumcaPath,
     NumcaTable,
@@ -63,6 +68,8 @@ from statevalue.schema import (
     RolloutResult,
 )
 from statevalue.tokenization import TokenText
+from statevalue_client.arrays import unpack_vectors
+from statevalue_client.states import HISTA_FIELDS, StatesFormat, representation_counts
 
 # Rewards beyond this make the reward std, GAE sums or float32 answers overflow; no real
 # reward comes near it.
@@ -84,6 +91,8 @@ class PreparedGroup:
     # it came from, to name in an error.
     numca_key: str = ""
     numca_key_field: str = "group_id"
+    # Each rollout's Hista representation as the trainer sent it, prompt part included.
+    hista_states: list[np.ndarray] | None = None
 
     def content_digest(self) -> str:
         """A hash of the tokens and rewards: a resent group has the same one."""
@@ -107,7 +116,8 @@ class PreparedRequest:
 
     @property
     def needs_hidden_states(self) -> bool:
-        return "hista" in self.methods
+        """Hista is asked for and its representations were not sent."""
+        return "hista" in self.methods and any(g.hista_states is None for g in self.groups)
 
     def sequences(self) -> list[np.ndarray]:
         """Prompt+response ids of every rollout, in group order, for the forward pass."""
@@ -142,7 +152,8 @@ class Engine:
     """Per-token values and advantages for groups of rollouts on one policy model.
 
     ``defaults`` (a params file's settings) fill the estimator parameters a request leaves
-    unset (:func:`statevalue.config.with_defaults`).
+    unset (:func:`statevalue.config.with_defaults`). ``layer`` is the hidden-state layer
+    the backend serves, which representations sent by a trainer must have been made from.
     """
 
     def __init__(
@@ -153,8 +164,10 @@ class Engine:
         max_groups: int = 1024,
         max_tokens: int = 65_536,
         defaults: EstimatorConfig | None = None,
+        layer: int = -1,
     ) -> None:
         self.backend = backend
+        self.layer = layer
         self.defaults = defaults or EstimatorConfig()
         self.numca_store: NumcaStore = numca_store or InMemoryNumcaStore()
         self.max_groups = max_groups
@@ -198,6 +211,8 @@ class Engine:
                 "params", f"with the server's default params: {validation_message(exc)}"
             ) from exc
         groups = [self._prepare_group(g, f"groups[{i}]") for i, g in enumerate(request.groups)]
+        if "hista" in methods:
+            self._attach_states(request, groups, config)
         prepared = PreparedRequest(
             groups=groups,
             methods=methods,
@@ -286,6 +301,46 @@ class Engine:
             numca_key_field="idempotency_key" if group.idempotency_key else "group_id",
         )
 
+    def _attach_states(
+        self, request: EstimateRequest, groups: list[PreparedGroup], config: EstimatorConfig
+    ) -> None:
+        """Decode and check the trainer's Hista representations (docs/design.md, "Hista
+        states from the trainer") into ``groups``; refuse a Hista request without them on
+        a server with no model."""
+        states = request.hista_states
+        if states is None:
+            if self.backend.kind == "none":
+                raise InvalidRequest(
+                    "hista_states",
+                    "this server runs no model (backend none): a hista request must carry "
+                    "the trainer's representations (statevalue_client.states), or ask for "
+                    "numca and group_mean only",
+                )
+            return
+        for name in HISTA_FIELDS:
+            sent, setting = getattr(states, name), getattr(config.hista, name)
+            if sent != setting:
+                raise InvalidRequest(
+                    f"hista_states.{name}",
+                    f"the representations were made with {name} {sent!r}, but the request's "
+                    f"Hista setting is {setting!r}; they must be equal",
+                )
+        if states.layer != self.layer:
+            raise InvalidRequest(
+                "hista_states.layer",
+                f"the representations come from layer {states.layer}, this server's Hista "
+                f"layer is {self.layer}",
+            )
+        hidden_size = int(getattr(self.backend, "hidden_size", 0))
+        if not states.projection and hidden_size and states.dimension != hidden_size:
+            raise InvalidRequest(
+                "hista_states.dimension",
+                f"unprojected representations have the model's hidden size {hidden_size}, "
+                f"not {states.dimension}",
+            )
+        for g, (given, group) in enumerate(zip(request.groups, groups, strict=True)):
+            group.hista_states = _group_states(given, group, states, f"groups[{g}]")
+
     def _prompt_ids(self, group: GroupInput, where: str) -> tuple[np.ndarray, bool]:
         given = [
             name
@@ -352,6 +407,18 @@ class Engine:
                     estimates[method] = group_mean_values(lengths, group.rewards, group.rewarded)
                 elif method == "numca":
                     estimates[method] = numca[g]
+                elif group.hista_states is not None:
+                    estimates[method], nodes = hista_values_from_states(
+                        [torch.from_numpy(s) for s in group.hista_states],
+                        len(group.prompt_ids),
+                        lengths,
+                        group.rewards,
+                        group.rewarded,
+                        config.hista,
+                        explain=prepared.explain,
+                    )
+                    if nodes is not None:
+                        hista_nodes.append(nodes)
                 else:
                     assert hidden is not None
                     inputs = (
@@ -550,6 +617,47 @@ class Engine:
             flat += len(group.responses)
             results.append(GroupResult(group_id=group.group_id, rollouts=rollouts))
         return results
+
+
+def _group_states(
+    given: GroupInput, group: PreparedGroup, states: StatesFormat, where: str
+) -> list[np.ndarray]:
+    """Each rollout's representation (prompt part + its own) from the packed bytes, with
+    the counts its token lengths call for."""
+
+    def decode(data: bytes | None, count: int, expected: int, field: str) -> np.ndarray:
+        if count != expected:
+            raise InvalidRequest(
+                field,
+                f"{count} representation vectors, but its tokens call for {expected} "
+                f"(stride {states.stride}, downsample {states.downsample!r})",
+            )
+        try:
+            return unpack_vectors(data or b"", states.dtype, count, states.dimension, field)
+        except ValueError as exc:
+            raise InvalidRequest(field, str(exc).split(": ", 1)[1]) from exc
+
+    prompt_len = len(group.prompt_ids)
+    counts = [
+        representation_counts(prompt_len, len(r), states.stride, states.downsample)
+        for r in group.responses
+    ]
+    prompt = decode(
+        given.prompt_hista_states,
+        given.prompt_num_hista_states,
+        counts[0][0],
+        f"{where}.prompt_hista_states",
+    )
+    out = []
+    for j, (rollout, (_, own)) in enumerate(zip(given.rollouts, counts, strict=True)):
+        vectors = decode(
+            rollout.hista_states,
+            rollout.num_hista_states,
+            own,
+            f"{where}.rollouts[{j}].hista_states",
+        )
+        out.append(np.concatenate([prompt, vectors]))
+    return out
 
 
 def _sorted_numbers(state: frozenset[str]) -> list[str]:

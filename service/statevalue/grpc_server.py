@@ -28,6 +28,7 @@ from statevalue.schema import (
     InvalidRequest,
     RolloutExplanation,
     RolloutInput,
+    states_format,
 )
 from statevalue.weight_receiver import UpdateOrder
 from statevalue_client.arrays import FLOAT32, INT32, pack_float32, pack_int32, unpack
@@ -98,6 +99,8 @@ def request_from_proto(message: pb.EstimateRequest) -> EstimateRequest:
                     response_text=text,
                     reward=rollout.reward if rollout.HasField("reward") else None,
                     token_rewards=token_rewards,
+                    hista_states=rollout.hista_states,
+                    num_hista_states=rollout.num_hista_states,
                 )
             )
         has_text = group.HasField("prompt_text")
@@ -115,6 +118,8 @@ def request_from_proto(message: pb.EstimateRequest) -> EstimateRequest:
                 prompt_ids=prompt_ids,
                 prompt_text=group.prompt_text if has_text else None,
                 messages=[{"role": m.role, "content": m.content} for m in group.messages] or None,
+                prompt_hista_states=group.prompt_hista_states,
+                prompt_num_hista_states=group.prompt_num_hista_states,
             )
         )
     return EstimateRequest(
@@ -125,6 +130,14 @@ def request_from_proto(message: pb.EstimateRequest) -> EstimateRequest:
         step_id=message.step_id,
         explain=message.explain,
         step_rewards=_step_rewards(message),
+        hista_states=states_format(
+            {
+                f.name: getattr(message.hista_states, f.name)
+                for f in pb.HistaStatesFormat.DESCRIPTOR.fields
+            }
+        )
+        if message.HasField("hista_states")
+        else None,
     )
 
 

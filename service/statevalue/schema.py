@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -10,6 +12,8 @@ from statevalue.backends.base import ModelIdentity
 from statevalue.config import EstimatorConfig, Method
 from statevalue.estimators.advantages import RewardStatistics
 from statevalue.estimators.hista import HistaNode
+from statevalue_client.arrays import VECTOR_DTYPES
+from statevalue_client.states import PROJECTIONS, StatesFormat
 
 
 @dataclass
@@ -25,6 +29,10 @@ class RolloutInput:
     response_text: str | None = None
     reward: float | None = None
     token_rewards: np.ndarray | None = None
+    # The trainer's Hista representation past the prompt part: packed bytes and count, in
+    # the request's ``hista_states`` format (the engine decodes and checks them).
+    hista_states: bytes | None = None
+    num_hista_states: int = 0
 
 
 @dataclass
@@ -42,6 +50,9 @@ class GroupInput:
     prompt_ids: np.ndarray | None = None
     prompt_text: str | None = None
     messages: list[dict[str, str]] | None = None
+    # The prompt part of the group's Hista representations, sent once (see RolloutInput).
+    prompt_hista_states: bytes | None = None
+    prompt_num_hista_states: int = 0
 
 
 @dataclass
@@ -51,6 +62,7 @@ class EstimateRequest:
     ``step_id`` is shared by the requests a client split one training step into, and
     ``step_rewards`` are that whole step's rewards (batch scaling divides by their std). With
     ``explain`` every rollout's result also carries a :class:`RolloutExplanation`.
+    ``hista_states``: set when every group carries the trainer's Hista representations.
     """
 
     groups: list[GroupInput]
@@ -60,6 +72,7 @@ class EstimateRequest:
     step_id: str = ""
     explain: bool = False
     step_rewards: RewardStatistics | None = None
+    hista_states: StatesFormat | None = None
 
 
 @dataclass
@@ -110,3 +123,19 @@ class InvalidRequest(ValueError):
         super().__init__(f"{field}: {message}")
         self.field = field
         self.message = message
+
+
+def states_format(values: Mapping[str, Any]) -> StatesFormat:
+    """The format of a request's Hista representations; raises InvalidRequest naming the
+    field (``hista_states.<name>``)."""
+    choices = {"dtype": VECTOR_DTYPES, "projection": PROJECTIONS}
+    for name, allowed in choices.items():
+        if name in values and values[name] not in allowed:
+            raise InvalidRequest(
+                f"hista_states.{name}",
+                f"{values[name]!r} is not one of {', '.join(repr(a) for a in allowed)}",
+            )
+    for name in ("dimension", "stride"):
+        if int(values.get(name, 0)) < 1:
+            raise InvalidRequest(f"hista_states.{name}", "must be at least 1")
+    return StatesFormat(**values)

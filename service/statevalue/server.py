@@ -51,6 +51,10 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 def open_backend(settings: ServerSettings) -> ModelBackend:
     """Load the model ``settings`` name on the backend they choose (blocking: minutes)."""
+    if settings.backend == "none":
+        from statevalue.backends.no_model import NoModelBackend
+
+        return NoModelBackend(settings.model)
     if settings.backend == "vllm":
         from statevalue.backends.vllm_backend import VllmBackend
 
@@ -97,6 +101,7 @@ async def open_scheduler(
         max_groups=settings.max_groups_per_request,
         max_tokens=settings.max_request_tokens,
         defaults=None if settings.params_file is None else load_params(settings.params_file),
+        layer=settings.layer,
     )
     if settings.params_file is not None:
         log.info(
@@ -115,7 +120,8 @@ async def open_scheduler(
     )
     metrics.watch_numca_store(engine.numca_store.stats)
     log.info("Numca tables: %s", engine.numca_store.describe())
-    await scheduler.start(warmup=settings.warmup)
+    # Without a model there is no forward pass to warm.
+    await scheduler.start(warmup=settings.warmup and backend.kind != "none")
     metrics.set_model(backend.identity.name, backend.identity.version)
     return scheduler
 

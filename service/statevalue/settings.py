@@ -31,10 +31,11 @@ class ServerSettings(BaseSettings):
         description="JSON of estimator parameters (as written by 'statevalue calibrate "
         "--out'): the defaults of every request, which may still set any field itself",
     )
-    backend: Literal["torch", "vllm"] = Field(
+    backend: Literal["torch", "vllm", "none"] = Field(
         "torch",
-        description="what runs the model: torch (transformers, in this process) or vllm "
-        "(vLLM's pooling runner; needs the vllm extra, last layer only)",
+        description="what runs the model: torch (transformers, in this process), vllm "
+        "(vLLM's pooling runner; needs the vllm extra, last layer only) or none (only the "
+        "model's tokenizer: Hista from representations the trainer sends)",
     )
     forward_path: Literal["auto", "padded", "packed", "prompt_once"] = Field(
         "auto",

@@ -28,6 +28,7 @@ from statevalue_client.chunking import (
 )
 from statevalue_client.proto import statevalue_pb2 as pb
 from statevalue_client.proto import statevalue_pb2_grpc as pb_grpc
+from statevalue_client.states import GroupStates, add_states_to_request
 from statevalue_client.targets import is_multi_address, replica_addresses
 
 if TYPE_CHECKING:
@@ -78,6 +79,8 @@ class Group:
     group_id: str = ""
     prompt_id: str = ""
     idempotency_key: str = ""
+    # Hista's representations from the trainer's own hidden states (statevalue_client.states).
+    hista_states: GroupStates | None = None
 
 
 @dataclass
@@ -269,6 +272,7 @@ def build_request(
     step_id: str = "",
 ) -> pb.EstimateRequest:
     """The protobuf request for ``groups``; ``params`` maps numca/hista/advantage to fields."""
+    groups = list(groups)
     request = pb.EstimateRequest(
         methods=list(methods), min_model_revision=min_model_revision, step_id=step_id
     )
@@ -297,6 +301,7 @@ def build_request(
                 item.reward = float(rollout.reward)
             if rollout.token_rewards is not None:
                 item.token_rewards = pack_float32(rollout.token_rewards)
+    add_states_to_request(request, groups)
     return request
 
 

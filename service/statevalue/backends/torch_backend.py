@@ -14,7 +14,12 @@ import numpy as np
 import torch
 
 from statevalue.backends.base import LoadedModelInfo, LoadedWeights, ModelIdentity
-from statevalue.backends.embedded import EMBEDDED_MODEL, EMBEDDED_NAME, embedded_model_file
+from statevalue.backends.embedded import (
+    EMBEDDED_MODEL,
+    EMBEDDED_NAME,
+    embedded_model_file,
+    file_digest,
+)
 from statevalue.backends.layout import (
     PrefixGroup,
     group_shared_prefixes,
@@ -78,14 +83,6 @@ def _expanded_cache(cache: Any, copies: int, config: Any) -> Any:
         ],
         config=config,
     )
-
-
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()[:12]
 
 
 def directory_stamp(directory: Path) -> str:
@@ -156,7 +153,7 @@ class TorchBackend(LoadedModelInfo):
         self._forward_path = check_forward_path(forward_path)
         self._lock = threading.Lock()
 
-        source, kwargs, name, version = self._locate(model)
+        source, kwargs, name, version = self.locate(model)
         log.info("loading model %s (%s) on %s as %s", name, version, self._device, self._dtype)
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         causal_lm = AutoModelForCausalLM.from_pretrained(source, dtype=self._dtype, **kwargs)
@@ -174,7 +171,7 @@ class TorchBackend(LoadedModelInfo):
         self._describe_model(name, version, tokenizer, config)
 
     @staticmethod
-    def _locate(model: str) -> tuple[str, dict[str, Any], str, str]:
+    def locate(model: str) -> tuple[str, dict[str, Any], str, str]:
         """Source for from_pretrained, its extra kwargs, a display name and a version."""
         if model == EMBEDDED_MODEL:
             path = embedded_model_file()

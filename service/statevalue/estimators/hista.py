@@ -23,58 +23,20 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
-from statevalue.config import EmaStart, HistaConfig, KSchedule
+from statevalue.config import HistaConfig, KSchedule
 from statevalue.estimators._group import check_group, length_fraction, piecewise
 from statevalue.estimators.base import ValueEstimate
+from statevalue_client.states import ema_smooth as ema_smooth
+from statevalue_client.states import smoothed_representations
 
-# Kernel terms below this relative weight are dropped from the EMA.
-_EMA_CUTOFF = 1e-9
 # Rough memory cap for the pairwise distance matrices computed at once.
 _CHUNK_BYTES = 256 * 2**20
 # Floor of the distance clamp when a relative d_min meets a group of identical rollouts.
 _MIN_D_MIN = 1e-6
 # Boundary of a padding slot in the candidate table.
 _NO_NODE = np.iinfo(np.int64).max
-
-
-def ema_smooth(x: torch.Tensor, alpha: float, start: EmaStart = "zero") -> torch.Tensor:
-    """Bias-corrected EMA along the sequence axis of (L, H) or (B, L, H), in float32.
-
-    Output at position k (0-based) is e_k / (1 − alpha^(k+1)) with
-    e_k = alpha·e_(k−1) + (1 − alpha)·x_k. ``start = "zero"``: e_(−1) = 0, the textbook
-    bias-corrected mean. ``start = "first"`` (the reference): e_0 = x_0, which gives x_0 a
-    weight alpha^k instead of (1 − alpha)·alpha^k, i.e. adds x_0·alpha^(k+1)/(1 − alpha^(k+1)).
-    The exponential kernel is truncated where alpha^n < 1e-9 and applied as two
-    block-Toeplitz matrix products (current and previous block): no loop over the sequence.
-    """
-    batched = x.dim() == 3
-    x = (x if batched else x[None]).float()
-    length = x.shape[1]
-    if length == 0:
-        return x if batched else x[0]
-    taps = 1 if alpha == 0 else math.ceil(math.log(_EMA_CUTOFF) / math.log(alpha))
-    block = max(1, min(taps, length))
-    n_blocks = -(-length // block)
-    blocks = F.pad(x, (0, 0, 0, n_blocks * block - length)).unflatten(1, (n_blocks, block))
-    previous = F.pad(blocks, (0, 0, 0, 0, 1, 0))[:, :-1]
-    lag = torch.arange(block, device=x.device)
-    lag = (lag[:, None] - lag[None, :]).double()
-    decay = torch.tensor(alpha, dtype=torch.float64, device=x.device)
-    # Lag 0 .. block-1 inside the block; block .. 2·block-1 from the previous block.
-    within = torch.where(lag >= 0, (1 - alpha) * decay.pow(lag.clamp_min(0)), 0.0).float()
-    across = ((1 - alpha) * decay.pow(lag + block)).float()
-    smoothed = (within @ blocks + across @ previous).flatten(1, 2)[:, :length]
-    steps = torch.arange(1, length + 1, dtype=torch.float64, device=x.device)
-    remaining = decay.pow(steps)  # alpha^(k+1)
-    smoothed = smoothed / (1 - remaining).float()[:, None]
-    if start == "first":
-        smoothed = smoothed + (remaining / (1 - remaining)).float()[:, None] * x[:, :1]
-    elif start != "zero":
-        raise ValueError(f"unknown EMA start {start!r}")
-    return smoothed if batched else smoothed[0]
 
 
 def prefix_chamfer(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -193,24 +155,12 @@ def hista_representation(
     """Smoothed, downsampled states of every rollout, zero-padded to (G, M, H), and each m_i.
 
     ``downsample = "inclusive"`` keeps positions 0, w, 2w, …; ``"causal"`` keeps w − 1,
-    2w − 1, … (a sequence shorter than w keeps its last position).
+    2w − 1, … (a sequence shorter than w keeps its last position). The rule lives in
+    ``statevalue_client.states``, which trainers run on their own hidden states.
     """
-    stride = config.stride
-    seq_lengths = np.array([len(h) for h in hidden])
-    padded = pad_sequence([h.float() for h in hidden], batch_first=True)
-    smoothed = ema_smooth(padded, config.ema_alpha, config.ema_start)
-    offset = 0 if config.downsample == "inclusive" else stride - 1
-    counts = np.maximum((seq_lengths - offset + stride - 1) // stride, 0)
-    longest = int(counts.max())
-    reps = smoothed.new_zeros(len(hidden), max(1, longest), smoothed.shape[2])
-    reps[:, :longest] = smoothed[:, offset : offset + longest * stride : stride]
-    short = np.flatnonzero(counts == 0)
-    if short.size:
-        rows = torch.from_numpy(short).to(smoothed.device)
-        ends = torch.from_numpy(seq_lengths[short] - 1).to(smoothed.device)
-        reps[rows, 0] = smoothed[rows, ends]
-        counts[short] = 1
-    return reps, counts
+    return smoothed_representations(
+        hidden, config.ema_alpha, config.ema_start, config.stride, config.downsample
+    )
 
 
 def node_prefix_lengths(
@@ -343,7 +293,9 @@ def hista_values(
     rollout's last token is a segment of its own valued at its reward. Computed on the
     device of ``hidden``.
     """
-    return _hista(hidden, prompt_len, lengths, rewards, rewarded, config, explain=False)[0]
+    _check_hidden(hidden, prompt_len, lengths)
+    reps = hista_representation(hidden, config)
+    return _hista(reps, prompt_len, lengths, rewards, rewarded, config, explain=False)[0]
 
 
 def hista_values_explained(
@@ -358,13 +310,50 @@ def hista_values_explained(
 
     The values are those of :func:`hista_values`, from the same computation.
     """
-    estimate, nodes = _hista(hidden, prompt_len, lengths, rewards, rewarded, config, explain=True)
+    _check_hidden(hidden, prompt_len, lengths)
+    reps = hista_representation(hidden, config)
+    estimate, nodes = _hista(reps, prompt_len, lengths, rewards, rewarded, config, explain=True)
     assert nodes is not None
     return estimate, nodes
 
 
+def hista_values_from_states(
+    states: Sequence[torch.Tensor],
+    prompt_len: int,
+    lengths: Sequence[int],
+    rewards: np.ndarray,
+    rewarded: np.ndarray,
+    config: HistaConfig,
+    *,
+    explain: bool = False,
+) -> tuple[ValueEstimate, list[list[HistaNode]] | None]:
+    """Hista values of one group from its representations (sent by the trainer).
+
+    ``states[i]`` is rollout i's smoothed, downsampled hidden states as
+    :func:`hista_representation` makes them, unpadded: (m_i, D), where m_i is what
+    ``statevalue_client.states.representation_counts`` gives for its lengths (the caller
+    checks). With ``explain``, also each rollout's interior nodes and their neighbours.
+    """
+    if len(states) != len(lengths):
+        raise ValueError(f"{len(states)} representations for {len(lengths)} rollouts")
+    counts = np.array([len(s) for s in states], dtype=np.int64)
+    reps = pad_sequence([s.float() for s in states], batch_first=True)
+    return _hista((reps, counts), prompt_len, lengths, rewards, rewarded, config, explain=explain)
+
+
+def _check_hidden(hidden: Sequence[torch.Tensor], prompt_len: int, lengths: Sequence[int]) -> None:
+    if len(hidden) != len(lengths):
+        raise ValueError(f"{len(hidden)} hidden-state tensors for {len(lengths)} rollouts")
+    for i, (states, length) in enumerate(zip(hidden, lengths, strict=True)):
+        if states.dim() != 2 or states.shape[0] != prompt_len + length or states.shape[0] == 0:
+            raise ValueError(
+                f"hidden[{i}] has shape {tuple(states.shape)}, expected "
+                f"({prompt_len + length}, H) with at least one row"
+            )
+
+
 def _hista(
-    hidden: Sequence[torch.Tensor],
+    representation: tuple[torch.Tensor, np.ndarray],
     prompt_len: int,
     lengths: Sequence[int],
     rewards: np.ndarray,
@@ -374,14 +363,6 @@ def _hista(
     explain: bool,
 ) -> tuple[ValueEstimate, list[list[HistaNode]] | None]:
     rewards, rewarded, mean = check_group(lengths, rewards, rewarded)
-    if len(hidden) != len(lengths):
-        raise ValueError(f"{len(hidden)} hidden-state tensors for {len(lengths)} rollouts")
-    for i, (states, length) in enumerate(zip(hidden, lengths, strict=True)):
-        if states.dim() != 2 or states.shape[0] != prompt_len + length or states.shape[0] == 0:
-            raise ValueError(
-                f"hidden[{i}] has shape {tuple(states.shape)}, expected "
-                f"({prompt_len + length}, H) with at least one row"
-            )
     config = group_node_spacing(lengths, rewarded, config)
     nodes = [hista_nodes(prompt_len, length, config) for length in lengths]
     queries = [i for i, n in enumerate(nodes) if len(n.interior)]
@@ -389,7 +370,7 @@ def _hista(
     explained: dict[int, list[HistaNode]] = {}
     if queries:
         node_values, explained = _interior_values(
-            hidden, prompt_len, nodes, queries, rewards, rewarded, mean, config, explain
+            representation, prompt_len, nodes, queries, rewards, rewarded, mean, config, explain
         )
 
     values, boundaries = [], []
@@ -416,7 +397,7 @@ def _hista(
 
 
 def _interior_values(
-    hidden: Sequence[torch.Tensor],
+    representation: tuple[torch.Tensor, np.ndarray],
     prompt_len: int,
     nodes: Sequence[HistaNodes],
     queries: Sequence[int],
@@ -428,8 +409,8 @@ def _interior_values(
 ) -> tuple[dict[int, np.ndarray], dict[int, list[HistaNode]]]:
     """Neighbour estimate at every interior node of each rollout in ``queries``, and with
     ``explain`` the neighbours behind each (empty otherwise)."""
-    device = hidden[0].device
-    reps, counts = hista_representation(hidden, config)
+    reps, counts = representation
+    device = reps.device
 
     def prefix_len(i: int, positions: np.ndarray) -> np.ndarray:
         return node_prefix_lengths(prompt_len, positions, int(counts[i]), config)

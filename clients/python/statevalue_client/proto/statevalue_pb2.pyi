@@ -16,21 +16,25 @@ class ChatMessage(_message.Message):
     def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
 
 class Rollout(_message.Message):
-    __slots__ = ("response_ids", "num_tokens", "reward", "token_rewards", "response_text")
+    __slots__ = ("response_ids", "num_tokens", "reward", "token_rewards", "response_text", "hista_states", "num_hista_states")
     RESPONSE_IDS_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     REWARD_FIELD_NUMBER: _ClassVar[int]
     TOKEN_REWARDS_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_TEXT_FIELD_NUMBER: _ClassVar[int]
+    HISTA_STATES_FIELD_NUMBER: _ClassVar[int]
+    NUM_HISTA_STATES_FIELD_NUMBER: _ClassVar[int]
     response_ids: bytes
     num_tokens: int
     reward: float
     token_rewards: bytes
     response_text: str
-    def __init__(self, response_ids: _Optional[bytes] = ..., num_tokens: _Optional[int] = ..., reward: _Optional[float] = ..., token_rewards: _Optional[bytes] = ..., response_text: _Optional[str] = ...) -> None: ...
+    hista_states: bytes
+    num_hista_states: int
+    def __init__(self, response_ids: _Optional[bytes] = ..., num_tokens: _Optional[int] = ..., reward: _Optional[float] = ..., token_rewards: _Optional[bytes] = ..., response_text: _Optional[str] = ..., hista_states: _Optional[bytes] = ..., num_hista_states: _Optional[int] = ...) -> None: ...
 
 class Group(_message.Message):
-    __slots__ = ("group_id", "prompt_id", "prompt_ids", "prompt_num_tokens", "prompt_text", "messages", "rollouts", "idempotency_key")
+    __slots__ = ("group_id", "prompt_id", "prompt_ids", "prompt_num_tokens", "prompt_text", "messages", "rollouts", "idempotency_key", "prompt_hista_states", "prompt_num_hista_states")
     GROUP_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -39,6 +43,8 @@ class Group(_message.Message):
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     ROLLOUTS_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_HISTA_STATES_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_NUM_HISTA_STATES_FIELD_NUMBER: _ClassVar[int]
     group_id: str
     prompt_id: str
     prompt_ids: bytes
@@ -47,7 +53,31 @@ class Group(_message.Message):
     messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
     rollouts: _containers.RepeatedCompositeFieldContainer[Rollout]
     idempotency_key: str
-    def __init__(self, group_id: _Optional[str] = ..., prompt_id: _Optional[str] = ..., prompt_ids: _Optional[bytes] = ..., prompt_num_tokens: _Optional[int] = ..., prompt_text: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., rollouts: _Optional[_Iterable[_Union[Rollout, _Mapping]]] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
+    prompt_hista_states: bytes
+    prompt_num_hista_states: int
+    def __init__(self, group_id: _Optional[str] = ..., prompt_id: _Optional[str] = ..., prompt_ids: _Optional[bytes] = ..., prompt_num_tokens: _Optional[int] = ..., prompt_text: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., rollouts: _Optional[_Iterable[_Union[Rollout, _Mapping]]] = ..., idempotency_key: _Optional[str] = ..., prompt_hista_states: _Optional[bytes] = ..., prompt_num_hista_states: _Optional[int] = ...) -> None: ...
+
+class HistaStatesFormat(_message.Message):
+    __slots__ = ("dimension", "ema_alpha", "ema_start", "stride", "downsample", "layer", "dtype", "projection", "projection_seed")
+    DIMENSION_FIELD_NUMBER: _ClassVar[int]
+    EMA_ALPHA_FIELD_NUMBER: _ClassVar[int]
+    EMA_START_FIELD_NUMBER: _ClassVar[int]
+    STRIDE_FIELD_NUMBER: _ClassVar[int]
+    DOWNSAMPLE_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    PROJECTION_FIELD_NUMBER: _ClassVar[int]
+    PROJECTION_SEED_FIELD_NUMBER: _ClassVar[int]
+    dimension: int
+    ema_alpha: float
+    ema_start: str
+    stride: int
+    downsample: str
+    layer: int
+    dtype: str
+    projection: str
+    projection_seed: int
+    def __init__(self, dimension: _Optional[int] = ..., ema_alpha: _Optional[float] = ..., ema_start: _Optional[str] = ..., stride: _Optional[int] = ..., downsample: _Optional[str] = ..., layer: _Optional[int] = ..., dtype: _Optional[str] = ..., projection: _Optional[str] = ..., projection_seed: _Optional[int] = ...) -> None: ...
 
 class NumcaParams(_message.Message):
     __slots__ = ("number_pattern", "merge_distance", "drop_last_number", "prior_count", "number_boundary", "table_states", "unseen_state", "relative_merge_distance")
@@ -132,7 +162,7 @@ class EstimatorParams(_message.Message):
     def __init__(self, numca: _Optional[_Union[NumcaParams, _Mapping]] = ..., hista: _Optional[_Union[HistaParams, _Mapping]] = ..., advantage: _Optional[_Union[AdvantageParams, _Mapping]] = ...) -> None: ...
 
 class EstimateRequest(_message.Message):
-    __slots__ = ("methods", "params", "groups", "min_model_revision", "step_id", "explain", "step_rewards")
+    __slots__ = ("methods", "params", "groups", "min_model_revision", "step_id", "explain", "step_rewards", "hista_states")
     METHODS_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     GROUPS_FIELD_NUMBER: _ClassVar[int]
@@ -140,6 +170,7 @@ class EstimateRequest(_message.Message):
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     EXPLAIN_FIELD_NUMBER: _ClassVar[int]
     STEP_REWARDS_FIELD_NUMBER: _ClassVar[int]
+    HISTA_STATES_FIELD_NUMBER: _ClassVar[int]
     methods: _containers.RepeatedScalarFieldContainer[str]
     params: EstimatorParams
     groups: _containers.RepeatedCompositeFieldContainer[Group]
@@ -147,7 +178,8 @@ class EstimateRequest(_message.Message):
     step_id: str
     explain: bool
     step_rewards: StepRewards
-    def __init__(self, methods: _Optional[_Iterable[str]] = ..., params: _Optional[_Union[EstimatorParams, _Mapping]] = ..., groups: _Optional[_Iterable[_Union[Group, _Mapping]]] = ..., min_model_revision: _Optional[int] = ..., step_id: _Optional[str] = ..., explain: _Optional[bool] = ..., step_rewards: _Optional[_Union[StepRewards, _Mapping]] = ...) -> None: ...
+    hista_states: HistaStatesFormat
+    def __init__(self, methods: _Optional[_Iterable[str]] = ..., params: _Optional[_Union[EstimatorParams, _Mapping]] = ..., groups: _Optional[_Iterable[_Union[Group, _Mapping]]] = ..., min_model_revision: _Optional[int] = ..., step_id: _Optional[str] = ..., explain: _Optional[bool] = ..., step_rewards: _Optional[_Union[StepRewards, _Mapping]] = ..., hista_states: _Optional[_Union[HistaStatesFormat, _Mapping]] = ...) -> None: ...
 
 class StepRewards(_message.Message):
     __slots__ = ("count", "mean", "sum_squared_deviations")
