@@ -305,8 +305,11 @@ def test_a_trainer_killed_midway_leaves_every_replica_on_its_old_weights(
         def broken() -> list[str]:
             return [r.getMessage() for r in caplog.records if "transfer broke" in r.getMessage()]
 
-        # Each replica gives up on the broken transfer by itself; wait until both have.
-        wait_for(lambda: len(broken()) == 2, what="both replicas to give up the transfer")
+        # Each replica gives up on the broken transfer by itself, at the latest when the
+        # update's timeout (60 s) passes; wait until both have.
+        wait_for(
+            lambda: len(broken()) == 2, timeout=240, what="both replicas to give up the transfer"
+        )
     # Part of the weights had arrived when the trainer died.
     assert not any("broke after 0 of" in message for message in broken())
     assert revisions(replicas) == before
