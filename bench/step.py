@@ -3,13 +3,17 @@
     python -m bench.step                 # 1024 groups, G = 8 (numca + group mean);
                                          # Hista on 128 of them
     python -m bench.step --smoke         # tiny configuration, seconds (runs in the tests)
+    python -m bench.step --max-queue-wait-s 5 --max-connection-age-s 20
+                                         # a step that outlasts the replicas' time limits
 
 The replicas are `statevalue serve` subprocesses on loopback with a small per-request
 token limit, so ValueClient.estimate splits the step into many requests and sends them
-concurrently (round robin over the replicas). Per row: the step's wall time, tokens/s,
-the model's forward time summed over the replicas (from their /metrics), and the share of
-the wall time in which the busiest replica was not running the model ("outside forward":
-client splitting and reassembly, serialisation, transport, queueing, estimators).
+concurrently (round robin over the replicas), with the client's defaults: no deadline,
+requests of a few seconds of server work, retries after the servers' Retry-After. Per
+row: the step's wall time, the time to its first progress report, tokens/s, the model's
+forward time summed over the replicas (from their /metrics), and the share of the wall
+time the replicas spent in the model ("busy": forward time / (replicas × wall time); the
+rest is client splitting and reassembly, serialisation, transport, queueing, estimators).
 """
 
 from __future__ import annotations
@@ -30,22 +34,29 @@ from bench.perf import EMBEDDED_MODEL, ServerProcess, machine
 from statevalue_client import Group, Rollout, ValueClient
 
 PROMPT_TOKENS = 16
-RESPONSE_TOKENS = (8, 25)  # short responses: uniform lengths in [8, 25)
+RESPONSE_TOKENS = (8, 25)  # short responses by default: uniform lengths in [8, 25)
 
 
 GROUPS_PER_PROMPT = 4  # with --numca-store: groups sharing one prompt_id
 
 
-def make_step(groups: int, g: int, seed: int = 0, prompt_ids: bool = False) -> list[Group]:
+def make_step(
+    groups: int,
+    g: int,
+    seed: int = 0,
+    prompt_ids: bool = False,
+    response_tokens: tuple[int, int] = RESPONSE_TOKENS,
+) -> list[Group]:
     """Random prompts and responses (timing does not depend on which ids) with 0/1 rewards;
-    with ``prompt_ids``, every GROUPS_PER_PROMPT groups share a prompt_id (of this seed)."""
+    response lengths uniform in ``[response_tokens[0], response_tokens[1])``; with
+    ``prompt_ids``, every GROUPS_PER_PROMPT groups share a prompt_id (of this seed)."""
     rng = np.random.default_rng(seed)
     return [
         Group(
             prompt_ids=rng.integers(100, 40000, PROMPT_TOKENS).astype(np.int32),
             rollouts=[
                 Rollout(
-                    rng.integers(100, 40000, rng.integers(*RESPONSE_TOKENS)).astype(np.int32),
+                    rng.integers(100, 40000, rng.integers(*response_tokens)).astype(np.int32),
                     float(rng.integers(0, 2)),
                 )
                 for _ in range(g)
@@ -72,21 +83,25 @@ def forward_seconds(server: ServerProcess) -> float:
 
 def run_row(
     servers: Sequence[ServerProcess], groups: list[Group], methods: tuple[str, ...], **params: dict
-) -> tuple[float, list[float], int]:
-    """Wall seconds of one step, each replica's forward seconds in it, requests sent."""
+) -> tuple[float, float, list[float], int]:
+    """Wall seconds of one step, seconds to its first progress, each replica's forward
+    seconds in it, requests sent."""
     target = "ipv4:" + ",".join(f"127.0.0.1:{s.grpc_port}" for s in servers)
-    with ValueClient(target, timeout=600) as client:
+    with ValueClient(target) as client:
         client.estimate(groups[:1], methods, **params)  # connect to every replica, warm up
         before = [forward_seconds(s) for s in servers]
-        requests: list[int] = []
+        reports: list[tuple[float, int]] = []
         start = time.perf_counter()
         result = client.estimate(
-            groups, methods, progress=lambda p: requests.append(p.requests_total), **params
+            groups,
+            methods,
+            progress=lambda p: reports.append((time.perf_counter(), p.requests_total)),
+            **params,
         )
         wall = time.perf_counter() - start
     assert len(result.groups) == len(groups)
     forward = [forward_seconds(s) - b for s, b in zip(servers, before, strict=True)]
-    return wall, forward, requests[-1]
+    return wall, reports[0][0] - start, forward, reports[-1][1]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -108,6 +123,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"prompt_ids, {GROUPS_PER_PROMPT} groups per prompt, so Numca adds to and reads it",
     )
     parser.add_argument(
+        "--response-tokens",
+        default=f"{RESPONSE_TOKENS[0]},{RESPONSE_TOKENS[1]}",
+        help="response lengths, uniform in [MIN, MAX) (default %(default)s)",
+    )
+    parser.add_argument(
+        "--replicas", default="1,2", help="replica counts to run each step on (default 1,2)"
+    )
+    parser.add_argument(
+        "--max-queue-wait-s", type=float, default=None, help="the replicas' admission bound"
+    )
+    parser.add_argument(
+        "--max-connection-age-s", type=float, default=None, help="the replicas' connection age"
+    )
+    parser.add_argument(
         "--model", default=EMBEDDED_MODEL, help="'embedded' (default) or a model directory"
     )
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (seconds)")
@@ -124,12 +153,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.numca_store:
         flags += ("--numca-store", args.numca_store)
         print(f"# Numca store: {args.numca_store}, {GROUPS_PER_PROMPT} groups per prompt_id")
+    for flag, value in (
+        ("--max-queue-wait-s", args.max_queue_wait_s),
+        ("--max-connection-age-s", args.max_connection_age_s),
+    ):
+        if value is not None:
+            flags += (flag, str(value))
+            print(f"# replicas: {flag} {value:g}")
+    low, high = (int(n) for n in args.response_tokens.split(","))
+    counts = [int(n) for n in args.replicas.split(",")]
     servers = [
-        ServerProcess(args.model, "cpu", "auto", args.max_batch_tokens, *flags) for _ in range(2)
+        ServerProcess(args.model, "cpu", "auto", args.max_batch_tokens, *flags)
+        for _ in range(max(counts))
     ]
     header = (
         f"{'step':<26} {'replicas':>8} {'requests':>8} {'tokens':>8} {'wall s':>8} "
-        f"{'tokens/s':>9} {'forward s':>9} {'outside forward':>15}"
+        f"{'first s':>8} {'tokens/s':>9} {'forward s':>9} {'busy':>6}"
     )
     print(header)
     print("-" * len(header))
@@ -139,15 +178,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     ]
     try:
         for name, count, methods, params in rows:
-            for replicas in (1, 2):
+            for replicas in counts:
                 # A fresh step per row: with a store, nothing is counted already.
-                groups = make_step(count, args.g, replicas, bool(args.numca_store))
+                groups = make_step(count, args.g, replicas, bool(args.numca_store), (low, high))
                 tokens = step_tokens(groups)
-                wall, forward, requests = run_row(servers[:replicas], groups, methods, **params)
-                outside = 1 - max(forward) / wall
+                wall, first, forward, requests = run_row(
+                    servers[:replicas], groups, methods, **params
+                )
+                busy = sum(forward) / (replicas * wall)
                 print(
                     f"{name:<26} {replicas:>8} {requests:>8} {tokens:>8} {wall:>8.2f} "
-                    f"{tokens / wall:>9.0f} {sum(forward):>9.2f} {outside:>15.1%}"
+                    f"{first:>8.2f} {tokens / wall:>9.0f} {sum(forward):>9.2f} {busy:>6.1%}"
                 )
     finally:
         for server in servers:

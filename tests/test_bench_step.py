@@ -41,8 +41,10 @@ def test_step_smoke_prints_every_row(embedded_checkpoint: Path) -> None:
         ("hista", "2"),
     ]
     for row in rows:
-        requests, tokens, tokens_per_s = int(row[3]), int(row[4]), float(row[6])
-        # The smoke step is split over several requests under the replicas' limit.
-        assert requests > 1 and tokens > 0 and tokens_per_s > 0
+        requests, tokens, wall, first = int(row[3]), int(row[4]), float(row[5]), float(row[6])
+        # The smoke step is split over several requests under the replicas' limit, and the
+        # first of them reports progress before the step ends.
+        assert requests > 1 and tokens > 0 and float(row[7]) > 0
+        assert 0 < first <= wall
     for row in rows[2:]:
-        assert float(row[7]) > 0  # Hista runs the model
+        assert float(row[8]) > 0 and row[9].endswith("%")  # Hista runs the model

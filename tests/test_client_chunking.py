@@ -6,9 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from statevalue.config import AdvantageConfig
 from statevalue_client.chunking import RequestLimits, check_unique_ids, plan_requests
-from statevalue_client.client import DEFAULT_SCALE_EPS
 from statevalue_client.targets import is_multi_address, replica_addresses
 
 
@@ -88,5 +86,12 @@ def test_replica_addresses() -> None:
         replica_addresses("dns:///no-such-host.invalid:1")
 
 
-def test_client_scale_eps_default_is_the_servers() -> None:
-    assert DEFAULT_SCALE_EPS == AdvantageConfig().scale_eps
+def test_a_time_target_cuts_more_requests_but_never_a_group() -> None:
+    tokens = [100] * 10 + [700]
+    plan = plan_requests(tokens, [""] * 11, names(11), RequestLimits(2000, 0), target_tokens=250)
+    assert sorted(i for request in plan for i in request) == list(range(11))
+    sizes = [sum(tokens[i] for i in request) for request in plan]
+    # The 700-token group goes whole; the rest in requests near the 250-token target.
+    assert 700 in sizes and len(plan) >= 6
+    assert all(size <= 300 for size in sizes if size != 700)
+    assert len(plan_requests(tokens, [""] * 11, names(11), RequestLimits(2000, 0))) == 1

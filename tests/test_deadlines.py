@@ -1,8 +1,9 @@
 """Deadlines and cancellation take effect inside a request, between forward micro-batches.
 
 The model is held busy (its lock) while a request's first micro-batch waits for it, so the
-deadline or the cancel lands at a known point; then the tokens that reached the model show
-that the rest of the request's work was dropped.
+deadline or the cancel lands at a known point. The request leaves the queue at once (its
+tokens stop counting for admission while the model is still busy); then the tokens that
+reached the model show that the rest of its work was dropped.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ import pytest
 
 from statevalue.backends.torch_backend import TorchBackend
 from statevalue_client import Group, Rollout
-from statevalue_client.client import build_request
 from statevalue_client.proto import statevalue_pb2_grpc as pb_grpc
+from statevalue_client.wire import build_request
 from tests.servers import ServerThread, hold_model, metric_value, running_server, wait_for
 
 BATCH_TOKENS = 256
@@ -64,9 +65,17 @@ def tokens(server: ServerThread) -> float:
     return metric_value(server.metrics(), "statevalue_tokens_total")
 
 
+def left_the_queue(server: ServerThread) -> None:
+    """Nothing of the given-up request is queued, though its micro-batch still holds the model."""
+    page = server.metrics()
+    assert metric_value(page, "statevalue_queue_depth") == 0
+    assert metric_value(page, "statevalue_queue_tokens") == 0
+
+
 def first_micro_batch_only(server: ServerThread, before: float) -> None:
-    """After the model is free again, only the held micro-batch has reached it."""
-    wait_for(lambda: metric_value(server.metrics(), "statevalue_queue_depth") == 0, 60, "drop")
+    """After the model is free again, only the held micro-batch has reached it (the queue
+    was empty when it ended, so no later micro-batch can take more of the request)."""
+    wait_for(lambda: tokens(server) > before, 60, "the held micro-batch to end")
     assert tokens(server) - before == PROMPT + RESPONSE
 
 
@@ -80,6 +89,7 @@ def test_grpc_deadline_inside_the_forward_pass(server: ServerThread, backend: To
             wait_for(lambda: steps_started(server) > started, 30, "the first micro-batch")
             with pytest.raises(grpc.RpcError) as caught:
                 call.result(timeout=30)
+            left_the_queue(server)
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert "during the forward pass, at micro-batch 1 of about 8" in caught.value.details()
     first_micro_batch_only(server, before)
@@ -103,6 +113,7 @@ def test_http_deadline_says_queued_or_forward(server: ServerThread, backend: Tor
         second.start()
         first.join(30)
         second.join(30)
+        left_the_queue(server)
     for name in ("forward", "queued"):
         assert answers[name].status_code == 504, answers[name].text
     assert "micro-batch 1 of about 8" in answers["forward"].json()["detail"]["message"]
@@ -128,6 +139,7 @@ def test_grpc_cancel_drops_the_rest(server: ServerThread, backend: TorchBackend)
                 30,
                 "the server to see the cancel",
             )
+            left_the_queue(server)
     first_micro_batch_only(server, before)
 
 
@@ -153,4 +165,5 @@ def test_http_disconnect_drops_the_rest(server: ServerThread, backend: TorchBack
             30,
             "the server to see the disconnect",
         )
+        left_the_queue(server)
     first_micro_batch_only(server, before)

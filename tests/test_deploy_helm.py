@@ -10,8 +10,10 @@ import pytest
 import tomllib
 import yaml
 
-helm = pytest.importorskip("helm_python")
-kubernetes_validate = pytest.importorskip("kubernetes_validate")
+from tests.conftest import import_or_skip
+
+helm = import_or_skip("helm_python")
+kubernetes_validate = import_or_skip("kubernetes_validate")
 
 from statevalue.http_server import create_app  # noqa: E402
 from statevalue.metrics import Metrics  # noqa: E402

@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from statevalue.backends.torch_backend import TorchBackend
-from statevalue_client.client import parse_response
 from statevalue_client.proto import statevalue_pb2 as pb
+from statevalue_client.wire import parse_response
 from tests.servers import running_server
 
 ESTIMATE = "/statevalue.v1.ValueService/Estimate"

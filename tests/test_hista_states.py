@@ -21,7 +21,6 @@ from statevalue.grpc_server import request_from_proto
 from statevalue.schema import EstimateRequest, InvalidRequest
 from statevalue_client import Group, Rollout, ValueClient
 from statevalue_client.arrays import pack_vectors, unpack_vectors
-from statevalue_client.client import build_request
 from statevalue_client.states import (
     FinalNormCapture,
     GroupStates,
@@ -31,6 +30,7 @@ from statevalue_client.states import (
     projection_matrix,
     representation_counts,
 )
+from statevalue_client.wire import build_request
 from tests.conftest import APPLES
 from tests.servers import Serve, running_server, serve_ready, wait_for
 

@@ -256,6 +256,23 @@ def golden() -> dict:
     return json.loads(GOLDEN.read_text())
 
 
+def test_golden_file_names_its_reference_patches_and_generator(golden: dict) -> None:
+    from tests.data import generate_reference_golden as generator
+
+    header = golden["header"]
+    assert header["generator"] == "tests/data/generate_reference_golden.py"
+    assert (Path(__file__).parents[1] / header["generator"]).is_file()
+    assert 0 <= header["generator_version"] <= generator.GENERATOR_VERSION
+    assert header["reference"]["commit"] == generator.REFERENCE_COMMIT
+    assert set(header["reference"]["files"]) == {generator.HISTA_UTILS, generator.NUMCA_DICT}
+    assert "float64 distances" in header["patches"]
+    assert any("candidate order" in patch for patch in header["patches"])
+    if header["generator_version"] > 0:  # written by the generator: its own patch list
+        assert header["patches"] == generator.patch_descriptions()
+    ids = [json.loads(line)["id"] for line in generator.SVEB_DEV.read_text().splitlines()]
+    assert [g["id"] for g in golden["groups"]] == ids[: generator.GROUPS]
+
+
 @pytest.mark.slow
 def test_reference_mode_equals_the_reference_code_on_real_rollouts(
     golden: dict, backend: TorchBackend, engine: Engine
@@ -269,6 +286,7 @@ def test_reference_mode_equals_the_reference_code_on_real_rollouts(
                 for ids, reward in zip(record["responses"], record["rewards"], strict=True)
             ],
         )
+        hidden = None  # one forward pass per group: the settings below change no input
         for expected in record["expected"]:
             method = expected["method"]
             advantage = AdvantageConfig(scale="none", lam=expected["lam"])
@@ -279,9 +297,12 @@ def test_reference_mode_equals_the_reference_code_on_real_rollouts(
             else:
                 config = EstimatorConfig(numca=NumcaConfig.reference(), advantage=advantage)
                 tolerance = 1e-6
-            result = engine.estimate(
+            prepared = engine.prepare(
                 EstimateRequest(groups=[group], methods=(method,), config=config)
             )
+            if prepared.needs_hidden_states and hidden is None:
+                hidden = backend.hidden_states(prepared.sequences(), prepared.prefix_lengths())
+            result = engine.compute(prepared, hidden if prepared.needs_hidden_states else None)
             for rollout, want in zip(
                 result.groups[0].rollouts, expected["advantages"], strict=True
             ):

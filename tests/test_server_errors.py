@@ -15,9 +15,9 @@ import pytest
 
 from statevalue.backends.torch_backend import TorchBackend
 from statevalue_client import Group, Rollout, ValueClient
-from statevalue_client.client import build_request
 from statevalue_client.proto import statevalue_pb2 as pb
 from statevalue_client.proto import statevalue_pb2_grpc as pb_grpc
+from statevalue_client.wire import build_request
 from tests.servers import SERVING, ServerThread, metric_value, running_server
 
 MAX_MESSAGE_MB = 1

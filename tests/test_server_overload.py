@@ -17,8 +17,8 @@ import pytest
 from statevalue.backends.torch_backend import TorchBackend
 from statevalue_client import AsyncValueClient, Group, Rollout, ValueClient
 from statevalue_client import EstimateResult as ClientResult
-from statevalue_client.client import build_request
 from statevalue_client.proto import statevalue_pb2_grpc as pb_grpc
+from statevalue_client.wire import build_request
 from tests.servers import (
     SERVING,
     ServerThread,

@@ -19,7 +19,7 @@ from statevalue.config import EstimatorConfig
 from statevalue.engine import Engine
 from statevalue.schema import EstimateRequest, GroupInput, InvalidRequest, RolloutInput
 from statevalue_client import Group, Rollout, ValueClient
-from statevalue_client.client import build_request
+from statevalue_client.wire import build_request
 from tests.servers import SERVING, ServerThread, metric_value, running_server
 
 MAX_MESSAGE_MB = 1

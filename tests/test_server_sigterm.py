@@ -1,8 +1,10 @@
 """``statevalue serve`` as a process: SIGTERM lets an in-flight request finish, exit code 0;
-with more work queued than the grace period, the rest is answered "draining" in time."""
+with more work queued than the grace period, the oldest requests finish and the rest are
+answered "draining" in time."""
 
 from __future__ import annotations
 
+import math
 import signal
 import time
 from collections.abc import Callable
@@ -85,21 +87,26 @@ def test_sigterm_drains_the_in_flight_request(serve_process: Serve) -> None:
         httpx.get(f"http://127.0.0.1:{http_port}/healthz", timeout=2)
 
 
+def _tokens(http_port: int) -> float:
+    """Tokens the server's model has run so far (its /metrics)."""
+    page = httpx.get(f"http://127.0.0.1:{http_port}/metrics", timeout=10).text
+    return metric_value(page, "statevalue_tokens_total")
+
+
 @pytest.mark.slow
-def test_sigterm_with_more_work_than_the_grace_answers_everything_in_time(
-    start_serve: Callable[..., Serve], tmp_path: Path
+def test_sigterm_with_48_queued_finishes_the_oldest_and_refuses_the_rest(
+    start_serve: Callable[..., Serve], tmp_path: Path, embedded_checkpoint: Path
 ) -> None:
-    grace = 4.0
+    grace = 12.0
     admin_file = tmp_path / "admin-token"
     admin_file.write_text("admin-secret-5d1e\n")
     api_token = "api-secret-c27a"
     process, _, http_port, log = start_serve(
+        "--model",
+        str(embedded_checkpoint),
         "--shutdown-grace-s",
         str(grace),
-        # Short forward steps: the process exits after the step in progress.
-        "--max-batch-tokens",
-        "1024",
-        # No time bound on admission: a busy machine's warm-up throughput says little.
+        # No time bound on admission: all 48 requests queue.
         "--max-queue-wait-s",
         "1e9",
         "--admin-token-file",
@@ -107,36 +114,83 @@ def test_sigterm_with_more_work_than_the_grace_answers_everything_in_time(
         env={"STATEVALUE_API_TOKEN": api_token},
     )
     wait_for(lambda: serve_ready(process, http_port), timeout=600, what="serve to be ready")
-    ids = np.random.default_rng(1).integers(100, 40_000, size=(5, 500)).tolist()
-    body = {
-        "methods": ["hista"],
-        "groups": [
+    rng = np.random.default_rng(1)
+    bodies = []
+    for _ in range(48):
+        ids = rng.integers(100, 40_000, size=(5, 64)).tolist()
+        bodies.append(
             {
-                "prompt_ids": ids[0][:40],
-                "rollouts": [
-                    {"response_ids": r, "reward": float(j % 2)} for j, r in enumerate(ids[1:])
+                "methods": ["hista"],
+                "groups": [
+                    {
+                        "prompt_ids": ids[0][:32],
+                        "rollouts": [
+                            {"response_ids": r, "reward": float(j % 2)}
+                            for j, r in enumerate(ids[1:])
+                        ],
+                    }
                 ],
             }
-        ],
-    }
+        )
+    request_tokens = 4 * (32 + 64)
     headers = {"authorization": f"Bearer {api_token}"}
     url = f"http://127.0.0.1:{http_port}/v1/estimate"
-    with ThreadPoolExecutor(12) as threads:
-        posts = [
-            threads.submit(httpx.post, url, json=body, headers=headers, timeout=120)
-            for _ in range(12)
-        ]
-        wait_for(lambda: _queued(http_port), timeout=60, what="requests to be accepted")
+
+    def post(body: dict[str, object]) -> tuple[httpx.Response, float]:
+        response = httpx.post(url, json=body, headers=headers, timeout=300)
+        return response, time.monotonic()
+
+    with ThreadPoolExecutor(48) as threads:
+        posts = [threads.submit(post, body) for body in bodies]
+        wait_for(
+            lambda: (
+                metric_value(
+                    httpx.get(f"http://127.0.0.1:{http_port}/metrics", timeout=10).text,
+                    "statevalue_method_requests_total",
+                    '{method="hista"}',
+                )
+                == 48
+            ),
+            timeout=120,
+            what="48 requests to be accepted",
+        )
+        page = httpx.get(f"http://127.0.0.1:{http_port}/metrics", timeout=10).text
+        rate = metric_value(page, "statevalue_throughput_tokens_per_second")
+        at_signal = _tokens(http_port)
         process.send_signal(signal.SIGTERM)
         signalled = time.monotonic()
-        answers = [post.result(timeout=120) for post in posts]
+        # The front ends answer until the drain ends: the last count seen is what the model
+        # ran in the drain (at least).
+        ran = at_signal
+        while not all(p.done() for p in posts):
+            try:
+                ran = _tokens(http_port)
+            except httpx.TransportError:
+                break
+            time.sleep(0.2)
+        answers = [p.result(timeout=300) for p in posts]
     assert process.wait(timeout=120) == 0, log.read_text()
     exit_seconds = time.monotonic() - signalled
-    codes = [a.status_code for a in answers]
-    assert set(codes) <= {200, 503}, [a.text for a in answers]
-    drained = [a for a in answers if a.status_code == 503]
-    assert drained, "the grace should not cover twelve requests"
+    codes = [a.status_code for a, _ in answers]
+    assert set(codes) <= {200, 503}, [a.text for a, _ in answers]
+    drained = [a for a, _ in answers if a.status_code == 503]
+    assert drained, "the grace should not cover 48 requests"
     assert all("draining" in a.json()["detail"]["message"] for a in drained)
+    completed = sum(1 for a, at in answers if a.status_code == 200 and at > signalled)
+    # Those whose estimated wait was far past the grace were refused at once.
+    first_refusal = min(at for a, at in answers if a.status_code == 503) - signalled
+    # What the model ran during the drain would have finished this many requests, had it
+    # gone to whole requests: the oldest first means nearly all of it did (one request may
+    # be part-done at each end).
+    allowed = (ran - at_signal) / request_tokens
+    print(
+        f"drain: {completed} requests completed in the {grace:g} s grace, {len(drained)} "
+        f"refused; the model ran {ran - at_signal:.0f} tokens ({allowed:.1f} requests' "
+        f"worth); throughput measured before the signal {rate:.0f} tokens/s "
+        f"({rate * grace / request_tokens:.1f} requests in the grace); exit after "
+        f"{exit_seconds:.1f} s; the first 503 came {first_refusal:.1f} s after the signal"
+    )
+    assert completed >= math.floor(0.8 * allowed) - 1, (completed, allowed)
     # The process does not wait for the forward step still running on the model thread.
     assert exit_seconds < grace + 3, exit_seconds
     output = log.read_text()

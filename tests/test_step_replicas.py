@@ -34,8 +34,9 @@ from statevalue_client import (
     StepProgress,
     ValueClient,
 )
-from statevalue_client.client import build_request
 from statevalue_client.proto import statevalue_pb2_grpc as pb_grpc
+from statevalue_client.wire import build_request
+from tests.conftest import import_or_skip
 from tests.servers import RedisServer, ServerThread, metric_value, running_server
 
 MAX_TOKENS, MAX_GROUPS = 400, 3
@@ -145,7 +146,9 @@ def test_a_split_step_equals_one_process(
     total = sum(
         len(g.prompt_ids) * G + sum(len(r.response_ids) for r in g.rollouts) for g in groups
     )
-    assert seen[-1] == StepProgress(
+    # The last report: all done, nothing left to wait for.
+    assert seen[-1].eta_s == 0.0 and seen[-1].elapsed_s > 0
+    assert replace(seen[-1], elapsed_s=0.0, eta_s=None) == StepProgress(
         requests_done=seen[-1].requests_total,
         requests_total=seen[-1].requests_total,
         groups_done=GROUPS,
@@ -185,7 +188,7 @@ def test_the_async_client_splits_the_same_way(
 def test_the_verl_adapter_through_two_replicas(
     replicas: list[ServerThread], engine: Engine, method: str
 ) -> None:
-    pytest.importorskip("verl")
+    import_or_skip("verl")
     from verl import DataProto
 
     from statevalue_client.verl import compute_statevalue_advantage

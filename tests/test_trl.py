@@ -12,9 +12,11 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import GRPOConfig
 
+from statevalue.backends.no_model import NoModelBackend
 from statevalue.backends.torch_backend import TorchBackend
 from statevalue_client import Group, Rollout, ValueClient
-from statevalue_client.trl import StateValueGRPOTrainer
+from statevalue_client.states import StatesFormat
+from statevalue_client.trl import StateValueGRPOTrainer, batch_rows
 from tests.conftest import APPLES, last_number_reward
 from tests.servers import running_server
 
@@ -43,15 +45,13 @@ class RecordingTrainer(StateValueGRPOTrainer):
         return super()._compute_loss(model, inputs)
 
 
-@pytest.mark.slow
-def test_grpo_steps_use_the_service_advantages(
-    backend: TorchBackend, embedded_checkpoint: Path, tmp_path: Path
-) -> None:
-    tokenizer = AutoTokenizer.from_pretrained(embedded_checkpoint)
-    model = AutoModelForCausalLM.from_pretrained(embedded_checkpoint)
+def grpo_setup(checkpoint: Path, output: Path) -> tuple[Any, Any, Dataset, GRPOConfig]:
+    """Tokenizer, model, dataset and a two-step CPU GRPO configuration."""
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint)
     dataset = Dataset.from_dict({"prompt": [[{"role": "user", "content": APPLES}]] * 4})
     args = GRPOConfig(
-        output_dir=str(tmp_path),
+        output_dir=str(output),
         per_device_train_batch_size=4,
         num_generations=4,
         max_completion_length=24,
@@ -65,36 +65,51 @@ def test_grpo_steps_use_the_service_advantages(
         logging_steps=1,
         seed=0,
     )
+    return tokenizer, model, dataset, args
+
+
+def trained(
+    setup: tuple[Any, Any, Dataset, GRPOConfig], client: ValueClient, **extra: Any
+) -> RecordingTrainer:
+    """Two GRPO steps of the recording trainer with Hista advantages from ``client``."""
+    tokenizer, model, dataset, args = setup
+    trainer = RecordingTrainer(
+        model=model,
+        reward_funcs=[apples_reward],
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        value_client=client,
+        value_method="hista",
+        value_params=PARAMS,
+        **extra,
+    )
+    trainer.train()
+    return trainer
+
+
+def scored_group(
+    output: dict[str, torch.Tensor], rewards: np.ndarray
+) -> tuple[list[tuple[np.ndarray, np.ndarray]], Group]:
+    """The (prompt, completion) ids of a scored batch's rows and the group they form."""
+    rows = batch_rows(output)
+    group = Group(
+        prompt_ids=rows[0][0],
+        rollouts=[Rollout(c, float(r)) for (_, c), r in zip(rows, rewards, strict=True)],
+    )
+    return rows, group
+
+
+@pytest.mark.slow
+def test_grpo_steps_use_the_service_advantages(
+    backend: TorchBackend, embedded_checkpoint: Path, tmp_path: Path
+) -> None:
     with running_server(backend) as server, ValueClient(server.grpc_target) as client:
-        trainer = RecordingTrainer(
-            model=model,
-            reward_funcs=[apples_reward],
-            args=args,
-            train_dataset=dataset,
-            processing_class=tokenizer,
-            value_client=client,
-            value_method="hista",
-            value_params=PARAMS,
-        )
-        trainer.train()
+        trainer = trained(grpo_setup(embedded_checkpoint, tmp_path), client)
         assert len(trainer.scored) == 2 and len(trainer.loss_inputs) == 2
         for (output, rewards), used in zip(trainer.scored, trainer.loss_inputs, strict=True):
-            mask = output["completion_mask"].bool()
-            rows = [
-                (p[m.bool()].numpy(), c[cm].numpy())
-                for p, m, c, cm in zip(
-                    output["prompt_ids"],
-                    output["prompt_mask"],
-                    output["completion_ids"],
-                    mask,
-                    strict=True,
-                )
-            ]
             # Four completions of one prompt form one group; ask the service directly.
-            group = Group(
-                prompt_ids=rows[0][0],
-                rollouts=[Rollout(c, float(r)) for (_, c), r in zip(rows, rewards, strict=True)],
-            )
+            rows, group = scored_group(output, rewards)
             expected = client.estimate([group], ("hista",), **PARAMS).groups[0]
             for row, rollout in enumerate(expected.rollouts):
                 n = len(rows[row][1])
@@ -106,3 +121,28 @@ def test_grpo_steps_use_the_service_advantages(
             seen = sorted(map(tuple, used["advantages"].numpy().round(5).tolist()))
             sent = sorted(map(tuple, output["advantages"].numpy().round(5).tolist()))
             assert seen == sent
+
+
+@pytest.mark.slow
+def test_grpo_trains_on_trainer_side_states_against_a_server_with_no_model(
+    backend: TorchBackend, embedded_checkpoint: Path, tmp_path: Path
+) -> None:
+    """Hista from the trainer's own hidden states, answered by ``--backend none``: the
+    first step's advantages are those of the server's forward path on the same rollouts."""
+    setup = grpo_setup(embedded_checkpoint, tmp_path)
+    states = StatesFormat.for_hista(setup[1].config.hidden_size, PARAMS["hista"])
+    with (
+        running_server(NoModelBackend("embedded")) as server,
+        ValueClient(server.grpc_target) as client,
+    ):
+        assert client.model_info().backend == "none"
+        trainer = trained(setup, client, value_states=states)
+    assert len(trainer.scored) == 2 and len(trainer.loss_inputs) == 2
+    output, rewards = trainer.scored[0]
+    rows, group = scored_group(output, rewards)
+    with running_server(backend) as server, ValueClient(server.grpc_target) as client:
+        expected = client.estimate([group], ("hista",), **PARAMS).groups[0]
+    for row, rollout in enumerate(expected.rollouts):
+        n = len(rows[row][1])
+        got = output["advantages"][row].numpy()
+        np.testing.assert_allclose(got[:n], rollout.advantages["hista"], atol=1e-4)

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("verl")
+from tests.conftest import APPLES, import_or_skip
+
+import_or_skip("verl")
 
 from verl import DataProto  # noqa: E402
 from verl.experimental.separation import ray_trainer as separation_trainer  # noqa: E402
@@ -22,7 +24,6 @@ from statevalue_client.verl import (  # noqa: E402
     compute_statevalue_advantage,
     install_statevalue_estimator,
 )
-from tests.conftest import APPLES  # noqa: E402
 from tests.servers import running_server  # noqa: E402
 
 PARAMS = {"hista": {"node_spacing": 4, "d_min": 1.0}}

@@ -1,6 +1,7 @@
 """Smoke test of a statevalue image, run with buildah (no container daemon needed).
 
-Serves from the image on free loopback ports, then checks: /readyz turns 200, one HTTP and
+Reports the image's torch and checks that `statevalue serve --help` answers. Then serves
+from the image on free loopback ports and checks: /readyz turns 200, one HTTP and
 one gRPC estimate (the gRPC one from a second container of the same image, with the image's
 own client), /v1/model names the device asked for, /metrics counts both estimates, the
 server runs as the image's non-root user, and SIGTERM ends it with exit status 0 within the
@@ -140,6 +141,15 @@ def smoke(
     log = tempfile.TemporaryFile()
     runner = None
     try:
+        run = ["run", "--isolation", "chroot", client, "--"]
+        torch = buildah(
+            *run, "python", "-c", "import torch; print(torch.__version__, torch.version.cuda)"
+        )
+        version, cuda = torch.split()
+        report.append(("torch", version + ("" if cuda == "None" else f", CUDA {cuda}")))
+        usage = buildah(*run, *entrypoint, "--help")
+        check("--model" in usage and "--device" in usage, f"serve --help: {usage[:300]}")
+        report.append(("serve --help", "answers"))
         serve = [*entrypoint, "--http-port", str(http_port), "--grpc-port", str(grpc_port),
                  "--device", device, "--shutdown-grace-s", str(GRACE_S),
                  *(["--model", model] if model else [])]  # fmt: skip
@@ -161,7 +171,7 @@ def smoke(
 
         pid = server_process(runner.pid)
         uid = uid_of(pid)
-        image_uid = buildah("run", "--isolation", "chroot", client, "--", "id", "-u")
+        image_uid = buildah(*run, "id", "-u")
         check(uid != 0 and str(uid) == image_uid, f"server uid {uid}, image user {image_uid}")
         report.append(("server user", f"{user} (uid {uid})"))
 
@@ -182,8 +192,8 @@ def smoke(
         report.append(("HTTP estimate", f"200, {model['name']} on {model['device']}"))
 
         answer = subprocess.run(
-            ["buildah", "run", "--isolation", "chroot", client, "--", "python", "-c",
-             GRPC_CLIENT, json.dumps([PROMPT, RESPONSES]), f"127.0.0.1:{grpc_port}"],
+            ["buildah", *run, "python", "-c", GRPC_CLIENT, json.dumps([PROMPT, RESPONSES]),
+             f"127.0.0.1:{grpc_port}"],
             capture_output=True, text=True, timeout=300,
         )  # fmt: skip
         check(answer.returncode == 0, f"gRPC estimate failed: {answer.stderr[-2000:]}")

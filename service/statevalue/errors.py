@@ -11,10 +11,20 @@ from dataclasses import dataclass
 import grpc
 
 from statevalue.admin import ReloadRefused, Unauthenticated
+from statevalue.backends.base import CheckpointRefused
 from statevalue.numca_store import StoreUnavailable
 from statevalue.scheduler import DeadlineExpired, ModelTooOld, NotAccepting, QueueFull
 from statevalue.schema import InvalidRequest
 from statevalue.weight_receiver import WeightTransferFailed
+
+# Most characters of a message a reply carries: messages may quote caller strings (ids,
+# keys, texts), and a gRPC status travels in metadata, which is limited to a few KiB.
+MAX_MESSAGE_CHARS = 1000
+
+
+def cut(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """``text``, shortened to ``limit`` characters with a mark when it is longer."""
+    return text if len(text) <= limit else text[: limit - 16] + " ... (shortened)"
 
 
 @dataclass(frozen=True)
@@ -26,6 +36,12 @@ class ErrorReply:
     message: str
     field: str | None = None
     retry_after: float | None = None
+
+    def __post_init__(self) -> None:
+        # Cut here, so that no reply, whoever builds it, carries a caller's megabytes.
+        object.__setattr__(self, "message", cut(self.message))
+        if self.field is not None:
+            object.__setattr__(self, "field", cut(self.field, 200))
 
     @property
     def details(self) -> str:
@@ -57,4 +73,6 @@ def error_reply(exc: BaseException) -> ErrorReply | None:
         return ErrorReply(409, grpc.StatusCode.ABORTED, str(exc))
     if isinstance(exc, ReloadRefused):
         return ErrorReply(exc.http_status, exc.grpc_code, str(exc))
+    if isinstance(exc, CheckpointRefused):
+        return ErrorReply(400, grpc.StatusCode.INVALID_ARGUMENT, str(exc), field="checkpoint")
     return None

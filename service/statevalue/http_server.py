@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import math
 import time
@@ -12,6 +13,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
@@ -20,6 +23,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from statevalue import __version__
+from statevalue.admin import Unauthenticated, check_api_token
 from statevalue.api_models import (
     EstimateIn,
     EstimateOut,
@@ -30,7 +34,7 @@ from statevalue.api_models import (
     ReloadIn,
     estimate_body,
 )
-from statevalue.errors import ErrorReply, error_reply
+from statevalue.errors import ErrorReply, cut, error_reply
 from statevalue.metrics import Metrics
 from statevalue.request_ids import HEADER, request_id
 from statevalue.schema import InvalidRequest
@@ -95,6 +99,53 @@ async def _unless_client_leaves(request: Request, work: Awaitable[_T]) -> _T | N
     return None
 
 
+# A 422 lists at most this many schema errors, and quotes a caller's input only when its
+# JSON is this short: a bad body of megabytes must not come back in the reply.
+_SHOWN_SCHEMA_ERRORS = 20
+_SHOWN_INPUT_CHARS = 200
+
+
+def _schema_errors(errors: Any) -> list[dict[str, Any]]:
+    """FastAPI's 422 detail, safe to send: at most 20 errors, long names cut, and the
+    caller's input quoted only when it is short and finite (NaN cannot be JSON)."""
+    shown = []
+    for error in list(errors)[:_SHOWN_SCHEMA_ERRORS]:
+        item: dict[str, Any] = {
+            "type": error["type"],
+            "loc": [cut(p, 100) if isinstance(p, str) else p for p in error["loc"]],
+            "msg": cut(str(error["msg"])),
+        }
+        try:
+            quoted = json.dumps(jsonable_encoder(error.get("input")), allow_nan=False)
+        except (TypeError, ValueError):
+            quoted = None
+        if quoted is not None and len(quoted) <= _SHOWN_INPUT_CHARS:
+            item["input"] = json.loads(quoted)
+        shown.append(item)
+    return shown
+
+
+class TokenFirst:
+    """401 for an Estimate without the API token, before its body is read or parsed:
+    a caller without the token costs no parsing, and learns nothing about the schema."""
+
+    def __init__(self, app: ASGIApp, server: Any) -> None:
+        self.app = app
+        self.server = server
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] == "/v1/estimate":
+            authorization = Headers(scope=scope).get("authorization")
+            try:
+                check_api_token(authorization, self.server.settings.secret("api_token"))
+            except Unauthenticated as exc:
+                reply = error_reply(exc)
+                assert reply is not None
+                await _reply(reply)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 # The API routes, counted and logged under these RPC names.
 _RPCS = {"/v1/estimate": "estimate", "/v1/admin/reload": "reload", "/v1/model": "model"}
 
@@ -137,7 +188,8 @@ class RequestLog:
             reply = _error(500, None, f"internal error (request {rid})")
             await reply(scope, receive, send_with_id)
         finally:
-            rpc = _RPCS.get(scope["path"])
+            # Under a route prefix (Ray Serve's proxy) the path starts with the root path.
+            rpc = _RPCS.get(scope["path"].removeprefix(scope.get("root_path", "")))
             if rpc is not None:
                 elapsed = time.perf_counter() - started
                 self.metrics.requests.labels("http", rpc, str(status)).inc()
@@ -208,9 +260,14 @@ def create_app(server: Any, metrics: Metrics, *, max_body_bytes: int) -> FastAPI
         description="Per-token state values (Numca, Hista, group mean) for LLM RL trainers.",
     )
 
-    # Added last, so outermost: it also sees the body limit's 413s.
+    # Added last, so outermost: it also sees the body limit's 413s and the token's 401s.
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    app.add_middleware(TokenFirst, server=server)
     app.add_middleware(RequestLog, metrics=metrics)
+
+    @app.exception_handler(RequestValidationError)
+    async def schema_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": _schema_errors(exc.errors())}, status_code=422)
 
     @app.post(
         "/v1/estimate",
@@ -375,10 +432,12 @@ def create_app(server: Any, metrics: Metrics, *, max_body_bytes: int) -> FastAPI
 
     @app.get("/readyz")
     async def readyz() -> Any:
-        """Readiness: the model is loaded and warmed and the server accepts work."""
-        if server.ready:
+        """Readiness: the model is loaded and warmed, the server accepts work and its Numca
+        store answers."""
+        problem = await server.not_ready()
+        if problem is None:
             return {"status": "ready"}
-        return _error(503, None, "draining" if server.draining else "not ready")
+        return _error(503, None, problem)
 
     @app.get("/metrics")
     async def prometheus() -> Response:

@@ -20,6 +20,8 @@ from statevalue.numca_store import StoreStats
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 TOKEN_BUCKETS = (64, 256, 1024, 4096, 16384, 65536, 262144)
+# Actual over predicted queue wait: 1 is a perfect prediction.
+RATIO_BUCKETS = (0.25, 0.5, 0.67, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 4.0)
 
 
 class Metrics:
@@ -53,6 +55,19 @@ class Metrics:
             "statevalue_queue_wait_seconds",
             "Time from admission to the request's first forward batch.",
             buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait_predicted_seconds = Histogram(
+            "statevalue_queue_wait_predicted_seconds",
+            "Queue wait that admission predicted, for requests queued behind others "
+            "(predictions under 0.1 s are left out).",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait_ratio = Histogram(
+            "statevalue_queue_wait_ratio",
+            "Actual over predicted queue wait of the same requests (1 = exact).",
+            buckets=RATIO_BUCKETS,
             registry=r,
         )
         self.forward_seconds = Histogram(
@@ -98,6 +113,11 @@ class Metrics:
         self.throughput = Gauge(
             "statevalue_throughput_tokens_per_second",
             "Measured model throughput that admission uses to estimate queue waits.",
+            registry=r,
+        )
+        self.micro_batch_tokens = Gauge(
+            "statevalue_micro_batch_tokens",
+            "Tokens a forward micro-batch takes now: about micro_batch_seconds of model work.",
             registry=r,
         )
         self.tokens = Counter(

@@ -99,6 +99,10 @@ class NumcaStore(Protocol):
 
     def stats(self) -> StoreStats: ...
 
+    def ping(self) -> bool:
+        """Whether the store answers now (readiness)."""
+        ...
+
     def describe(self) -> str:
         """Where the tables live, for logs and messages (no credentials)."""
         ...
@@ -196,6 +200,10 @@ class InMemoryNumcaStore:
             # state; a short key and digest per idempotency key; a table's own objects.
             approx = 200 * states + 180 * keys + 600 * len(self._tables)
             return StoreStats(len(self._tables), approx, self._counted, self._repeated)
+
+    def ping(self) -> bool:
+        """Always: the tables live in this process."""
+        return True
 
     def describe(self) -> str:
         return "memory" + (f" (snapshot {self._snapshot})" if self._snapshot else "")

@@ -11,10 +11,10 @@ from statevalue_client.client import (
     ReloadResult,
     Rollout,
     RolloutResult,
-    StepFailed,
     ValueClient,
 )
 from statevalue_client.flat_batch import BatchLayout, groups_from_flat_batch, scatter_to_padded
+from statevalue_client.step import RetryPolicy, StepFailed
 
 __all__ = [
     "AsyncValueClient",
@@ -26,6 +26,7 @@ __all__ = [
     "ReloadFailed",
     "ReloadResult",
     "RequestLimits",
+    "RetryPolicy",
     "Rollout",
     "RolloutResult",
     "StepFailed",

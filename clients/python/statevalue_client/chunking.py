@@ -24,7 +24,12 @@ class RequestLimits:
 
 @dataclass(frozen=True)
 class StepProgress:
-    """How far a step is, after each of its requests: passed to ``progress`` callbacks."""
+    """How far a step is, after each of its requests: passed to ``progress`` callbacks.
+
+    ``eta_s``: seconds left at the rate the step's tokens have been answered so far (None
+    before the first answer). Groups finished by an earlier, failed try of the same step
+    count as done from the start.
+    """
 
     requests_done: int
     requests_total: int
@@ -32,6 +37,8 @@ class StepProgress:
     groups_total: int
     tokens_done: int
     tokens_total: int
+    elapsed_s: float = 0.0
+    eta_s: float | None = None
 
 
 def group_name(group_id: str, index: int) -> str:
@@ -65,6 +72,7 @@ def plan_requests(
     prompt_ids: Sequence[str],
     group_ids: Sequence[str],
     limits: RequestLimits,
+    target_tokens: int = 0,
 ) -> list[list[int]]:
     """Group indices per request, every request within ``limits``.
 
@@ -74,9 +82,12 @@ def plan_requests(
             unless together they exceed one request's limits.
         group_ids: for error messages.
         limits: the server's limits.
+        target_tokens: the size to aim at (a few seconds of the server's work; 0: none):
+            as many requests as that takes, though never a group split or over a limit.
 
     The requests are of similar size (the step's tokens spread evenly over the fewest
-    requests the limits allow), so several replicas finish at about the same time.
+    requests the limits and the target allow), so several replicas finish at about the
+    same time.
 
     Raises:
         ValueError: a single group is over the token limit (a group is never split).
@@ -100,7 +111,8 @@ def plan_requests(
     for members in bundles.values():
         pieces.extend(_fill(members, tokens, max_tokens, max_groups, max_tokens, max_groups))
     total = sum(tokens)
-    count = max(-(-total // max_tokens), -(-len(tokens) // max_groups), 1)
+    per_request = min(max_tokens, target_tokens) if target_tokens > 0 else max_tokens
+    count = max(-(-total // per_request), -(-len(tokens) // max_groups), 1)
     requests: list[list[int]] = []
     for piece in _fill(
         list(range(len(pieces))),

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from statevalue_client.client import EstimateResult, Group, Rollout
+from statevalue_client.wire import EstimateResult, Group, Rollout
 
 
 @dataclass(frozen=True)

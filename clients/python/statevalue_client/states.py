@@ -229,28 +229,40 @@ def project(vectors: torch.Tensor, format: StatesFormat) -> torch.Tensor:
     return vectors @ torch.from_numpy(matrix).to(vectors.device)
 
 
-def group_states(
-    hidden: Sequence[torch.Tensor], prompt_length: int, format: StatesFormat
-) -> GroupStates:
-    """One group's representations from its rollouts' hidden states.
+def rollout_representations(
+    hidden: Sequence[torch.Tensor], format: StatesFormat
+) -> list[np.ndarray]:
+    """Each sequence's whole representation (m_i, format.dimension) as float32, projected.
 
-    ``hidden[i]`` is rollout i's (prompt_length + response_length_i, H) hidden states of
-    ``format.layer`` (any dtype; the smoothing is float32, as on the server).
+    ``hidden[i]`` is one prompt+response's (length, H) hidden states of ``format.layer``
+    (any dtype; the smoothing is float32, as on the server).
     """
     reps, counts = smoothed_representations(
         hidden, format.ema_alpha, format.ema_start, format.stride, format.downsample
     )
-    reps = project(reps, format).cpu().numpy()
+    projected = project(reps, format).cpu().numpy()
+    return [projected[i, :count] for i, count in enumerate(counts)]
+
+
+def split_group(
+    representations: Sequence[np.ndarray], prompt_length: int, format: StatesFormat
+) -> GroupStates:
+    """A group's states from its rollouts' whole representations: the prompt part once
+    (the same in every rollout: the EMA is causal) and each rollout's rest."""
     shared = kept_count(prompt_length, format.stride, format.downsample)
-    rollouts = []
-    for i, states in enumerate(hidden):
-        n_shared, own = representation_counts(
-            prompt_length, len(states) - prompt_length, format.stride, format.downsample
-        )
-        assert n_shared == shared
-        rollouts.append(reps[i, shared : shared + own])
-    # Every rollout holds the same prompt part: the EMA is causal.
-    return GroupStates(format=format, prompt=reps[0, :shared], rollouts=rollouts)
+    return GroupStates(
+        format=format,
+        prompt=representations[0][:shared],
+        rollouts=[r[shared:] for r in representations],
+    )
+
+
+def group_states(
+    hidden: Sequence[torch.Tensor], prompt_length: int, format: StatesFormat
+) -> GroupStates:
+    """One group's representations from its rollouts' hidden states: ``hidden[i]`` is
+    rollout i's (prompt_length + response_length_i, H) states of ``format.layer``."""
+    return split_group(rollout_representations(hidden, format), prompt_length, format)
 
 
 def batch_states(

@@ -16,6 +16,12 @@ process's rows, lets the main process ask the service for the whole batch (group
 whole), broadcasts the answer and keeps its own slice. The loss accepts ``[B, T]``
 advantages, so the service's per-token advantages are used as they are.
 
+With ``value_states`` (a :class:`~statevalue_client.states.StatesFormat`), Hista's
+representations come from the trainer's own last-layer hidden states: a hook on the final
+norm keeps those of TRL's log-probability pass when it runs one during generation
+(``num_iterations`` > 1, or generation ahead of the optimizer steps) and otherwise runs one
+no-grad forward pass; the server needs no model (``statevalue serve --backend none``).
+
 Requires ``pip install "statevalue-client[trl]"`` (TRL 1.16).
 """
 
@@ -31,6 +37,26 @@ from trl import GRPOTrainer
 
 from statevalue_client.client import ValueClient
 from statevalue_client.flat_batch import groups_from_flat_batch, scatter_to_padded
+from statevalue_client.states import (
+    FinalNormCapture,
+    StatesFormat,
+    rollout_representations,
+    split_group,
+)
+
+
+def batch_rows(output: Mapping[str, torch.Tensor]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The prompt and completion ids (real tokens only) of each row of TRL's scored batch."""
+    return [
+        (p[m.bool()].cpu().numpy(), c[cm.bool()].cpu().numpy())
+        for p, m, c, cm in zip(
+            output["prompt_ids"],
+            output["prompt_mask"],
+            output["completion_ids"],
+            output["completion_mask"],
+            strict=True,
+        )
+    ]
 
 
 class StateValueGRPOTrainer(GRPOTrainer):
@@ -40,6 +66,9 @@ class StateValueGRPOTrainer(GRPOTrainer):
         value_client: a connected :class:`ValueClient`.
         value_method: ``"hista"``, ``"numca"`` or ``"group_mean"``.
         value_params: estimator parameters per section, e.g. ``{"hista": {"node_spacing": 10}}``.
+        value_states: send Hista's representations made from the trainer's hidden states in
+            this format (its Hista fields must match ``value_params``); None: the server
+            runs the model.
         All other arguments are GRPOTrainer's.
     """
 
@@ -49,13 +78,16 @@ class StateValueGRPOTrainer(GRPOTrainer):
         value_client: ValueClient,
         value_method: str = "hista",
         value_params: Mapping[str, Mapping[str, Any]] | None = None,
+        value_states: StatesFormat | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.value_client = value_client
         self.value_method = value_method
         self.value_params = dict(value_params or {})
+        self.value_states = value_states
         self._global_rewards: torch.Tensor | None = None
+        self._captured: list[torch.Tensor] = []
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):  # type: ignore[no-untyped-def]
         # TRL gathers rewards across processes here; keep the weighted sum for the service.
@@ -69,24 +101,22 @@ class StateValueGRPOTrainer(GRPOTrainer):
         return rewards_per_func
 
     def _generate_and_score_completions(self, inputs):  # type: ignore[no-untyped-def]
-        output = super()._generate_and_score_completions(inputs)
+        if self.value_states is None:
+            output = super()._generate_and_score_completions(inputs)
+        else:
+            capture = _Capture(self.accelerator.unwrap_model(self.model))
+            with capture:
+                output = super()._generate_and_score_completions(inputs)
+            self._captured = capture.kept
         if not self.model.training:
             return output
         assert self._global_rewards is not None
-        local = [
-            (p[m.bool()].cpu().numpy(), c[cm.bool()].cpu().numpy())
-            for p, m, c, cm in zip(
-                output["prompt_ids"],
-                output["prompt_mask"],
-                output["completion_ids"],
-                output["completion_mask"],
-                strict=True,
-            )
-        ]
+        local = batch_rows(output)
         rows = gather_object(local)
+        states = None if self.value_states is None else gather_object(self._states(output))
         answer: list[Any] = [None]
         if self.accelerator.is_main_process:
-            answer = [self._service_advantages(rows, self._global_rewards.numpy())]
+            answer = [self._service_advantages(rows, self._global_rewards.numpy(), states)]
         advantages = broadcast_object_list(answer)[0]
         start = self.accelerator.process_index * len(local)
         mine = advantages[start : start + len(local)]
@@ -97,8 +127,30 @@ class StateValueGRPOTrainer(GRPOTrainer):
         output["advantages"] = torch.from_numpy(padded).to(output["completion_ids"].device)
         return output
 
+    def _states(self, output: dict[str, torch.Tensor]) -> list[np.ndarray]:
+        """This process's rows' whole Hista representations, from the hidden states of
+        TRL's log-probability pass when it ran one, else from a no-grad pass here."""
+        assert self.value_states is not None
+        ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
+        mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
+        full = [h for h in self._captured if h.shape[1] == ids.shape[1]]
+        if sum(len(h) for h in full) == len(ids):
+            hidden = torch.cat(full)
+        else:
+            capture = FinalNormCapture(self.accelerator.unwrap_model(self.model))
+            with capture, torch.no_grad():
+                self.model(input_ids=ids, attention_mask=mask)
+            assert capture.hidden is not None
+            hidden = capture.hidden
+        self._captured = []
+        rows = [hidden[r][mask[r].bool()] for r in range(len(ids))]
+        return rollout_representations(rows, self.value_states)
+
     def _service_advantages(
-        self, rows: list[tuple[np.ndarray, np.ndarray]], rewards: np.ndarray
+        self,
+        rows: list[tuple[np.ndarray, np.ndarray]],
+        rewards: np.ndarray,
+        states: list[np.ndarray] | None = None,
     ) -> list[np.ndarray]:
         """Per-row advantages (valid completion tokens only) for the whole global batch."""
         n = self.num_generations
@@ -121,8 +173,28 @@ class StateValueGRPOTrainer(GRPOTrainer):
             rewards,
             np.arange(len(rows)) // n,
         )
+        if states is not None:
+            assert self.value_states is not None
+            for group, members in zip(groups, layout.rows, strict=True):
+                group.hista_states = split_group(
+                    [states[row] for row in members], len(group.prompt_ids), self.value_states
+                )
         result = self.value_client.estimate(groups, (self.value_method,), **self.value_params)
         _, advantages = scatter_to_padded(result, layout, completion_mask)[self.value_method]
         # Unscorable completions (NaN reward) carry no signal, as in TRL.
         advantages[np.isnan(rewards)] = 0.0
         return [advantages[i, : len(c)] for i, (_, c) in enumerate(rows)]
+
+
+class _Capture(FinalNormCapture):
+    """The final norm's outputs of every multi-token forward pass (prefill and log-prob
+    passes; single-token decoding steps are dropped)."""
+
+    def __enter__(self) -> _Capture:
+        self.kept: list[torch.Tensor] = []
+        super().__enter__()
+        return self
+
+    def _keep(self, module: Any, inputs: Any, output: torch.Tensor) -> None:
+        if output.dim() == 3 and output.shape[1] > 1:
+            self.kept.append(output.detach())

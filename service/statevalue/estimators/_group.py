@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -37,8 +38,9 @@ def length_fraction(
     kept = np.asarray(lengths, dtype=np.float64)[np.asarray(rewarded, dtype=bool)]
     if not kept.size:
         raise ValueError("a group needs at least one rewarded rollout")
-    scaled = int(np.floor(fraction * np.median(kept) + 0.5))
-    return min(max(scaled, lower), upper)
+    # Clamped before rounding: a huge fraction gives inf, which no int can hold.
+    scaled = float(fraction) * float(np.median(kept)) + 0.5
+    return math.floor(min(max(scaled, lower), upper))
 
 
 def start_boundaries(length: int) -> np.ndarray:
