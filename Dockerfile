@@ -25,8 +25,8 @@ WORKDIR /app
 RUN useradd --create-home --uid 10001 statevalue
 COPY pyproject.toml constraints.txt constraints-vllm.txt ./
 # The serving dependencies alone, read from pyproject.toml, so this layer does not depend on
-# the code.
-RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > requirements.txt
+# the code; the client distribution is part of the code (clients/python), installed with it.
+RUN python -c "import tomllib; print('\n'.join(r for r in tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'] if not r.startswith('statevalue-client')))" > requirements.txt
 
 # CPU: torch's CPU build, then the rest; the embedded demo model is included.
 FROM base AS deps-cpu
@@ -61,7 +61,7 @@ COPY clients/python clients/python
 COPY service service
 ARG WHEELS_ONLY=""
 RUN --mount=type=bind,source=deploy/image/wheels,target=/wheels \
-    pip install --find-links /wheels/cpu ${WHEELS_ONLY:+--no-index} --no-deps . && rm -rf build
+    pip install --find-links /wheels/cpu ${WHEELS_ONLY:+--no-index} --no-deps ./clients/python . && rm -rf build clients/python/build
 ENV STATEVALUE_DEVICE=cpu
 USER statevalue
 EXPOSE 50051 8000
@@ -77,7 +77,7 @@ COPY clients/python clients/python
 COPY service service
 ARG WHEELS_ONLY=""
 RUN --mount=type=bind,source=deploy/image/wheels,target=/wheels \
-    pip install --find-links /wheels/cuda ${WHEELS_ONLY:+--no-index} --no-deps . && rm -rf build
+    pip install --find-links /wheels/cuda ${WHEELS_ONLY:+--no-index} --no-deps ./clients/python . && rm -rf build clients/python/build
 # The policy model is mounted here (a Hugging Face model directory or a .gguf file); the
 # image carries no model.
 ENV STATEVALUE_DEVICE=cuda \

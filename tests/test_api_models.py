@@ -12,7 +12,13 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from pydantic import BaseModel, ValidationError
 
 from statevalue import api_models
-from statevalue.config import AdvantageConfig, EstimatorConfig, HistaConfig, NumcaConfig
+from statevalue.config import (
+    AdvantageConfig,
+    EstimatorConfig,
+    HistaConfig,
+    NumcaConfig,
+    SelfCalibrationConfig,
+)
 from statevalue.grpc_server import params_from_proto, params_to_proto
 from statevalue.schema import InvalidRequest
 from statevalue_client.proto import statevalue_pb2 as pb
@@ -33,6 +39,7 @@ PARAM_PAIRS: list[tuple[type[BaseModel], Descriptor]] = [
     (NumcaConfig, pb.NumcaParams.DESCRIPTOR),
     (HistaConfig, pb.HistaParams.DESCRIPTOR),
     (AdvantageConfig, pb.AdvantageParams.DESCRIPTOR),
+    (SelfCalibrationConfig, pb.SelfCalibrationParams.DESCRIPTOR),
 ]
 
 
@@ -131,6 +138,11 @@ def test_every_parameter_round_trips_through_the_proto() -> None:
             "lam": 0.95,
             "scale": "batch",
             "scale_eps": 0.01,
+        },
+        "self_calibration": {
+            "enabled": True,
+            "combine": False,
+            **other_rules(SelfCalibrationConfig, ("scope", "own_weight")),
         },
     }
     config = EstimatorConfig.model_validate(changed)

@@ -3,6 +3,7 @@ and the Dockerfile installs dependencies in layers before the code."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -116,7 +117,9 @@ def test_constraints_cover_every_direct_dependency() -> None:
     requirements = list(project["dependencies"])
     for extra in ("dev", "trl", "verl", "ray"):
         requirements += project["optional-dependencies"][extra]
-    missing = {requirement_name(r) for r in requirements} - set(constrained)
+    # The client distribution is built from this repository (clients/python), not pinned.
+    local = {"statevalue-client"}
+    missing = {requirement_name(r) for r in requirements} - set(constrained) - local
     assert not missing, f"add to constraints.txt (make constraints): {sorted(missing)}"
     assert constrained["torch"] == "2.13.0"
 
@@ -146,7 +149,8 @@ def test_dockerfile_installs_dependencies_before_the_code() -> None:
         assert package.endswith(
             "pip install --find-links /wheels/"
             + target
-            + " ${WHEELS_ONLY:+--no-index} --no-deps . && rm -rf build"
+            + " ${WHEELS_ONLY:+--no-index} --no-deps ./clients/python ."
+            + " && rm -rf build clients/python/build"
         ), target
         assert chain[-1] == ("ENTRYPOINT", '["statevalue", "serve"]')
         assert ("USER", "statevalue") in chain
@@ -201,59 +205,96 @@ def build_context(tmp_path: Path) -> Path:
     return context
 
 
+def wheel_metadata(wheel: Path) -> tuple[set[str], str]:
+    """A wheel's file names and its METADATA text."""
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        text = archive.read(next(n for n in names if n.endswith("/METADATA"))).decode()
+    return names, text
+
+
+def required(text: str) -> list[str]:
+    """The Requires-Dist lines of METADATA text outside any extra."""
+    return [
+        line.split(": ", 1)[1]
+        for line in text.splitlines()
+        if line.startswith("Requires-Dist: ") and "extra ==" not in line
+    ]
+
+
 @pytest.mark.slow
-def test_wheel_holds_server_client_and_stubs_and_requires_serving_only(tmp_path: Path) -> None:
+def test_server_and_client_install_offline_with_one_owner_per_file(tmp_path: Path) -> None:
+    """Both distributions build from the clean clone's sources without a package index, and
+    installed together each file has one owner: the client's files are the client's."""
     context = build_context(tmp_path)
+    wheels = tmp_path / "wheels"
     subprocess.run(
-        # Offline: no index, and the build backend of this environment (no isolated build
-        # environment to download it into).
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--quiet",
-            "--no-deps",
-            "--no-index",
-            "--no-build-isolation",
-            "-w",
-            str(tmp_path),
-            ".",
-        ],  # fmt: skip
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-index",
+         "--no-build-isolation", "-w", str(wheels), "./clients/python", "."],
         cwd=context,
         check=True,
         timeout=300,
-    )
-    (wheel,) = tmp_path.glob("statevalue-*.whl")
-    with zipfile.ZipFile(wheel) as archive:
-        names = set(archive.namelist())
-        metadata = archive.read(next(n for n in names if n.endswith("/METADATA"))).decode()
-        entry_points = archive.read(next(n for n in names if n.endswith("/entry_points.txt")))
-    for path in (
-        "statevalue/server.py",
-        "statevalue/ray_serve.py",
-        "statevalue/ui/index.html",
-        "statevalue/ui/ui.js",
-        "statevalue/ui/ui.css",
-        "statevalue_client/client.py",
-        "statevalue_client/py.typed",
-        "statevalue_client/proto/statevalue_pb2.py",
-        "statevalue_client/proto/statevalue_pb2.pyi",
-    ):
+    )  # fmt: skip
+    (server_wheel,) = wheels.glob("statevalue-*.whl")
+    (client_wheel,) = wheels.glob("statevalue_client-*.whl")
+    names, server_metadata = wheel_metadata(server_wheel)
+    for path in ("statevalue/server.py", "statevalue/ray_serve.py", "statevalue/ui/index.html",
+                 "statevalue/ui/ui.js", "statevalue/ui/ui.css"):  # fmt: skip
         assert path in names, path
-    assert not any(n.startswith(("tests/", "bench/")) for n in names)
-    assert b"statevalue = statevalue.cli:main" in entry_points
-    required = [
-        line.split(": ", 1)[1]
-        for line in metadata.splitlines()
-        if line.startswith("Requires-Dist: ") and "extra ==" not in line
-    ]
-    assert "statevalue-client" not in {requirement_name(r) for r in required}
-    assert not {requirement_name(r) for r in required} & NOT_FOR_SERVING
+    assert not any(n.startswith(("statevalue_client/", "tests/", "bench/")) for n in names)
+    client_names, client_metadata = wheel_metadata(client_wheel)
+    for path in ("statevalue_client/client.py", "statevalue_client/py.typed",
+                 "statevalue_client/proto/statevalue_pb2.py",
+                 "statevalue_client/proto/statevalue_pb2.pyi"):  # fmt: skip
+        assert path in client_names, path
+    assert not any(n.startswith("statevalue/") for n in client_names)
+    # The server requires exactly the client version built beside it, and serving only.
+    client_version = re.search(r"^Version: (\S+)$", client_metadata, re.MULTILINE).group(1)
+    requirements = {requirement_name(r): r for r in required(server_metadata)}
+    assert requirements["statevalue-client"] == f"statevalue-client=={client_version}"
+    assert not set(requirements) & NOT_FOR_SERVING
     extras = {
-        line.split(": ")[1] for line in metadata.splitlines() if line.startswith("Provides-Extra")
+        line.split(": ")[1]
+        for line in server_metadata.splitlines()
+        if line.startswith("Provides-Extra")
     }
     assert {"trl", "verl", "vllm", "dev", "ray"} <= extras
+
+    target = tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index",
+         "--target", str(target), str(server_wheel), str(client_wheel)],
+        check=True,
+        timeout=300,
+    )  # fmt: skip
+    records = {
+        record.parent.name: {line.split(",")[0] for line in record.read_text().splitlines()}
+        for record in target.glob("*.dist-info/RECORD")
+    }
+    assert len(records) == 2
+    server_files, client_files = (
+        records[next(n for n in records if n.startswith(prefix))]
+        for prefix in ("statevalue-", "statevalue_client-")
+    )
+    shared = {f for f in server_files & client_files if "dist-info" not in f}
+    assert not shared, sorted(shared)[:5]
+    assert any(f.startswith("statevalue_client/") for f in client_files)
+    # What was installed runs: the command line and the client, from the installed files.
+    done = subprocess.run(
+        [sys.executable, "-c", "import statevalue.cli, statevalue_client; "
+         "print(statevalue.cli.__file__); print(statevalue_client.__file__)"],
+        env={**os.environ, "PYTHONPATH": str(target)},
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )  # fmt: skip
+    for line in done.stdout.split():
+        assert Path(line).is_relative_to(target), line
+    entry_points = (target / next(n for n in records if n.startswith("statevalue-"))).joinpath(
+        "entry_points.txt"
+    )
+    assert "statevalue = statevalue.cli:main" in entry_points.read_text()
 
 
 def installed_closure(requirements: list[str]) -> dict[str, str]:

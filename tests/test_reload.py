@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from statevalue.backends.torch_backend import TorchBackend
 from statevalue_client import EstimateResult, Group, ReloadFailed, Rollout, ValueClient
-from tests.servers import ServerThread, running_server
+from tests.servers import ServerThread, metric_samples, running_server
 
 TOKEN = "s3cret"
 
@@ -94,6 +94,35 @@ def test_bad_checkpoint_is_refused(server: ServerThread, tmp_path: Path) -> None
             client.reload_weights(str(wrong), admin_token=TOKEN)
         assert "shape" in caught.value.details() or "missing" in caught.value.details()
         assert client.model_info().revision == 0
+
+
+def test_a_corrupt_checkpoint_gets_the_same_mapped_error_on_both_front_ends(
+    server: ServerThread, tmp_path: Path
+) -> None:
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "model.safetensors").write_bytes(b"not a safetensors file" * 64)
+    with ValueClient(server.grpc_target, retries=0) as client:
+        with pytest.raises(grpc.RpcError) as caught:
+            client.reload_weights(str(corrupt), admin_token=TOKEN)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    message = f"{corrupt / 'model.safetensors'}: not a readable safetensors file"
+    assert f"INVALID_ARGUMENT: checkpoint: {message} (" in caught.value.details()
+    answer = httpx.post(
+        f"{server.http_url}/v1/admin/reload",
+        json={"checkpoint": str(corrupt)},
+        headers={"Authorization": f"Bearer {TOKEN}"},
+        timeout=60,
+    )
+    assert answer.status_code == 400
+    detail = answer.json()["detail"]
+    assert detail["field"] == "checkpoint" and detail["message"].startswith(message)
+    page = server.metrics()
+    assert metric_samples(page, "statevalue_requests_total") == {
+        '{frontend="grpc",rpc="ReloadWeights",status="INVALID_ARGUMENT"}': 1.0,
+        '{frontend="http",rpc="reload",status="400"}': 1.0,
+    }
+    assert client_model_info(server)["revision"] == 0
 
 
 def test_min_model_revision(server: ServerThread, updated_checkpoint: Path) -> None:

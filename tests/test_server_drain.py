@@ -8,6 +8,7 @@ work in the queue, so both limits are hit deterministically.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -98,6 +99,41 @@ def test_drain_past_the_grace_answers_every_open_request(backend: TorchBackend) 
         assert metric_value(page, "statevalue_requests_total", unavailable) == 3
         drained_http = '{frontend="http",rpc="estimate",status="503"}'
         assert metric_value(page, "statevalue_requests_total", drained_http) == 3
+    finally:
+        server.stop(grace=1.0)
+
+
+def test_a_drain_refuses_at_once_what_could_not_start_in_time(
+    backend: TorchBackend, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = ServerThread(backend, warmup=True, max_wait_ms=0).start()
+    grace = 4.0
+    try:
+        rate = server.server.scheduler.tokens_per_second
+        # Each request about a grace of model work at the speed the warm-up measured.
+        rollouts = max(1, round(grace * rate / 220))
+        with (
+            ValueClient(server.grpc_target, retries=0, timeout=120) as client,
+            ThreadPoolExecutor(6) as pool,
+            hold_model(backend),
+        ):
+            calls = [
+                pool.submit(client.estimate, [group(k, rollouts, 200)], ["hista"]) for k in range(6)
+            ]
+            wait_for(
+                lambda: metric_value(server.metrics(), "statevalue_queue_depth") == 6,
+                what="six requests to be queued",
+            )
+            with caplog.at_level(logging.INFO, logger="statevalue.scheduler"):
+                assert server.begin_stop(grace).result(timeout=120) is False
+            for call in calls:
+                with pytest.raises(grpc.RpcError) as caught:
+                    call.result(timeout=60)
+                assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        # The model was held all along: the first request's first micro-batch never ended,
+        # and the last ones, estimated to wait several graces, did not wait for this one.
+        early = [r.getMessage() for r in caplog.records if "refused at once" in r.getMessage()]
+        assert early, caplog.text
     finally:
         server.stop(grace=1.0)
 

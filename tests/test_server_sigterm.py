@@ -177,6 +177,8 @@ def test_sigterm_with_48_queued_finishes_the_oldest_and_refuses_the_rest(
     assert drained, "the grace should not cover 48 requests"
     assert all("draining" in a.json()["detail"]["message"] for a in drained)
     completed = sum(1 for a, at in answers if a.status_code == 200 and at > signalled)
+    # Those whose estimated wait was far past the grace were refused at once.
+    first_refusal = min(at for a, at in answers if a.status_code == 503) - signalled
     # What the model ran during the drain would have finished this many requests, had it
     # gone to whole requests: the oldest first means nearly all of it did (one request may
     # be part-done at each end).
@@ -186,7 +188,7 @@ def test_sigterm_with_48_queued_finishes_the_oldest_and_refuses_the_rest(
         f"refused; the model ran {ran - at_signal:.0f} tokens ({allowed:.1f} requests' "
         f"worth); throughput measured before the signal {rate:.0f} tokens/s "
         f"({rate * grace / request_tokens:.1f} requests in the grace); exit after "
-        f"{exit_seconds:.1f} s"
+        f"{exit_seconds:.1f} s; the first 503 came {first_refusal:.1f} s after the signal"
     )
     assert completed >= math.floor(0.8 * allowed) - 1, (completed, allowed)
     # The process does not wait for the forward step still running on the model thread.

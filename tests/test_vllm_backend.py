@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from statevalue.backends.base import CheckpointRefused
 from statevalue.backends.torch_backend import TorchBackend
 from statevalue.engine import Engine
 from statevalue.schema import EstimateRequest, GroupInput
@@ -146,7 +147,7 @@ def test_reload_swaps_weights_and_drops_the_prefix_cache(
     finally:
         vllm_backend.apply_weights(vllm_backend.read_checkpoint(str(embedded_checkpoint)))
     assert_states_match(vllm_backend.hidden_states(sequences, hints), before)
-    with pytest.raises(ValueError, match="safetensors"):
+    with pytest.raises(CheckpointRefused, match="safetensors"):
         vllm_backend.read_checkpoint(str(tmp_path / "missing"))
 
 
@@ -168,6 +169,8 @@ def test_serve_with_the_vllm_backend_end_to_end(
         wait_for(lambda: serve_ready(process, http_port), timeout=600, what="vllm serve ready")
         model = httpx.get(f"http://127.0.0.1:{http_port}/v1/model", timeout=10).json()
         assert model["name"] == engine.model.name
+        # vLLM answers, on its default path (a group's prompt once, through the prefix cache).
+        assert (model["backend"], model["forward_path"]) == ("vllm", "prompt_once")
         # The served defaults; the same backend in this process is the reference (its
         # parity with the torch backend, ties allowed for, is the test above).
         expected = Engine(vllm_backend).estimate(EstimateRequest(groups=[sampled_group]))
@@ -181,6 +184,8 @@ def test_serve_with_the_vllm_backend_end_to_end(
         )
         with ValueClient(f"127.0.0.1:{grpc_port}") as client:
             got = client.estimate([group]).groups[0]
+            info = client.model_info()
+        assert (info.backend, info.forward_path) == ("vllm", "prompt_once")
         for rollout, wanted in zip(got.rollouts, expected.rollouts, strict=True):
             np.testing.assert_allclose(
                 rollout.values["hista"], wanted.values["hista"], atol=VALUE_ATOL

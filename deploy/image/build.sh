@@ -69,7 +69,8 @@ wheels=$here/wheels/$target
 mkdir -p "$wheels"
 requirements=$here/cache/requirements-$target.txt
 mkdir -p "$here/cache"
-project "'\n'.join(p['project']['dependencies'] + p['build-system']['requires'])" >"$requirements"
+# The client distribution is not downloaded: it is built from clients/python with the code.
+project "'\n'.join([r for r in p['project']['dependencies'] if not r.startswith('statevalue-client')] + p['build-system']['requires'])" >"$requirements"
 if [ -n "$extras" ]; then
   project "'\n'.join(r for e in '$extras'.split(',') for r in p['project']['optional-dependencies'][e])" >>"$requirements"
 fi

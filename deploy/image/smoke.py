@@ -125,7 +125,12 @@ def metric(text: str, name: str, **labels: str) -> float:
 
 
 def smoke(
-    image: str, device: str, model: str | None, volumes: list[str], ready_timeout: float
+    image: str,
+    device: str,
+    model: str | None,
+    volumes: list[str],
+    imports: list[str],
+    ready_timeout: float,
 ) -> list[tuple]:
     report: list[tuple] = [
         ("image", image),
@@ -147,6 +152,9 @@ def smoke(
         )
         version, cuda = torch.split()
         report.append(("torch", version + ("" if cuda == "None" else f", CUDA {cuda}")))
+        for module in imports:
+            version = buildah(*run, "python", "-c", f"import {module}; print({module}.__version__)")
+            report.append((f"import {module}", version.splitlines()[-1]))
         usage = buildah(*run, *entrypoint, "--help")
         check("--model" in usage and "--device" in usage, f"serve --help: {usage[:300]}")
         report.append(("serve --help", "answers"))
@@ -255,10 +263,15 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="statevalue serve --device")
     parser.add_argument("--model", help="statevalue serve --model (default: the image's)")
     parser.add_argument("--volume", action="append", default=[], help="HOST:CONTAINER, read-only")
+    parser.add_argument(
+        "--import", dest="imports", action="append", default=[], help="a module the image has"
+    )
     parser.add_argument("--ready-timeout", type=float, default=600.0, help="seconds")
     args = parser.parse_args()
     try:
-        report = smoke(args.image, args.device, args.model, args.volume, args.ready_timeout)
+        report = smoke(
+            args.image, args.device, args.model, args.volume, args.imports, args.ready_timeout
+        )
     except SmokeFailed as failure:
         sys.exit(f"smoke test of {args.image} FAILED: {failure}")
     width = max(len(name) for name, _ in report)

@@ -6,6 +6,7 @@ in step.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Annotated, Any
 
 import numpy as np
@@ -14,6 +15,7 @@ from pydantic import Base64Bytes, BaseModel, ConfigDict, Field, StrictInt
 from statevalue.config import METHODS, EstimatorConfig
 from statevalue.estimators.advantages import RewardStatistics
 from statevalue.estimators.hista import HistaNode
+from statevalue.estimators.self_calibration import SelfCalibration
 from statevalue.schema import (
     EstimateRequest,
     EstimateResult,
@@ -341,9 +343,33 @@ class RolloutOut(_Wire):
     )
 
 
+class SelfCalibrationOut(_Wire):
+    params: dict[str, dict[str, Any]] = Field(
+        description="The chosen settings of each estimator in the blend (grid fields only)."
+    )
+    weights: dict[str, float] = Field(description="The blend's weight per method; sum 1.")
+    own_weight: float = Field(
+        description="value = own_weight·R_i + (1 − own_weight)·(blend without rollout i)."
+    )
+    criterion: float = Field(
+        description="Leave-one-rollout-out mean squared error of the blend against the "
+        "rollouts' rewards, over the scope."
+    )
+    group_mean_criterion: float = Field(description="The same for the group mean.")
+    candidates: int = Field(description="How many settings and blends were compared.")
+    scope: str = Field(description="'request' or 'group'.")
+
+    @classmethod
+    def from_choice(cls, choice: SelfCalibration) -> SelfCalibrationOut:
+        return cls(**dataclasses.asdict(choice))
+
+
 class GroupOut(_Wire):
     group_id: str
     rollouts: list[RolloutOut]
+    self_calibration: dict[str, SelfCalibrationOut] | None = Field(
+        None, description="Per method, only when params.self_calibration.enabled."
+    )
 
 
 class EstimateOut(_Wire):
@@ -372,6 +398,10 @@ class EstimateOut(_Wire):
                         )
                         for r in g.rollouts
                     ],
+                    self_calibration={
+                        m: SelfCalibrationOut.from_choice(c) for m, c in g.self_calibration.items()
+                    }
+                    or None,
                 )
                 for g in result.groups
             ],

@@ -8,12 +8,12 @@ import logging
 import os
 import re
 import sys
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, get_args, get_origin
 
 from pydantic import ValidationError
+from pydantic_settings import BaseSettings
 
 from statevalue import __version__
 from statevalue.api_models import EstimateOut, GroupIn
@@ -24,6 +24,7 @@ from statevalue.config import (
     validation_message,
 )
 from statevalue.schema import EstimateRequest, InvalidRequest
+from statevalue.settings import ModelSettings, ServerSettings
 
 if TYPE_CHECKING:
     from statevalue.backends.base import ModelBackend
@@ -141,7 +142,7 @@ def run_estimate(args: argparse.Namespace) -> int:
     groups = list(_read_groups(args.input))
     if not groups:
         raise ValueError(f"{args.input}: no groups")
-    engine = Engine(_load_backend(args), defaults=defaults)
+    engine = Engine(_loaded_backend(args), defaults=defaults)
     forward = estimator = 0.0
     output = sys.stdout if str(args.output) == "-" else args.output.open("w")
     try:
@@ -187,7 +188,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.input}: no groups")
     work = args.work or args.out.with_name(args.out.stem + ".work.jsonl")
     report = calibrate(
-        _load_backend(args),
+        # Monte Carlo sampling generates text, which only the torch backend does.
+        _loaded_backend(args, backend="torch"),
         [group.to_input() for _, group in lines],
         [f"{args.input}:{number}" for number, _ in lines],
         (args.reward, reward),
@@ -217,21 +219,13 @@ def run_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_backend(args: argparse.Namespace) -> ModelBackend:
-    """The model of --model/--device/--dtype/--layer, or the one :func:`main` was given."""
+def _loaded_backend(args: argparse.Namespace, **fixed: Any) -> ModelBackend:
+    """The model the command's flags name, or the one :func:`main` was given."""
     if args.loaded_backend is not None:
         return args.loaded_backend
-    from statevalue.backends.torch_backend import TorchBackend
+    from statevalue.backends.factory import open_backend
 
-    started = time.perf_counter()
-    backend = TorchBackend(args.model, device=args.device, dtype=args.dtype, layer=args.layer)
-    logging.getLogger(__name__).info(
-        "model %s %s loaded in %.1f s",
-        backend.identity.name,
-        backend.identity.version,
-        time.perf_counter() - started,
-    )
-    return backend
+    return open_backend(settings_from_args(ModelSettings, args, **fixed))
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -239,17 +233,8 @@ def run_serve(args: argparse.Namespace) -> int:
     import asyncio
 
     from statevalue.server import serve
-    from statevalue.settings import ServerSettings
 
-    overrides = {
-        name: getattr(args, name)
-        for name in ServerSettings.model_fields
-        if getattr(args, name, None) is not None
-    }
-    try:
-        settings = ServerSettings(**overrides)
-    except ValidationError as exc:
-        raise ValueError(validation_message(exc)) from exc
+    settings = settings_from_args(ServerSettings, args)
     if settings.log_json:
         for handler in logging.getLogger().handlers:
             handler.setFormatter(JsonLogFormatter())
@@ -278,24 +263,68 @@ class JsonLogFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
-# Shorter spellings of some serve flags.
-_SERVE_ALIASES = {"params_file": ("--params",)}
+# Shorter spellings of some settings' flags.
+_ALIASES = {"params_file": ("--params",)}
 
 
-def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    from statevalue.settings import ServerSettings
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
-    for name, info in ServerSettings.model_fields.items():
-        flags = ("--" + name.replace("_", "-"), *_SERVE_ALIASES.get(name, ()))
-        env = "STATEVALUE_" + name.upper()
-        help_text = f"{info.description} (default {info.default!r}; env {env})"
+
+def add_settings_arguments(
+    parser: argparse.ArgumentParser,
+    settings_class: type[BaseSettings],
+    names: Iterable[str] | None = None,
+) -> None:
+    """A flag for each field of ``settings_class`` (or those ``names``), with its help, env
+    variable and default. The flags only carry text: the settings model parses and checks
+    every value (:func:`settings_from_args`)."""
+    fields = settings_class.model_fields
+    prefix = settings_class.model_config.get("env_prefix", "")
+    for name in names or fields:
+        info = fields[name]
+        default = "unset" if info.default is None else repr(info.default)
+        help_text = f"{info.description} (default {default}; env {prefix}{name.upper()})"
+        flags = (_flag(name), *_ALIASES.get(name, ()))
         if info.annotation in (bool, bool | None):
             parser.add_argument(
                 *flags, dest=name, action=argparse.BooleanOptionalAction, help=help_text
             )
-        else:
-            kind = info.annotation if info.annotation in (int, float) else str
-            parser.add_argument(*flags, dest=name, type=kind, help=help_text)
+            continue
+        choices = get_args(info.annotation) if get_origin(info.annotation) is Literal else ()
+        metavar = "{" + ",".join(choices) + "}" if choices else name.upper()
+        parser.add_argument(*flags, dest=name, metavar=metavar, help=help_text)
+
+
+_S = TypeVar("_S", bound=BaseSettings)
+
+
+def settings_from_args(settings_class: type[_S], args: argparse.Namespace, **fixed: Any) -> _S:
+    """The settings of the flags given (the environment and defaults fill the rest), checked.
+
+    Raises:
+        ValueError: one line naming each bad value's flag.
+    """
+    given = {
+        name: getattr(args, name)
+        for name in settings_class.model_fields
+        if getattr(args, name, None) is not None
+    }
+    try:
+        return settings_class(**given, **fixed)
+    except ValidationError as exc:
+        raise ValueError(settings_message(exc)) from None
+
+
+def settings_message(exc: ValidationError) -> str:
+    """``--device: must be auto, cpu, cuda or cuda:N, not 'gpu'; ...`` for a failed check."""
+    parts = []
+    for error in exc.errors():
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] != "value_error" and error["loc"]:
+            message += f", not {error['input']!r}"
+        parts.append(f"{_flag(str(error['loc'][0]))}: {message}" if error["loc"] else message)
+    return "; ".join(parts)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -323,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=",".join(METHODS),
         help=f"comma-separated subset of {','.join(METHODS)}",
     )
-    _add_model_arguments(estimate)
+    add_settings_arguments(estimate, ModelSettings)
     estimate.add_argument(
         "--set",
         action="append",
@@ -355,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
         "  curl -s localhost:8000/readyz",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _add_serve_arguments(serve)
+    add_settings_arguments(serve, ServerSettings)
     serve.set_defaults(handler=run_serve)
     return parser
 
@@ -440,35 +469,26 @@ def _add_calibrate_parser(commands: Any) -> None:
         help="run at most N states (N x K continuations) this time; run again for the rest "
         "(default: all)",
     )
-    _add_model_arguments(calibrate)
+    add_settings_arguments(calibrate, ModelSettings, ("model", "device", "dtype", "layer"))
     calibrate.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     calibrate.set_defaults(handler=run_calibrate)
 
 
-def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--model",
-        default="embedded",
-        help="'embedded' (SmolLM2-135M-Instruct shipped in a wheel), a local model directory "
-        "or .gguf file (default: embedded)",
-    )
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default auto)")
-    parser.add_argument(
-        "--dtype",
-        default="auto",
-        choices=["auto", "float32", "bfloat16", "float16"],
-        help="auto = bfloat16 on GPU, float32 on CPU",
-    )
-    parser.add_argument(
-        "--layer", type=int, default=-1, help="hidden-state layer (default -1: last)"
-    )
+def parse_command_line(
+    argv: Sequence[str] | None = None, backend: ModelBackend | None = None
+) -> argparse.Namespace:
+    """The parsed command line as :func:`main` runs it; ``backend`` is a loaded model."""
+    args = build_parser().parse_args(argv)
+    # Beside the flags' own names (a settings field called `backend` is a flag).
+    args.loaded_backend = backend
+    return args
 
 
 def main(argv: Sequence[str] | None = None, *, backend: ModelBackend | None = None) -> int:
     """Run the command line ``argv``; ``backend`` reuses a loaded model instead of --model."""
-    args = build_parser().parse_args(argv)
-    # Not args.backend: that is serve's --backend flag.
-    args.loaded_backend = backend
+    # Models load from local files only: no Hub lookups, whatever a library would try.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args = parse_command_line(argv, backend)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s %(message)s",

@@ -28,6 +28,8 @@ Neighbours = Literal["top_k", "with_ties"]
 ScaleMode = Literal["group", "batch", "none"]
 GaeMode = Literal["segment", "token"]
 Method = Literal["numca", "hista", "group_mean"]
+CalibrationScope = Literal["request", "group"]
+OwnWeightRule = Literal["fitted", "none"]
 
 METHODS: tuple[Method, ...] = ("numca", "hista", "group_mean")
 
@@ -268,12 +270,39 @@ class AdvantageConfig(_Strict):
     scale_eps: float = Field(1e-4, ge=0.0, description="Added to the std before dividing.")
 
 
+class SelfCalibrationConfig(_Strict):
+    """Settings chosen from the request's own rewards (docs/design.md, "Self-calibration")."""
+
+    enabled: bool = Field(
+        False,
+        description="Choose Hista's and Numca's settings per request by the "
+        "leave-one-rollout-out error against the rollouts' own rewards; off = the settings "
+        "as given (reference mode stays exact).",
+    )
+    scope: CalibrationScope = Field(
+        "request",
+        description="'request' = one choice for all groups of the request (a step); "
+        "'group' = one per group.",
+    )
+    combine: bool = Field(
+        True,
+        description="Also try each method's best setting blended with the group mean or "
+        "with the other method, the weight fitted by the same criterion.",
+    )
+    own_weight: OwnWeightRule = Field(
+        "fitted",
+        description="'fitted' = shrink each value towards the rollout's own reward by the "
+        "fitted weight; 'none' = values from the other rollouts only.",
+    )
+
+
 class EstimatorConfig(_Strict):
     """All estimator parameters of one request."""
 
     numca: NumcaConfig = NumcaConfig()
     hista: HistaConfig = HistaConfig()
     advantage: AdvantageConfig = AdvantageConfig()
+    self_calibration: SelfCalibrationConfig = SelfCalibrationConfig()
 
 
 # Hista's clamp is one choice made with two fields (an absolute d_min, or a relative one).

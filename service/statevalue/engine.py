@@ -50,6 +50,14 @@ from statevalue.estimators.numca import (
     read_numca_values,
     table_rows,
 )
+from statevalue.estimators.self_calibration import (
+    GroupCandidates,
+    SelfCalibration,
+    hista_candidates,
+    numca_candidates,
+    self_calibrate,
+    target_group,
+)
 from statevalue.numca_store import (
     Contribution,
     ContributionConflict,
@@ -395,7 +403,15 @@ class Engine:
         config = prepared.config
         if prepared.needs_hidden_states and hidden is None:
             raise ValueError("hista needs the hidden states of prepared.sequences()")
-        numca, numca_paths = self._numca(prepared) if "numca" in prepared.methods else ([], [])
+        decoded = self._decoded(prepared) if self._decoding_needed(prepared) else []
+        numca, numca_paths = (
+            self._numca(prepared, decoded) if "numca" in prepared.methods else ([], [])
+        )
+        calibrated = self._self_calibrated(prepared, hidden, decoded)
+        if calibrated:
+            # The explanation's states and neighbours would be those of the configured
+            # settings, not of the answer: only token texts are explained.
+            numca_paths = []
         offset = 0
         per_group: list[dict[str, ValueEstimate]] = []
         hista_nodes: list[list[list[HistaNode]]] = []
@@ -403,7 +419,9 @@ class Engine:
             lengths = [len(r) for r in group.responses]
             estimates: dict[str, ValueEstimate] = {}
             for method in prepared.methods:
-                if method == "group_mean":
+                if calibrated and method in calibrated[g]:
+                    estimates[method] = calibrated[g][method][0]
+                elif method == "group_mean":
                     estimates[method] = group_mean_values(lengths, group.rewards, group.rewarded)
                 elif method == "numca":
                     estimates[method] = numca[g]
@@ -437,6 +455,8 @@ class Engine:
             offset += len(lengths)
             per_group.append(estimates)
         groups = self._advantages(prepared, per_group)
+        for group_result, chosen in zip(groups, calibrated, strict=False):
+            group_result.self_calibration = {m: report for m, (_, report) in chosen.items()}
         _check_finite(groups, config)
         if prepared.explain:
             self._explain(prepared, groups, numca_paths, hista_nodes)
@@ -466,8 +486,51 @@ class Engine:
                     explanation.hista_nodes = hista_nodes[g][j]
                 rollout.explanation = explanation
 
+    @staticmethod
+    def _decoding_needed(prepared: PreparedRequest) -> bool:
+        calibrating = prepared.config.self_calibration.enabled and "hista" in prepared.methods
+        return "numca" in prepared.methods or calibrating
+
+    def _decoded(self, prepared: PreparedRequest) -> list[list[tuple[str, np.ndarray]]]:
+        """Each response's text and its tokens' character end offsets, per group."""
+        return [
+            [self.token_text.decode_with_offsets(response) for response in group.responses]
+            for group in prepared.groups
+        ]
+
+    def _self_calibrated(
+        self,
+        prepared: PreparedRequest,
+        hidden: Sequence[torch.Tensor] | None,
+        decoded: list[list[tuple[str, np.ndarray]]],
+    ) -> list[dict[str, tuple[ValueEstimate, SelfCalibration]]]:
+        """Per group, the self-calibrated values and choice of hista and numca (empty when
+        self-calibration is off). Re-uses the forward pass and the decoded texts."""
+        config = prepared.config
+        methods = [m for m in prepared.methods if m in ("hista", "numca")]
+        if not config.self_calibration.enabled or not methods:
+            return []
+        candidates = []
+        offset = 0
+        for group, texts in zip(prepared.groups, decoded, strict=True):
+            lengths = [len(r) for r in group.responses]
+            target = target_group(lengths, group.rewards, group.rewarded)
+            hista = []
+            if "hista" in methods:
+                assert hidden is not None
+                group_hidden = hidden[offset : offset + len(lengths)]
+                hista = hista_candidates(group_hidden, len(group.prompt_ids), target, config.hista)
+            offset += len(lengths)
+            numca = numca_candidates(
+                [t for t, _ in texts], [e for _, e in texts], target, config.numca
+            )
+            candidates.append(GroupCandidates(target, hista, numca))
+        if config.self_calibration.scope == "request":
+            return self_calibrate(candidates, methods, config.self_calibration)
+        return [self_calibrate([c], methods, config.self_calibration)[0] for c in candidates]
+
     def _numca(
-        self, prepared: PreparedRequest
+        self, prepared: PreparedRequest, decoded: list[list[tuple[str, np.ndarray]]]
     ) -> tuple[list[ValueEstimate], list[list[NumcaPath]]]:
         """Numca values of every group, each table holding the whole request first, and
         the paths (states) of every rollout.
@@ -478,14 +541,10 @@ class Engine:
         """
         numca = prepared.config.numca
         paths: list[list[NumcaPath]] = []
-        for group in prepared.groups:
+        for group, texts in zip(prepared.groups, decoded, strict=True):
             lengths = [len(r) for r in group.responses]
             group_numca = group_merge_distance(lengths, group.rewarded, numca)
-            group_paths = []
-            for response in group.responses:
-                text, ends = self.token_text.decode_with_offsets(response)
-                group_paths.append(numca_path(text, ends, group_numca))
-            paths.append(group_paths)
+            paths.append([numca_path(text, ends, group_numca) for text, ends in texts])
 
         def read(table: NumcaTable, g: int) -> ValueEstimate:
             lengths = [len(r) for r in prepared.groups[g].responses]

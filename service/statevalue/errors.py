@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import grpc
 
 from statevalue.admin import ReloadRefused, Unauthenticated
+from statevalue.backends.base import CheckpointRefused
 from statevalue.numca_store import StoreUnavailable
 from statevalue.scheduler import DeadlineExpired, ModelTooOld, NotAccepting, QueueFull
 from statevalue.schema import InvalidRequest
@@ -72,4 +73,6 @@ def error_reply(exc: BaseException) -> ErrorReply | None:
         return ErrorReply(409, grpc.StatusCode.ABORTED, str(exc))
     if isinstance(exc, ReloadRefused):
         return ErrorReply(exc.http_status, exc.grpc_code, str(exc))
+    if isinstance(exc, CheckpointRefused):
+        return ErrorReply(400, grpc.StatusCode.INVALID_ARGUMENT, str(exc), field="checkpoint")
     return None

@@ -54,7 +54,7 @@ def _packed(data: bytes, dtype: np.dtype, count: int, field: str) -> np.ndarray:
 def params_from_proto(params: pb.EstimatorParams) -> EstimatorConfig:
     """Only the fields the caller set; the rest keep the service defaults."""
     tree: dict[str, dict[str, Any]] = {}
-    for section in ("numca", "hista", "advantage"):
+    for section in EstimatorConfig.model_fields:
         message = getattr(params, section)
         tree[section] = {f.name: value for f, value in message.ListFields()}
     try:
@@ -220,6 +220,15 @@ def response_to_proto(result: EstimateResult) -> pb.EstimateResponse:
                 entry.boundaries = pack_int32(rollout.boundaries[method])
             if rollout.explanation is not None:
                 _explanation_to_proto(rollout.explanation, item.explanation)
+        for method, choice in group.self_calibration.items():
+            entry = out.self_calibration[method]
+            entry.params.CopyFrom(params_to_proto(choice.params))
+            entry.weights.update(choice.weights)
+            entry.own_weight = choice.own_weight
+            entry.criterion = choice.criterion
+            entry.group_mean_criterion = choice.group_mean_criterion
+            entry.candidates = choice.candidates
+            entry.scope = choice.scope
     return response
 
 
@@ -244,6 +253,19 @@ def _answer_before(deadline_in: float | None) -> float | None:
     if deadline_in is None:
         return None
     return deadline_in - min(0.1 * deadline_in, 0.25)
+
+
+def _refusal(exc: Exception, rid: str) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]:
+    """The status, details and trailing metadata (a retry-after hint) a failed call ends
+    with: its errors.py reply, or INTERNAL (logged with the request id; the caller gets the
+    id, not the exception's text)."""
+    reply = error_reply(exc)
+    if reply is None:
+        log.error("request_id=%s failed", rid, exc_info=exc)
+        return grpc.StatusCode.INTERNAL, f"internal error (request {rid})", ()
+    if reply.retry_after is None:
+        return reply.grpc_code, reply.details, ()
+    return reply.grpc_code, reply.details, ((RETRY_AFTER, f"{reply.retry_after:.3f}"),)
 
 
 class ValueServicer(pb_grpc.ValueServiceServicer):
@@ -278,17 +300,8 @@ class ValueServicer(pb_grpc.ValueServiceServicer):
                 code = grpc.StatusCode.CANCELLED
                 raise
             except Exception as exc:
-                reply = error_reply(exc)
-                if reply is None:
-                    code = grpc.StatusCode.INTERNAL
-                    log.exception("request_id=%s failed", rid)
-                    await context.abort(code, f"internal error (request {rid})", echo)
-                else:
-                    code = reply.grpc_code
-                    hint = ()
-                    if reply.retry_after is not None:
-                        hint = ((RETRY_AFTER, f"{reply.retry_after:.3f}"),)
-                    await context.abort(code, reply.details, echo + hint)
+                code, details, trailer = _refusal(exc, rid)
+                await context.abort(code, details, echo + trailer)
             context.set_trailing_metadata(echo)
             return response_to_proto(result)
         finally:
@@ -338,6 +351,7 @@ class ValueServicer(pb_grpc.ValueServiceServicer):
         self, rpc: str, action: Awaitable[None], context: grpc.aio.ServicerContext
     ) -> pb.ModelInfo:
         """Run an admin action (a weight reload or update); answer with the model it left."""
+        rid = request_id(dict(context.invocation_metadata() or ()).get(HEADER))
         code = grpc.StatusCode.OK
         try:
             await action
@@ -345,14 +359,8 @@ class ValueServicer(pb_grpc.ValueServiceServicer):
             code = grpc.StatusCode.CANCELLED
             raise
         except Exception as exc:
-            reply = error_reply(exc)
-            if reply is None:
-                code = grpc.StatusCode.INTERNAL
-                log.exception("%s failed", rpc)
-                await context.abort(code, f"internal error ({type(exc).__name__})")
-            else:
-                code = reply.grpc_code
-                await context.abort(code, reply.details)
+            code, details, trailer = _refusal(exc, rid)
+            await context.abort(code, details, ((HEADER, rid), *trailer))
         finally:
             self._metrics.requests.labels("grpc", rpc, code.name).inc()
         return model_info_to_proto(self._server.model_info())
@@ -377,6 +385,8 @@ def build_grpc_server(
             # while a call is in flight: a call may be a long step's request that queued
             # behind minutes of work, and cutting it would throw that work away.
             ("grpc.max_connection_age_grace_ms", _NO_LIMIT_MS),
+            # A second server on a taken port must fail, not share it (gRPC's default).
+            ("grpc.so_reuseport", 0),
         ]
     )
     _add_value_service(servicer, server)

@@ -188,7 +188,8 @@ class RequestLog:
             reply = _error(500, None, f"internal error (request {rid})")
             await reply(scope, receive, send_with_id)
         finally:
-            rpc = _RPCS.get(scope["path"])
+            # Under a route prefix (Ray Serve's proxy) the path starts with the root path.
+            rpc = _RPCS.get(scope["path"].removeprefix(scope.get("root_path", "")))
             if rpc is not None:
                 elapsed = time.perf_counter() - started
                 self.metrics.requests.labels("http", rpc, str(status)).inc()

@@ -269,10 +269,20 @@ class Scheduler:
 
         Work runs oldest first, so the requests that fit in the time finish; those still
         open when the time is up are answered with NotAccepting (retryable elsewhere).
+        A queued request whose estimated wait is over twice the time is answered so at
+        once: it would not even start in time, and its caller can retry elsewhere now.
         Returns True if everything finished.
         """
         self._accepting = False
         self._draining = True
+        refused = 0
+        for job in [j for j in self._jobs if not (j.started or j.dead)]:
+            if self.estimated_wait(job.order, len(job.sequences[0])) > 2 * timeout:
+                job.future.set_exception(NotAccepting(DRAINING))
+                self._remove(job)
+                refused += 1
+        if refused:
+            log.info("drain: %d queued requests refused at once (could not start in time)", refused)
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
             drained = True

@@ -12,6 +12,7 @@ from statevalue.backends.base import ModelIdentity
 from statevalue.config import EstimatorConfig, Method
 from statevalue.estimators.advantages import RewardStatistics
 from statevalue.estimators.hista import HistaNode
+from statevalue.estimators.self_calibration import SelfCalibration
 from statevalue_client.arrays import VECTOR_DTYPES
 from statevalue_client.states import PROJECTIONS, StatesFormat
 
@@ -106,6 +107,8 @@ class RolloutResult:
 class GroupResult:
     group_id: str
     rollouts: list[RolloutResult]
+    # Per method, when the request's self_calibration is enabled.
+    self_calibration: dict[str, SelfCalibration] = field(default_factory=dict)
 
 
 @dataclass

@@ -21,10 +21,11 @@ from typing import Any
 
 import grpc
 import uvicorn
-from grpc_health.v1 import health_pb2
+from grpc_health.v1 import health, health_pb2
 
 from statevalue.admin import ReloadRefused, check_admin, check_api_token
 from statevalue.backends.base import LoadedWeights, ModelBackend
+from statevalue.backends.factory import open_backend
 from statevalue.config import load_params
 from statevalue.debug_history import DebugHistory
 from statevalue.engine import Engine
@@ -47,36 +48,6 @@ _SEND_RESERVE_S = 2.0
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-
-
-def open_backend(settings: ServerSettings) -> ModelBackend:
-    """Load the model ``settings`` name on the backend they choose (blocking: minutes)."""
-    if settings.backend == "none":
-        from statevalue.backends.no_model import NoModelBackend
-
-        return NoModelBackend(settings.model)
-    if settings.backend == "vllm":
-        from statevalue.backends.vllm_backend import VllmBackend
-
-        return VllmBackend(
-            settings.model,
-            device=settings.device,
-            dtype=settings.dtype,
-            layer=settings.layer,
-            forward_path=settings.forward_path,
-            memory_share=settings.vllm_memory_share,
-            enforce_eager=settings.vllm_enforce_eager,
-        )
-    from statevalue.backends.torch_backend import TorchBackend
-
-    return TorchBackend(
-        settings.model,
-        device=settings.device,
-        dtype=settings.dtype,
-        layer=settings.layer,
-        max_batch_tokens=settings.max_batch_tokens,
-        forward_path=settings.forward_path,
-    )
 
 
 async def open_scheduler(
@@ -127,6 +98,25 @@ async def open_scheduler(
     return scheduler
 
 
+class PortUnavailable(ValueError):
+    """A port the settings name cannot be listened on (taken, or not allowed)."""
+
+
+def _bind(host: str, port: int, flag: str) -> socket.socket:
+    """A socket bound to ``host:port``; a port that cannot be had is named with its flag."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise PortUnavailable(
+            f"{flag} {port}: cannot listen on {host}:{port} ({exc.strerror})"
+        ) from None
+    return sock
+
+
 class _HttpServer(uvicorn.Server):
     """uvicorn without signal handlers of its own.
 
@@ -160,12 +150,11 @@ class StatevalueServer:
         self._stopping = False
         self._history = DebugHistory(settings.debug_history) if settings.debug_history else None
         max_bytes = settings.max_message_mb << 20
-        self._grpc, self._health = build_grpc_server(
-            ValueServicer(self, self.metrics),
-            max_message_bytes=max_bytes,
-            max_connection_age_s=settings.max_connection_age_s,
-        )
-        app = create_app(self, self.metrics, max_body_bytes=max_bytes)
+        # Built by start(): a server that only loads (under Ray Serve) has no gRPC port.
+        self._grpc: grpc.aio.Server | None = None
+        self._health: health.aio.HealthServicer | None = None
+        #: The HTTP API over this server (uvicorn serves it here; Ray Serve's proxy there).
+        self.app = create_app(self, self.metrics, max_body_bytes=max_bytes)
         tls: dict[str, Any] = {}
         if settings.tls_cert is not None:
             tls = {"ssl_certfile": str(settings.tls_cert), "ssl_keyfile": str(settings.tls_key)}
@@ -173,7 +162,7 @@ class StatevalueServer:
                 tls["ssl_ca_certs"] = str(settings.tls_client_ca)
                 tls["ssl_cert_reqs"] = ssl.CERT_REQUIRED
         self._http = _HttpServer(
-            uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", **tls)
+            uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="off", **tls)
         )
         self._http_task: asyncio.Task[None] | None = None
         self._reload_lock = asyncio.Lock()
@@ -261,14 +250,12 @@ class StatevalueServer:
         """Authenticated weight reload from a checkpoint directory.
 
         Raises:
-            ReloadRefused, InvalidRequest (a checkpoint that does not fit the model).
+            ReloadRefused (disabled, wrong token, model not loaded yet), or CheckpointRefused
+            (a checkpoint that cannot be read or does not fit the model).
         """
         scheduler = self._admin_scheduler(authorization)
         async with self._reload_lock:
-            try:
-                identity = await scheduler.reload(checkpoint, version)
-            except ValueError as exc:
-                raise InvalidRequest("checkpoint", str(exc)) from exc
+            identity = await scheduler.reload(checkpoint, version)
         self.metrics.set_model(identity.name, identity.version)
 
     def _admin_scheduler(self, authorization: str | None) -> Scheduler:
@@ -296,21 +283,27 @@ class StatevalueServer:
         update = asyncio.ensure_future(
             self._receive_weights(scheduler, order, timeout or _WEIGHT_TIMEOUT_S)
         )
-        try:
-            # A trainer that goes away cancels the call, not the update: it fails on its
-            # own (the transfer breaks), and the next update waits until it has.
-            await asyncio.shield(update)
-        except asyncio.CancelledError:
-            update.add_done_callback(_log_unanswered_update)
-            raise
+        # Its failure is logged below; a caller that went away no longer asks for it.
+        update.add_done_callback(lambda done: done.cancelled() or done.exception())
+        # A trainer that goes away cancels the call, not the update: it fails on its own
+        # (the transfer breaks), and the next update waits until it has.
+        await asyncio.shield(update)
 
     async def _receive_weights(
         self, scheduler: Scheduler, order: UpdateOrder, timeout: float
     ) -> None:
+        try:
+            await self._update_from(scheduler, order, timeout)
+        except Exception as exc:
+            # Logged here: the trainer may be gone and never see the answer.
+            log.warning("weight update %d failed: %s", order.update, exc)
+            raise
+
+    async def _update_from(self, scheduler: Scheduler, order: UpdateOrder, timeout: float) -> None:
         backend = scheduler.engine.backend
         async with self._reload_lock:
             try:
-                staged = backend.staging_weights({spec.name: spec.shape for spec in order.tensors})
+                dtypes = backend.weight_dtypes({spec.name: spec.shape for spec in order.tensors})
             except NotImplementedError as exc:
                 raise ReloadRefused(
                     str(exc), http_status=501, grpc_code=grpc.StatusCode.UNIMPLEMENTED
@@ -319,8 +312,8 @@ class StatevalueServer:
                 raise InvalidRequest("tensors", str(exc)) from exc
             order.check_device(backend.device)
             loop = asyncio.get_running_loop()
-            await loop.run_in_executor(
-                self._weights.thread, self._weights.receive, order, staged, backend.device, timeout
+            staged = await loop.run_in_executor(
+                self._weights.thread, self._weights.receive, order, dtypes, backend.device, timeout
             )
             self.metrics.weight_update_bytes.inc(order.nbytes)
             identity = await scheduler.apply_weights(LoadedWeights(staged, order.version))
@@ -329,18 +322,29 @@ class StatevalueServer:
     async def start(self) -> None:
         """Listen on both ports and begin loading the model; returns before it is ready."""
         host = self.settings.host
+        self._grpc, self._health = build_grpc_server(
+            ValueServicer(self, self.metrics),
+            max_message_bytes=self.settings.max_message_mb << 20,
+            max_connection_age_s=self.settings.max_connection_age_s,
+        )
         await self._set_health(NOT_SERVING)
-        address = f"{host}:{self.settings.grpc_port}"
+        grpc_port = self.settings.grpc_port
         credentials = self._grpc_credentials()
-        if credentials is None:
-            self.grpc_port = self._grpc.add_insecure_port(address)
-        else:
-            self.grpc_port = self._grpc.add_secure_port(address, credentials)
+        # Both ports are checked before either serves, so a taken one leaves nothing open.
+        if grpc_port:
+            _bind(host, grpc_port, "--grpc-port").close()
+        sock = _bind(host, self.settings.http_port, "--http-port")
+        address = f"{host}:{grpc_port}"
+        try:
+            if credentials is None:
+                self.grpc_port = self._grpc.add_insecure_port(address)
+            else:
+                self.grpc_port = self._grpc.add_secure_port(address, credentials)
+        except RuntimeError:
+            # Taken in the moment since the check above.
+            sock.close()
+            raise PortUnavailable(f"--grpc-port {grpc_port}: cannot listen on {address}") from None
         await self._grpc.start()
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, self.settings.http_port))
         self.http_port = sock.getsockname()[1]
         self._http_task = asyncio.create_task(self._http.serve(sockets=[sock]))
         log.info(
@@ -351,7 +355,7 @@ class StatevalueServer:
             host,
             self.http_port,
         )
-        self._load_task = asyncio.create_task(self._load())
+        self._load_task = asyncio.create_task(self.load())
 
     def _grpc_credentials(self) -> grpc.ServerCredentials | None:
         settings = self.settings
@@ -369,7 +373,9 @@ class StatevalueServer:
         assert self._load_task is not None, "start() first"
         await self._load_task
 
-    async def _load(self) -> None:
+    async def load(self) -> None:
+        """Load and warm the model and start the scheduler; :meth:`start` runs this after
+        opening the ports, the Ray Serve deployment (whose proxy listens) alone."""
         scheduler = await open_scheduler(self.settings, self.metrics, self._backend)
         self._engine = scheduler.engine
         self.scheduler = scheduler
@@ -379,6 +385,8 @@ class StatevalueServer:
             log.info("ready: %s %s", backend.identity.name, backend.identity.version)
 
     async def _set_health(self, status: int) -> None:
+        if self._health is None:
+            return
         for name in ("", SERVICE_NAME):
             await self._health.set(name, status)
 
@@ -406,19 +414,14 @@ class StatevalueServer:
                 # Loaded here, so closed here (a vLLM engine process would outlive us).
                 await asyncio.to_thread(self._engine.backend.close)
         left = max(end - loop.time(), 0.1)
-        await self._grpc.stop(grace=left)
+        if self._grpc is not None:
+            await self._grpc.stop(grace=left)
         self._http.config.timeout_graceful_shutdown = max(end - loop.time(), 0.1)
         self._http.should_exit = True
         if self._http_task is not None:
             await self._http_task
         log.info("stopped (%s)", "drained" if drained else "drain timed out")
         return drained
-
-
-def _log_unanswered_update(update: asyncio.Future[None]) -> None:
-    """Log how an update ended whose caller is gone (nobody else would see it)."""
-    if not update.cancelled() and update.exception() is not None:
-        log.warning("weight update failed: %s", update.exception())
 
 
 def _without_explanations(result: EstimateResult) -> EstimateResult:

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, field_serializer, field_validator, model_validator
+from pydantic import (
+    Field,
+    SecretStr,
+    ValidationInfo,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from typing_extensions import Self
 
@@ -13,36 +21,41 @@ from statevalue.config import load_params
 from statevalue.numca_store import redacted
 
 _SECRETS = ("admin_token", "api_token")
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
-class ServerSettings(BaseSettings):
-    """Everything ``statevalue serve`` can be told. Env: ``STATEVALUE_<FIELD>``."""
+class ModelSettings(BaseSettings):
+    """Which model to load and how: what every command that loads one is told.
+
+    Env: ``STATEVALUE_<FIELD>``.
+    """
 
     model_config = SettingsConfigDict(env_prefix="STATEVALUE_", extra="forbid", frozen=True)
 
-    model: str = Field("embedded", description="'embedded', a local model directory or .gguf file")
-    device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
-    dtype: str = Field(
-        "auto", description="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16"
-    )
-    layer: int = Field(-1, description="hidden-state layer for Hista (-1 = last)")
-    params_file: Path | None = Field(
-        None,
-        description="JSON of estimator parameters (as written by 'statevalue calibrate "
-        "--out'): the defaults of every request, which may still set any field itself",
-    )
+    # Before `model`, whose check depends on it.
     backend: Literal["torch", "vllm", "none"] = Field(
         "torch",
         description="what runs the model: torch (transformers, in this process), vllm "
         "(vLLM's pooling runner; needs the vllm extra, last layer only) or none (only the "
         "model's tokenizer: Hista from representations the trainer sends)",
     )
+    model: str = Field(
+        "embedded",
+        description="'embedded', a local Hugging Face model directory (with a config.json) "
+        "or a .gguf file",
+    )
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16"
+    )
+    layer: int = Field(-1, description="hidden-state layer for Hista (-1 = last)")
     forward_path: Literal["auto", "padded", "packed", "prompt_once"] = Field(
         "auto",
         description="how a forward batch is laid out: padded, packed (unpadded rows, block "
         "mask) or prompt_once (each group's prompt once, its KV cache reused); auto = padded "
         "on torch, prompt_once (through the prefix cache) on vllm, which cannot pad",
     )
+    max_batch_tokens: int = Field(8192, ge=1, description="padded tokens per forward batch")
     vllm_memory_share: float | None = Field(
         None,
         gt=0,
@@ -56,11 +69,36 @@ class ServerSettings(BaseSettings):
         "compiling takes minutes; compiled on CUDA)",
     )
 
+    @field_validator("model")
+    @classmethod
+    def _model_exists(cls, value: str, info: ValidationInfo) -> str:
+        # A wrong path stops the start in one line, before a port opens or the model loads.
+        # Imported here: the backends bring torch, which `serve --help` does not need.
+        from statevalue.backends.location import locate_model
+
+        locate_model(value, info.data.get("backend", "torch"))
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if not _DEVICE.fullmatch(value):
+            raise ValueError(f"must be auto, cpu, cuda or cuda:N, not {value!r}")
+        return value
+
+
+class ServerSettings(ModelSettings):
+    """Everything ``statevalue serve`` can be told. Env: ``STATEVALUE_<FIELD>``."""
+
+    params_file: Path | None = Field(
+        None,
+        description="JSON of estimator parameters (as written by 'statevalue calibrate "
+        "--out'): the defaults of every request, which may still set any field itself",
+    )
     host: str = Field("127.0.0.1", description="address both front ends bind to")
     http_port: int = Field(8000, ge=0, le=65535, description="HTTP port (0 = any free port)")
     grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 = any free port)")
 
-    max_batch_tokens: int = Field(8192, ge=1, description="padded tokens per forward batch")
     micro_batch_seconds: float = Field(
         1.0,
         gt=0,

@@ -417,7 +417,7 @@ class Step:
             self._models.append(result.model)
         for position, group in zip(request.positions, result.groups, strict=True):
             group_id = self.groups[position].group_id or group_name("", position)
-            self._finished[position] = GroupResult(group_id=group_id, rollouts=group.rollouts)
+            self._finished[position] = dataclasses.replace(group, group_id=group_id)
         self._forward_seconds += result.forward_seconds
         self._estimator_seconds += result.estimator_seconds
         self._tokens_done += request.tokens

@@ -56,8 +56,13 @@ class RolloutResult:
 
 @dataclass
 class GroupResult:
+    """``self_calibration``: per method, what the server's self-calibration chose (params,
+    weights, own_weight, criterion, group_mean_criterion, candidates, scope); empty unless
+    the request enabled it."""
+
     group_id: str
     rollouts: list[RolloutResult]
+    self_calibration: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -119,8 +124,9 @@ def build_request(
         methods=list(methods), min_model_revision=min_model_revision, step_id=step_id
     )
     for section, values in params.items():
-        if section not in ("numca", "hista", "advantage"):
-            raise ValueError(f"unknown parameter section {section!r}: numca, hista or advantage")
+        if section not in request.params.DESCRIPTOR.fields_by_name:
+            known = ", ".join(request.params.DESCRIPTOR.fields_by_name)
+            raise ValueError(f"unknown parameter section {section!r}: one of {known}")
         target = getattr(request.params, section)
         for name, value in values.items():
             if name not in target.DESCRIPTOR.fields_by_name:
@@ -194,7 +200,24 @@ def parse_response(response: pb.EstimateResponse) -> EstimateResult:
                     boundaries={m: unpack(o.boundaries, INT32) for m, o in methods.items()},
                 )
             )
-        groups.append(GroupResult(group_id=group.group_id, rollouts=rollouts))
+        calibration = {
+            method: {
+                "params": {
+                    section.name: {f.name: value for f, value in message.ListFields()}
+                    for section, message in choice.params.ListFields()
+                },
+                "weights": dict(choice.weights),
+                "own_weight": choice.own_weight,
+                "criterion": choice.criterion,
+                "group_mean_criterion": choice.group_mean_criterion,
+                "candidates": choice.candidates,
+                "scope": choice.scope,
+            }
+            for method, choice in group.self_calibration.items()
+        }
+        groups.append(
+            GroupResult(group_id=group.group_id, rollouts=rollouts, self_calibration=calibration)
+        )
     return EstimateResult(
         model=parse_model(response.model),
         groups=groups,

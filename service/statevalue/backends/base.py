@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,21 @@ class ModelIdentity:
     name: str
     version: str
     revision: int = 0
+
+
+class CheckpointRefused(Exception):
+    """A checkpoint the served model cannot take: missing, unreadable or corrupt files, or
+    weights whose names or shapes do not fit. The message names the checkpoint."""
+
+
+def read_safetensors(file: Path, read: Callable[[str], _T]) -> _T:
+    """``read(file)`` with a missing, unreadable or corrupt file raised as CheckpointRefused."""
+    from safetensors import SafetensorError
+
+    try:
+        return read(str(file))
+    except (OSError, SafetensorError) as exc:
+        raise CheckpointRefused(f"{file}: not a readable safetensors file ({exc})") from exc
 
 
 @dataclass(frozen=True)
@@ -141,11 +158,15 @@ class ModelBackend(Protocol):
         ...
 
     def read_checkpoint(self, checkpoint: str) -> LoadedWeights:
-        """Load a checkpoint directory's weights into memory, checked against the model."""
+        """Load a checkpoint directory's weights into memory, checked against the model.
+
+        Raises:
+            CheckpointRefused: the checkpoint cannot be loaded into this model.
+        """
         ...
 
-    def staging_weights(self, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
-        """Empty tensors, shaped and typed like the model's, for weights sent from memory.
+    def weight_dtypes(self, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, torch.dtype]:
+        """The model's dtype of each weight the trainer will send from memory.
 
         Raises ValueError naming a tensor that does not fit, NotImplementedError on a
         backend that takes new weights from checkpoint files only.
@@ -153,8 +174,8 @@ class ModelBackend(Protocol):
         ...
 
     def apply_weights(self, weights: LoadedWeights, version: str | None = None) -> ModelIdentity:
-        """Swap in weights from ``read_checkpoint`` or filled ``staging_weights``; returns the
-        new identity."""
+        """Swap in weights from ``read_checkpoint`` or sent from memory; returns the new
+        identity."""
         ...
 
     def close(self) -> None:

@@ -15,7 +15,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from statevalue.backends.base import LoadedModelInfo, LoadedWeights, ModelIdentity
+from statevalue.backends.base import (
+    CheckpointRefused,
+    LoadedModelInfo,
+    LoadedWeights,
+    ModelIdentity,
+)
 from statevalue.backends.torch_backend import TorchBackend
 
 log = logging.getLogger(__name__)
@@ -58,13 +63,13 @@ class NoModelBackend(LoadedModelInfo):
         raise RuntimeError(f"{_NO_MODEL}: hidden states must come with the request")
 
     def read_checkpoint(self, checkpoint: str) -> LoadedWeights:
-        raise ValueError(f"{_NO_MODEL}: there are no weights to reload")
+        raise CheckpointRefused(f"{_NO_MODEL}: there are no weights to reload")
 
     def staging_weights(self, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
         raise NotImplementedError(f"{_NO_MODEL}: there are no weights to update")
 
     def apply_weights(self, weights: LoadedWeights, version: str | None = None) -> ModelIdentity:
-        raise ValueError(f"{_NO_MODEL}: there are no weights to reload")
+        raise CheckpointRefused(f"{_NO_MODEL}: there are no weights to reload")
 
     def close(self) -> None:
         """Nothing is held outside this process."""

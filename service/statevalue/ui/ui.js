@@ -281,6 +281,22 @@ function render() {
     const title = document.createElement("h2");
     title.textContent = `group ${group.group_id}`;
     box.append(title);
+    const chosen = group.self_calibration?.[method];
+    if (chosen) {
+      // What self-calibration chose for the shown method (docs/design.md, "Self-calibration").
+      const note = document.createElement("div");
+      note.className = "answered";
+      const settings = Object.values(chosen.params)
+        .map((fields) => Object.entries(fields).map(([k, v]) => `${k}=${v}`).join(", "))
+        .join("; ");
+      const blend = Object.entries(chosen.weights)
+        .map(([name, w]) => `${w.toFixed(2)}·${name}`).join(" + ");
+      note.textContent = `self-calibrated per ${chosen.scope}: ${settings || "group mean"}; ` +
+        `blend ${blend}; own reward weight ${chosen.own_weight.toFixed(2)}; leave-one-out ` +
+        `error ${chosen.criterion.toFixed(4)} (group mean ${chosen.group_mean_criterion.toFixed(4)}, ` +
+        `${chosen.candidates} candidates)`;
+      box.append(note);
+    }
     group.rollouts.forEach((rollout, r) => {
       const reward = rewards[g]?.[r];
       const item = document.createElement("div");

@@ -151,15 +151,29 @@ class AdvantageParams(_message.Message):
     scale_eps: float
     def __init__(self, gae: _Optional[str] = ..., gamma: _Optional[float] = ..., lam: _Optional[float] = ..., scale: _Optional[str] = ..., scale_eps: _Optional[float] = ...) -> None: ...
 
+class SelfCalibrationParams(_message.Message):
+    __slots__ = ("enabled", "scope", "combine", "own_weight")
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    COMBINE_FIELD_NUMBER: _ClassVar[int]
+    OWN_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    enabled: bool
+    scope: str
+    combine: bool
+    own_weight: str
+    def __init__(self, enabled: _Optional[bool] = ..., scope: _Optional[str] = ..., combine: _Optional[bool] = ..., own_weight: _Optional[str] = ...) -> None: ...
+
 class EstimatorParams(_message.Message):
-    __slots__ = ("numca", "hista", "advantage")
+    __slots__ = ("numca", "hista", "advantage", "self_calibration")
     NUMCA_FIELD_NUMBER: _ClassVar[int]
     HISTA_FIELD_NUMBER: _ClassVar[int]
     ADVANTAGE_FIELD_NUMBER: _ClassVar[int]
+    SELF_CALIBRATION_FIELD_NUMBER: _ClassVar[int]
     numca: NumcaParams
     hista: HistaParams
     advantage: AdvantageParams
-    def __init__(self, numca: _Optional[_Union[NumcaParams, _Mapping]] = ..., hista: _Optional[_Union[HistaParams, _Mapping]] = ..., advantage: _Optional[_Union[AdvantageParams, _Mapping]] = ...) -> None: ...
+    self_calibration: SelfCalibrationParams
+    def __init__(self, numca: _Optional[_Union[NumcaParams, _Mapping]] = ..., hista: _Optional[_Union[HistaParams, _Mapping]] = ..., advantage: _Optional[_Union[AdvantageParams, _Mapping]] = ..., self_calibration: _Optional[_Union[SelfCalibrationParams, _Mapping]] = ...) -> None: ...
 
 class EstimateRequest(_message.Message):
     __slots__ = ("methods", "params", "groups", "min_model_revision", "step_id", "explain", "step_rewards", "hista_states")
@@ -256,13 +270,47 @@ class RolloutExplanation(_message.Message):
     hista_nodes: _containers.RepeatedCompositeFieldContainer[HistaNode]
     def __init__(self, tokens: _Optional[_Iterable[str]] = ..., numca_states: _Optional[_Iterable[_Union[NumberSet, _Mapping]]] = ..., numca_final_state: _Optional[_Union[NumberSet, _Mapping]] = ..., hista_nodes: _Optional[_Iterable[_Union[HistaNode, _Mapping]]] = ...) -> None: ...
 
+class SelfCalibration(_message.Message):
+    __slots__ = ("params", "weights", "own_weight", "criterion", "group_mean_criterion", "candidates", "scope")
+    class WeightsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    OWN_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    CRITERION_FIELD_NUMBER: _ClassVar[int]
+    GROUP_MEAN_CRITERION_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    params: EstimatorParams
+    weights: _containers.ScalarMap[str, float]
+    own_weight: float
+    criterion: float
+    group_mean_criterion: float
+    candidates: int
+    scope: str
+    def __init__(self, params: _Optional[_Union[EstimatorParams, _Mapping]] = ..., weights: _Optional[_Mapping[str, float]] = ..., own_weight: _Optional[float] = ..., criterion: _Optional[float] = ..., group_mean_criterion: _Optional[float] = ..., candidates: _Optional[int] = ..., scope: _Optional[str] = ...) -> None: ...
+
 class GroupOutput(_message.Message):
-    __slots__ = ("group_id", "rollouts")
+    __slots__ = ("group_id", "rollouts", "self_calibration")
+    class SelfCalibrationEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: SelfCalibration
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[SelfCalibration, _Mapping]] = ...) -> None: ...
     GROUP_ID_FIELD_NUMBER: _ClassVar[int]
     ROLLOUTS_FIELD_NUMBER: _ClassVar[int]
+    SELF_CALIBRATION_FIELD_NUMBER: _ClassVar[int]
     group_id: str
     rollouts: _containers.RepeatedCompositeFieldContainer[RolloutOutput]
-    def __init__(self, group_id: _Optional[str] = ..., rollouts: _Optional[_Iterable[_Union[RolloutOutput, _Mapping]]] = ...) -> None: ...
+    self_calibration: _containers.MessageMap[str, SelfCalibration]
+    def __init__(self, group_id: _Optional[str] = ..., rollouts: _Optional[_Iterable[_Union[RolloutOutput, _Mapping]]] = ..., self_calibration: _Optional[_Mapping[str, SelfCalibration]] = ...) -> None: ...
 
 class EstimateResponse(_message.Message):
     __slots__ = ("model", "groups", "forward_seconds", "estimator_seconds")
