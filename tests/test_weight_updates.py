@@ -142,7 +142,7 @@ def test_an_update_over_gloo_equals_a_disk_reload_of_the_same_weights(
                 assert np.array_equal(got.values["hista"], want.values["hista"])
 
 
-def test_the_async_client_reuses_the_group_for_the_next_update(
+def test_the_async_client_reuses_the_group_and_sends_any_float_dtype(
     replicas: list[ServerThread], replica_backends: list[TorchBackend], trainer: torch.nn.Module
 ) -> None:
     before = revisions(replicas)
@@ -150,10 +150,16 @@ def test_the_async_client_reuses_the_group_for_the_next_update(
     async def two_updates() -> list[int]:
         async with AsyncValueClient(target(replicas), retries=0) as client:
             found = []
-            for step in (2, 3):
+            for step, wire in ((2, torch.float32), (3, torch.bfloat16)):
                 take_a_step(trainer, seed=step)
+                with torch.no_grad():
+                    for parameter in trainer.parameters():
+                        # Weights a bfloat16 copy holds exactly, so either wire gives them.
+                        parameter.copy_(parameter.to(torch.bfloat16))
+                # bfloat16 on the wire: each replica casts to its model's float32.
+                tensors = {name: p.to(wire) for name, p in trainer.named_parameters()}
                 result = await client.update_weights(
-                    dict(trainer.named_parameters()), admin_token=TOKEN, version=f"step-{step}"
+                    tensors, admin_token=TOKEN, version=f"step-{step}"
                 )
                 found.append(result.revision)
                 with ValueClient(target(replicas), retries=0) as blocking:
@@ -299,8 +305,11 @@ def test_a_trainer_killed_midway_leaves_every_replica_on_its_old_weights(
         def broken() -> list[str]:
             return [r.getMessage() for r in caplog.records if "transfer broke" in r.getMessage()]
 
-        # Each replica gives up on the broken transfer by itself; wait until both have.
-        wait_for(lambda: len(broken()) == 2, what="both replicas to give up the transfer")
+        # Each replica gives up on the broken transfer by itself, at the latest when the
+        # update's timeout (60 s) passes; wait until both have.
+        wait_for(
+            lambda: len(broken()) == 2, timeout=240, what="both replicas to give up the transfer"
+        )
     # Part of the weights had arrived when the trainer died.
     assert not any("broke after 0 of" in message for message in broken())
     assert revisions(replicas) == before

@@ -283,21 +283,27 @@ class StatevalueServer:
         update = asyncio.ensure_future(
             self._receive_weights(scheduler, order, timeout or _WEIGHT_TIMEOUT_S)
         )
-        try:
-            # A trainer that goes away cancels the call, not the update: it fails on its
-            # own (the transfer breaks), and the next update waits until it has.
-            await asyncio.shield(update)
-        except asyncio.CancelledError:
-            update.add_done_callback(_log_unanswered_update)
-            raise
+        # Its failure is logged below; a caller that went away no longer asks for it.
+        update.add_done_callback(lambda done: done.cancelled() or done.exception())
+        # A trainer that goes away cancels the call, not the update: it fails on its own
+        # (the transfer breaks), and the next update waits until it has.
+        await asyncio.shield(update)
 
     async def _receive_weights(
         self, scheduler: Scheduler, order: UpdateOrder, timeout: float
     ) -> None:
+        try:
+            await self._update_from(scheduler, order, timeout)
+        except Exception as exc:
+            # Logged here: the trainer may be gone and never see the answer.
+            log.warning("weight update %d failed: %s", order.update, exc)
+            raise
+
+    async def _update_from(self, scheduler: Scheduler, order: UpdateOrder, timeout: float) -> None:
         backend = scheduler.engine.backend
         async with self._reload_lock:
             try:
-                staged = backend.staging_weights({spec.name: spec.shape for spec in order.tensors})
+                dtypes = backend.weight_dtypes({spec.name: spec.shape for spec in order.tensors})
             except NotImplementedError as exc:
                 raise ReloadRefused(
                     str(exc), http_status=501, grpc_code=grpc.StatusCode.UNIMPLEMENTED
@@ -306,8 +312,8 @@ class StatevalueServer:
                 raise InvalidRequest("tensors", str(exc)) from exc
             order.check_device(backend.device)
             loop = asyncio.get_running_loop()
-            await loop.run_in_executor(
-                self._weights.thread, self._weights.receive, order, staged, backend.device, timeout
+            staged = await loop.run_in_executor(
+                self._weights.thread, self._weights.receive, order, dtypes, backend.device, timeout
             )
             self.metrics.weight_update_bytes.inc(order.nbytes)
             identity = await scheduler.apply_weights(LoadedWeights(staged, order.version))
@@ -416,12 +422,6 @@ class StatevalueServer:
             await self._http_task
         log.info("stopped (%s)", "drained" if drained else "drain timed out")
         return drained
-
-
-def _log_unanswered_update(update: asyncio.Future[None]) -> None:
-    """Log how an update ended whose caller is gone (nobody else would see it)."""
-    if not update.cancelled() and update.exception() is not None:
-        log.warning("weight update failed: %s", update.exception())
 
 
 def _without_explanations(result: EstimateResult) -> EstimateResult:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -84,15 +85,19 @@ class WeightReceiver:
     def receive(
         self,
         order: UpdateOrder,
-        staged: dict[str, torch.Tensor],
+        dtypes: Mapping[str, torch.dtype],
         device: torch.device,
         timeout: float,
-    ) -> None:
-        """Fill ``staged`` with the tensors ``order`` announces (blocking).
+    ) -> dict[str, torch.Tensor]:
+        """The tensors ``order`` announces, received (blocking) in the model's ``dtypes`` on
+        its ``device``: a staged copy of the weights, ready to swap in.
+
+        Buckets arrive one at a time into one buffer; each tensor is copied from there into
+        its staged place, cast to the model's dtype.
 
         Raises:
             WeightTransferFailed: the trainer called the update off (another replica
-                refused it) or the transfer broke; ``staged`` is then incomplete.
+                refused it) or the transfer broke.
         """
         wait = datetime.timedelta(seconds=timeout)
         try:
@@ -114,6 +119,10 @@ class WeightReceiver:
         received = 0
         try:
             group = self._join(membership, int(decision.split()[1]), order, device, wait)
+            staged = {
+                spec.name: torch.empty(spec.shape, dtype=dtypes[spec.name], device=device)
+                for spec in order.tensors
+            }
             buckets = plan_buckets(order.tensors, order.bucket_bytes)
             buffer = torch.empty(
                 max(b.nbytes for b in buckets),
@@ -134,6 +143,7 @@ class WeightReceiver:
                 f"the transfer broke after {received} of {order.nbytes} bytes ({exc}); "
                 "the old weights keep serving"
             ) from exc
+        return staged
 
     def close(self) -> None:
         """Leave the trainer's group (a later update joins again)."""

@@ -165,8 +165,8 @@ class ModelBackend(Protocol):
         """
         ...
 
-    def staging_weights(self, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
-        """Empty tensors, shaped and typed like the model's, for weights sent from memory.
+    def weight_dtypes(self, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, torch.dtype]:
+        """The model's dtype of each weight the trainer will send from memory.
 
         Raises ValueError naming a tensor that does not fit, NotImplementedError on a
         backend that takes new weights from checkpoint files only.
@@ -174,8 +174,8 @@ class ModelBackend(Protocol):
         ...
 
     def apply_weights(self, weights: LoadedWeights, version: str | None = None) -> ModelIdentity:
-        """Swap in weights from ``read_checkpoint`` or filled ``staging_weights``; returns the
-        new identity."""
+        """Swap in weights from ``read_checkpoint`` or sent from memory; returns the new
+        identity."""
         ...
 
     def close(self) -> None:

@@ -327,19 +327,16 @@ class TorchBackend(LoadedModelInfo):
             raise CheckpointRefused(f"{checkpoint}: {exc}") from None
         return LoadedWeights(tensors=weights, version=directory_stamp(directory))
 
-    def staging_weights(self, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
-        """Empty tensors to receive new weights into, each with its parameter's dtype and
-        device, once the names and shapes are checked against the model.
+    def weight_dtypes(self, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, torch.dtype]:
+        """The dtype each of these weights has in the model, once their names and shapes
+        are checked against it.
 
         Raises:
             ValueError: names or shapes that do not fit this model (it names the tensor).
         """
         self._check_fit(shapes)
         expected = self._causal_lm.state_dict()
-        return {
-            name: torch.empty(shape, dtype=expected[name].dtype, device=expected[name].device)
-            for name, shape in shapes.items()
-        }
+        return {name: expected[name].dtype for name in shapes}
 
     def _check_fit(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
         """Raise ValueError, naming the tensor, unless ``shapes`` are this model's weights.

@@ -265,7 +265,7 @@ class VllmBackend(LoadedModelInfo):
                 )
         return LoadedWeights(tensors={}, version=directory_stamp(directory), source=directory)
 
-    def staging_weights(self, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    def weight_dtypes(self, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, torch.dtype]:
         """Not on this backend: vLLM's workers hold the model, and take new weights from a
         checkpoint directory (ReloadWeights)."""
         raise NotImplementedError(
