@@ -21,6 +21,7 @@ from statevalue_client.step import (
     RetryPolicy,
     Step,
 )
+from statevalue_client.wire import content_step_id
 
 
 class Refusal(grpc.RpcError):
@@ -231,3 +232,10 @@ def test_an_address_that_speaks_no_grpc_is_not_retried() -> None:
     details = "ipv4:127.0.0.1:8000: Failed parsing HTTP/2 (Expected SETTINGS frame)"
     step.failed(attempt, Refusal(grpc.StatusCode.UNAVAILABLE, details=details), 0.0)
     assert step.finished and step.next_attempt(0.1) is None
+
+
+def test_a_content_step_id_follows_the_content() -> None:
+    first, second = groups(3), groups(3)
+    assert content_step_id(first) == content_step_id(second)
+    second[1].rollouts[0] = Rollout(second[1].rollouts[0].response_ids, 0.5)
+    assert content_step_id(first) != content_step_id(second)

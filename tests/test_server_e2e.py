@@ -252,9 +252,10 @@ def test_concurrent_clients_get_their_own_answers_from_merged_batches(
     merged = metric_value(after, "statevalue_batch_requests_sum") - metric_value(
         before, "statevalue_batch_requests_sum"
     )
-    # Every hista request went through the model once, in fewer batches than requests.
-    assert merged == 32
-    assert 1 <= batches < 32
+    # Every hista request went through the model (a request may span several time-sized
+    # micro-batches), and micro-batches carried several requests at once.
+    assert merged >= 32
+    assert 1 <= batches < merged
     singles = metric_value(after, "statevalue_batch_requests_bucket", '{le="1.0"}')
     assert singles < metric_value(after, "statevalue_batch_requests_count")
     assert metric_value(after, "statevalue_queue_depth") == 0
@@ -303,8 +304,11 @@ def test_grpc_deadline_drops_the_work(server: ServerThread, sampled_group: Group
         result = client.estimate([SMALL], ["hista"])
     assert [len(r.values["hista"]) for r in result.groups[0].rollouts] == [3, 2]
     page = server.metrics()
-    # Only the small request reached the model: the expired one was dropped while queued.
-    assert metric_value(page, "statevalue_tokens_total") - tokens == 3 + 3 + 3 + 2
+    # The expired request stopped: at most the micro-batch running when its deadline passed
+    # reached the model, never the whole request; the small one went through whole.
+    big_tokens = sum(len(big.prompt_ids) + len(r.response_ids) for r in big.rollouts)
+    extra = metric_value(page, "statevalue_tokens_total") - tokens - (3 + 3 + 3 + 2)
+    assert 0 <= extra < big_tokens
     # ... and it is counted as ended early, not as answered.
     after = {
         name: metric_value(page, "statevalue_requests_total", grpc_status(name)) for name in ENDED

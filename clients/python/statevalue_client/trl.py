@@ -43,6 +43,7 @@ from statevalue_client.states import (
     rollout_representations,
     split_group,
 )
+from statevalue_client.wire import content_step_id
 
 
 def batch_rows(output: Mapping[str, torch.Tensor]) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -179,7 +180,14 @@ class StateValueGRPOTrainer(GRPOTrainer):
                 group.hista_states = split_group(
                     [states[row] for row in members], len(group.prompt_ids), self.value_states
                 )
-        result = self.value_client.estimate(groups, (self.value_method,), **self.value_params)
+        # A content step id: if this step fails and the trainer retries it with the same
+        # rollouts, the client resumes it instead of sending it all again.
+        result = self.value_client.estimate(
+            groups,
+            (self.value_method,),
+            step_id=content_step_id(groups),
+            **self.value_params,
+        )
         _, advantages = scatter_to_padded(result, layout, completion_mask)[self.value_method]
         # Unscorable completions (NaN reward) carry no signal, as in TRL.
         advantages[np.isnan(rewards)] = 0.0

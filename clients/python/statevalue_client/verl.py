@@ -31,6 +31,7 @@ import torch
 
 from statevalue_client.client import ValueClient
 from statevalue_client.flat_batch import groups_from_flat_batch, scatter_to_padded
+from statevalue_client.wire import content_step_id
 
 ESTIMATOR_NAME = "statevalue"
 
@@ -117,7 +118,8 @@ def compute_statevalue_advantage(
         prompt_keys=None if prompt_key is None else list(data.non_tensor_batch[prompt_key]),
         token_rewards=token_rewards if use_token_rewards else None,
     )
-    result = client.estimate(groups, (method,), **params)
+    # A content step id: a retried step with the same rollouts resumes the failed try.
+    result = client.estimate(groups, (method,), step_id=content_step_id(groups), **params)
     values, advantages = scatter_to_padded(result, layout, mask)[method]
 
     device = token_rewards.device

@@ -7,6 +7,7 @@ on these.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -249,3 +250,19 @@ def group_tokens(group: Group) -> int:
     """Prompt+response tokens of every rollout: the server's measure of a request's work."""
     prompt = len(group.prompt_ids)
     return sum(prompt + len(rollout.response_ids) for rollout in group.rollouts)
+
+
+def content_step_id(groups: Iterable[Group]) -> str:
+    """A step id that hashes the groups' content (ids, token ids, rewards).
+
+    Trainer adapters use it, so a training step retried with the same rollouts resumes
+    what the failed try finished (the client remembers failed steps by id).
+    """
+    digest = hashlib.blake2b(digest_size=12)
+    for group in groups:
+        digest.update(f"{group.group_id}\0{group.prompt_id}\0".encode())
+        digest.update(np.asarray(group.prompt_ids, dtype=np.int64).tobytes())
+        for rollout in group.rollouts:
+            digest.update(b"\1" + np.asarray(rollout.response_ids, dtype=np.int64).tobytes())
+            digest.update(repr(rollout.reward).encode())
+    return "content-" + digest.hexdigest()
