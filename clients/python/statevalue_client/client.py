@@ -172,23 +172,26 @@ def _reload_outcome(
     return ReloadResult(replicas=reloaded)
 
 
-class _ClientSettings:
-    """The arguments both clients share, and what they remember between calls."""
+class _ClientBase:
+    """The arguments both clients share, their channel, and what they remember between
+    calls; ``_grpc`` is the module whose channels a client uses (grpc or grpc.aio)."""
+
+    _grpc: Any = grpc
 
     def __init__(
         self,
         target: str,
         *,
-        timeout: float | None,
-        retries: int | None,
-        backoff: float,
-        max_message_bytes: int,
-        retry_codes: Sequence[grpc.StatusCode],
-        max_in_flight: int,
-        credentials: grpc.ChannelCredentials | None,
-        api_token: str | None,
-        unavailable_wait_s: float,
-        request_seconds: float,
+        timeout: float | None = None,
+        retries: int | None = None,
+        backoff: float = 0.2,
+        max_message_bytes: int = 256 << 20,
+        retry_codes: Sequence[grpc.StatusCode] = RETRY_CODES,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        credentials: grpc.ChannelCredentials | None = None,
+        api_token: str | None = None,
+        unavailable_wait_s: float = DEFAULT_UNAVAILABLE_WAIT_S,
+        request_seconds: float = DEFAULT_REQUEST_SECONDS,
     ) -> None:
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be at least 1, not {max_in_flight}")
@@ -209,6 +212,13 @@ class _ClientSettings:
         self._metadata = auth_metadata(api_token)
         self._limits: RequestLimits | None = None
         self._failed_steps: OrderedDict[str, StepFailed] = OrderedDict()
+        self._channel = (
+            self._grpc.insecure_channel(target, options=self._options)
+            if credentials is None
+            else self._grpc.secure_channel(target, credentials, options=self._options)
+        )
+        self._stub = pb_grpc.ValueServiceStub(self._channel)
+        self._weights: WeightSender | None = None
 
     def _new_step(
         self,
@@ -322,44 +332,8 @@ _CLIENT_ARGS_DOC = """
     """
 
 
-class ValueClient(_ClientSettings):
+class ValueClient(_ClientBase):
     __doc__ = "Blocking client.\n" + _CLIENT_ARGS_DOC
-
-    def __init__(
-        self,
-        target: str,
-        *,
-        timeout: float | None = None,
-        retries: int | None = None,
-        backoff: float = 0.2,
-        max_message_bytes: int = 256 << 20,
-        retry_codes: Sequence[grpc.StatusCode] = RETRY_CODES,
-        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
-        credentials: grpc.ChannelCredentials | None = None,
-        api_token: str | None = None,
-        unavailable_wait_s: float = DEFAULT_UNAVAILABLE_WAIT_S,
-        request_seconds: float = DEFAULT_REQUEST_SECONDS,
-    ) -> None:
-        super().__init__(
-            target,
-            timeout=timeout,
-            retries=retries,
-            backoff=backoff,
-            max_message_bytes=max_message_bytes,
-            retry_codes=retry_codes,
-            max_in_flight=max_in_flight,
-            credentials=credentials,
-            api_token=api_token,
-            unavailable_wait_s=unavailable_wait_s,
-            request_seconds=request_seconds,
-        )
-        self._channel = (
-            grpc.insecure_channel(target, options=self._options)
-            if credentials is None
-            else grpc.secure_channel(target, credentials, options=self._options)
-        )
-        self._stub = pb_grpc.ValueServiceStub(self._channel)
-        self._weights: WeightSender | None = None
 
     def _call(self, fn: Callable[..., _T], request: Any, timeout: float) -> _T:
         started = time.monotonic()
@@ -558,46 +532,11 @@ class ValueClient(_ClientSettings):
         self.close()
 
 
-class AsyncValueClient(_ClientSettings):
+class AsyncValueClient(_ClientBase):
     __doc__ = "asyncio client with the same arguments and methods as ValueClient.\n" + (
         _CLIENT_ARGS_DOC
     )
-
-    def __init__(
-        self,
-        target: str,
-        *,
-        timeout: float | None = None,
-        retries: int | None = None,
-        backoff: float = 0.2,
-        max_message_bytes: int = 256 << 20,
-        retry_codes: Sequence[grpc.StatusCode] = RETRY_CODES,
-        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
-        credentials: grpc.ChannelCredentials | None = None,
-        api_token: str | None = None,
-        unavailable_wait_s: float = DEFAULT_UNAVAILABLE_WAIT_S,
-        request_seconds: float = DEFAULT_REQUEST_SECONDS,
-    ) -> None:
-        super().__init__(
-            target,
-            timeout=timeout,
-            retries=retries,
-            backoff=backoff,
-            max_message_bytes=max_message_bytes,
-            retry_codes=retry_codes,
-            max_in_flight=max_in_flight,
-            credentials=credentials,
-            api_token=api_token,
-            unavailable_wait_s=unavailable_wait_s,
-            request_seconds=request_seconds,
-        )
-        self._channel = (
-            grpc.aio.insecure_channel(target, options=self._options)
-            if credentials is None
-            else grpc.aio.secure_channel(target, credentials, options=self._options)
-        )
-        self._stub = pb_grpc.ValueServiceStub(self._channel)
-        self._weights: WeightSender | None = None
+    _grpc = grpc.aio
 
     async def _call(self, fn: Callable[..., Any], request: Any, timeout: float) -> Any:
         started = time.monotonic()
