@@ -90,6 +90,7 @@ def test_keeps_the_last_n_from_both_front_ends(backend: TorchBackend) -> None:
         assert from_grpc["request"]["groups"][0]["rollouts"][1] == {
             "response_ids": [6],
             "reward": 0.0,
+            "num_hista_states": 0,  # no trainer-side Hista states were sent
         }
 
 
