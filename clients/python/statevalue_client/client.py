@@ -281,35 +281,9 @@ class _ClientBase:
         return timeout
 
 
-_ESTIMATE_DOC = """Values and advantages for ``groups``: any number of them, e.g. a whole step.
+class ValueClient(_ClientBase):
+    """Blocking client.
 
-        The step is cut into requests of about ``request_seconds`` of server work each
-        (from the throughput the server advertises, within its per-request limits), at
-        most ``max_in_flight`` sent at once (over every replica of a multi-address
-        target), oldest first; the results come back in the order of ``groups``. Every
-        request carries ``step_id`` (default: a fresh random id).
-
-        Time belongs to the step: ``deadline`` (seconds; default none) bounds the whole
-        call, and each request's timeout follows from its size. Refusals that counted
-        nothing are retried after the server's Retry-After until the deadline. If the
-        step fails, :class:`StepFailed` keeps every finished group; ``resume=`` that
-        error, or the same ``step_id`` on the same client, sends only the rest.
-
-        ``progress`` is called with a :class:`StepProgress` after each request;
-        ``progress_bar`` shows a tqdm bar of tokens with an ETA. ``params`` are
-        per-section estimator parameters, e.g. ``hista={"d_min": 2.0},
-        advantage={"scale": "none"}``. ``min_model_revision`` makes the server refuse
-        (FAILED_PRECONDITION) while its weights are older. ``timeout`` fixes every
-        request's timeout instead.
-
-        Raises:
-            ValueError: duplicate group ids, a group alone over the token limit, or a
-                ``resume`` of other groups.
-            StepFailed: the step did not finish; it names the groups and keeps the rest.
-                A call sent as one request that failed raises its ``grpc.RpcError``.
-        """
-
-_CLIENT_ARGS_DOC = """
     Args:
         target: ``host:port``, or ``dns:///name:port`` / ``ipv4:a:port,b:port`` (round-robin
             over every replica).
@@ -330,10 +304,6 @@ _CLIENT_ARGS_DOC = """
         api_token: bearer token for a server that requires one on Estimate.
         request_seconds: server work per request the client cuts a step into.
     """
-
-
-class ValueClient(_ClientBase):
-    __doc__ = "Blocking client.\n" + _CLIENT_ARGS_DOC
 
     def _call(self, fn: Callable[..., _T], request: Any, timeout: float) -> _T:
         started = time.monotonic()
@@ -361,6 +331,33 @@ class ValueClient(_ClientBase):
         progress_bar: bool = False,
         **params: Mapping[str, Any],
     ) -> EstimateResult:
+        """Values and advantages for ``groups``: any number of them, e.g. a whole step.
+
+        The step is cut into requests of about ``request_seconds`` of server work each
+        (from the throughput the server advertises, within its per-request limits), at
+        most ``max_in_flight`` sent at once (over every replica of a multi-address
+        target), oldest first; the results come back in the order of ``groups``. Every
+        request carries ``step_id`` (default: a fresh random id).
+
+        Time belongs to the step: ``deadline`` (seconds; default none) bounds the whole
+        call, and each request's timeout follows from its size. Refusals that counted
+        nothing are retried after the server's Retry-After until the deadline. If the
+        step fails, :class:`StepFailed` keeps every finished group; ``resume=`` that
+        error, or the same ``step_id`` on the same client, sends only the rest.
+
+        ``progress`` is called with a :class:`StepProgress` after each request;
+        ``progress_bar`` shows a tqdm bar of tokens with an ETA. ``params`` are
+        per-section estimator parameters, e.g. ``hista={"d_min": 2.0},
+        advantage={"scale": "none"}``. ``min_model_revision`` makes the server refuse
+        (FAILED_PRECONDITION) while its weights are older. ``timeout`` fixes every
+        request's timeout instead.
+
+        Raises:
+            ValueError: duplicate group ids, a group alone over the token limit, or a
+                ``resume`` of other groups.
+            StepFailed: the step did not finish; it names the groups and keeps the rest.
+                A call sent as one request that failed raises its ``grpc.RpcError``.
+        """
         started = time.monotonic()
         info = self.model_info(timeout=self._info_timeout(started, deadline))
         step = self._new_step(
@@ -413,8 +410,6 @@ class ValueClient(_ClientBase):
             for call in running.values():
                 call.cancel()
         return self._outcome(step)
-
-    estimate.__doc__ = _ESTIMATE_DOC
 
     def request_limits(self, *, timeout: float | None = None) -> RequestLimits:
         """The server's per-request limits (asked once, then remembered)."""
@@ -533,9 +528,8 @@ class ValueClient(_ClientBase):
 
 
 class AsyncValueClient(_ClientBase):
-    __doc__ = "asyncio client with the same arguments and methods as ValueClient.\n" + (
-        _CLIENT_ARGS_DOC
-    )
+    """asyncio client with the same arguments and methods as :class:`ValueClient`."""
+
     _grpc = grpc.aio
 
     async def _call(self, fn: Callable[..., Any], request: Any, timeout: float) -> Any:
@@ -564,6 +558,7 @@ class AsyncValueClient(_ClientBase):
         progress_bar: bool = False,
         **params: Mapping[str, Any],
     ) -> EstimateResult:
+        """Values and advantages for ``groups`` (see :meth:`ValueClient.estimate`)."""
         started = time.monotonic()
         info = await self.model_info(timeout=self._info_timeout(started, deadline))
         step = self._new_step(
@@ -612,8 +607,6 @@ class AsyncValueClient(_ClientBase):
             for task in running:
                 task.cancel()
         return self._outcome(step)
-
-    estimate.__doc__ = _ESTIMATE_DOC
 
     async def request_limits(self, *, timeout: float | None = None) -> RequestLimits:
         """The server's per-request limits (asked once, then remembered)."""
