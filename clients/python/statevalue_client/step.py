@@ -444,8 +444,8 @@ class Step:
             request.attempts += 1
         if delay is not None and (self._deadline is None or now + delay < self._deadline):
             request.not_before = now + delay
-            # Back in front: the oldest work goes first, as the server queues it.
-            self._pending.insert(0, attempt.index)
+            # Back in step order: the oldest work goes first, as the server queues it.
+            self._pending.append(attempt.index)
             self._pending.sort()
             return
         self._errors[attempt.index] = exc
