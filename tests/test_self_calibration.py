@@ -38,7 +38,6 @@ from tests.servers import ServerThread, running_server
 
 ENABLED = SelfCalibrationConfig(enabled=True)
 HISTA_ONLY = SelfCalibrationConfig(enabled=True, combine=False, own_weight="none")
-COVARIANCE = SelfCalibrationConfig(enabled=True, combine=False, own_weight="fitted")
 ANCHORED = SelfCalibrationConfig(enabled=True, combine=False, own_weight="anchored")
 
 
