@@ -1,5 +1,5 @@
 """One weight update of the embedded model on 1 and 2 CPU replicas: by disk, and from the
-trainer's memory over gloo.
+trainer's memory over gloo and through shared memory.
 
     python -m bench.weights                # 3 updates per row
     python -m bench.weights --repeats 1    # quicker
@@ -13,7 +13,9 @@ Before each update the trainer moves every weight a little (new weights each tim
   (save and reload timed apart; the files are read back from the page cache, the best case
   for a disk);
 - gloo, first: ``update_weights``, including setting up the process group;
-- gloo: the next updates, reusing it.
+- gloo: the next updates, reusing it;
+- shared memory: ``update_weights(transport="shared_memory")``, the replicas being on
+  this machine: one copy into a shared-memory segment, one copy out of it per replica.
 
 Per row: the bytes of one update, its median wall time, the model's bytes over that time
 (GB/s), and how long each replica's model thread was swapping weights, when no forward
@@ -129,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for _ in range(max(counts))
         ]
         header = (
-            f"{'update':<12} {'replicas':>8} {'MB':>6} {'wall s':>7} {'GB/s':>6} "
+            f"{'update':<13} {'replicas':>8} {'MB':>6} {'wall s':>7} {'GB/s':>6} "
             f"{'save s':>7} {'reload s':>8} {'swap ms':>8}"
         )
         print(header)
@@ -150,7 +152,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                     def by_gloo() -> list[float]:
                         started = time.perf_counter()
                         client.update_weights(
-                            model.state_dict(), admin_token=TOKEN, bucket_bytes=args.bucket_mb << 20
+                            model.state_dict(),
+                            admin_token=TOKEN,
+                            transport="distributed",
+                            bucket_bytes=args.bucket_mb << 20,
+                        )
+                        return [time.perf_counter() - started]
+
+                    def by_shared_memory() -> list[float]:
+                        started = time.perf_counter()
+                        client.update_weights(
+                            model.state_dict(), admin_token=TOKEN, transport="shared_memory"
                         )
                         return [time.perf_counter() - started]
 
@@ -158,6 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         ("disk", by_disk, args.repeats),
                         ("gloo, first", by_gloo, 1),
                         ("gloo", by_gloo, args.repeats),
+                        ("shared memory", by_shared_memory, args.repeats),
                     ]
                     for name, update, repeats in rows:
                         phases, swap = timed_updates(model, servers[:replicas], update, repeats)
@@ -169,7 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                             else ("-", "-")
                         )
                         print(
-                            f"{name:<12} {replicas:>8} {nbytes / 1e6:>6.0f} {wall:>7.2f} "
+                            f"{name:<13} {replicas:>8} {nbytes / 1e6:>6.0f} {wall:>7.2f} "
                             f"{nbytes / wall / 1e9:>6.2f} {save:>7} {reload:>8} "
                             f"{swap * 1e3:>8.0f}"
                         )
@@ -181,14 +194,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"# extrapolated: bf16 bytes of each shape at the GB/s measured above on {most} replicas")
     print("# (the same loopback, cores and page cache; a network or storage of another speed")
     print("# scales the times by the ratio of its throughput to these)")
-    header = f"{'shape':<6} {'GB':>6} {'disk s':>8} {'gloo s':>8}"
+    header = f"{'shape':<6} {'GB':>6} {'disk s':>8} {'gloo s':>8} {'shm s':>8}"
     print(header)
     print("-" * len(header))
     for shape, parameters in SHAPES.items():
         size = 2 * parameters
         print(
             f"{shape:<6} {size / 1e9:>6.1f} {size / rates['disk', most]:>8.1f} "
-            f"{size / rates['gloo', most]:>8.1f}"
+            f"{size / rates['gloo', most]:>8.1f} {size / rates['shared memory', most]:>8.1f}"
         )
     return 0
 
