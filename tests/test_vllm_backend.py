@@ -65,6 +65,12 @@ def sequences_of(group: GroupInput) -> tuple[list[np.ndarray], list[int]]:
     return sequences, [len(prompt)] * len(sequences)
 
 
+def two_sequences(group: GroupInput) -> list[np.ndarray]:
+    """Two of ``group``'s sequences, cheap to run (the weight-update tests run them several
+    times)."""
+    return sequences_of(group)[0][:2]
+
+
 def save_checkpoint(weights: dict[str, torch.Tensor], like: Path, directory: Path) -> Path:
     """``weights`` as a checkpoint directory with the config and tokenizer of ``like``."""
     directory.mkdir()
@@ -76,13 +82,13 @@ def save_checkpoint(weights: dict[str, torch.Tensor], like: Path, directory: Pat
 
 
 def after_a_step(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``weights`` after a stand-in for a trainer's step: every one scaled a little, each by
-    its own factor (cheaper than noise on 135M weights), the final norm visibly."""
-    moved = {
-        name: tensor * (1 + 1e-3 * (i % 7 + 1)) for i, (name, tensor) in enumerate(weights.items())
-    }
-    moved["model.norm.weight"] *= 1.25
-    return moved
+    """``weights`` moved in place by a stand-in for a trainer's step: every one scaled a
+    little, each by its own factor (cheaper than noise on 135M weights), the final norm
+    visibly."""
+    for i, tensor in enumerate(weights.values()):
+        tensor.mul_(1 + 1e-3 * (i % 7 + 1))
+    weights["model.norm.weight"].mul_(1.25)
+    return weights
 
 
 def assert_states_match(got: list[torch.Tensor], expected: list[torch.Tensor]) -> None:
@@ -173,8 +179,8 @@ def test_an_update_over_gloo_equals_a_disk_reload_of_the_same_weights(
     weights = after_a_step(load_file(str(embedded_checkpoint / "model.safetensors")))
     # A trainer's state dict names the tied output embedding too.
     sent = {**weights, "lm_head.weight": weights["model.embed_tokens.weight"]}
-    sequences, hints = sequences_of(long_prompt_group(sampled_group))
-    before = vllm_backend.hidden_states(sequences, hints)
+    sequences = two_sequences(sampled_group)
+    before = vllm_backend.hidden_states(sequences)
     revision = vllm_backend.identity.revision
     try:
         with (
@@ -186,18 +192,20 @@ def test_an_update_over_gloo_equals_a_disk_reload_of_the_same_weights(
                 ({k: v for k, v in sent.items() if "layers.3.mlp" not in k}, "layers.3.mlp"),
             ):
                 with pytest.raises(ReloadFailed) as caught:
-                    client.update_weights(tensors, admin_token=TOKEN)
+                    client.update_weights(tensors, admin_token=TOKEN, transport="distributed")
                 assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
                 assert named in str(caught.value.errors[replica.grpc_target])
             assert vllm_backend.identity.revision == revision
-            result = client.update_weights(sent, admin_token=TOKEN, version="step-1")
+            result = client.update_weights(
+                sent, admin_token=TOKEN, version="step-1", transport="distributed"
+            )
             info = client.model_info()
         assert (result.version, result.revision) == ("step-1", revision + 1)
         assert (info.backend, info.version, info.revision) == ("vllm", "step-1", revision + 1)
-        updated = vllm_backend.hidden_states(sequences, hints)
+        updated = vllm_backend.hidden_states(sequences)
         reload = save_checkpoint(weights, embedded_checkpoint, tmp_path / "step-1")
         vllm_backend.apply_weights(vllm_backend.read_checkpoint(str(reload)))
-        from_disk = vllm_backend.hidden_states(sequences, hints)
+        from_disk = vllm_backend.hidden_states(sequences)
     finally:
         vllm_backend.apply_weights(vllm_backend.read_checkpoint(str(embedded_checkpoint)))
     for got, want, was in zip(updated, from_disk, before, strict=True):
@@ -208,8 +216,8 @@ def test_an_update_over_gloo_equals_a_disk_reload_of_the_same_weights(
 def test_a_load_that_fails_inside_vllm_falls_back_to_the_checkpoint_it_read_last(
     vllm_backend: VllmBackend, sampled_group: GroupInput
 ) -> None:
-    sequences, hints = sequences_of(sampled_group)
-    before = vllm_backend.hidden_states(sequences, hints)
+    sequences = two_sequences(sampled_group)
+    before = vllm_backend.hidden_states(sequences)
     identity = vllm_backend.identity
     # A tensor that no check let through (the server checks every name and shape before
     # any byte moves): vLLM's loader fails on it while processing its layer.
@@ -218,7 +226,7 @@ def test_a_load_that_fails_inside_vllm_falls_back_to_the_checkpoint_it_read_last
         vllm_backend.apply_weights(misfit)
     assert vllm_backend.identity.version == identity.version
     assert vllm_backend.identity.revision == identity.revision + 1
-    for got, want in zip(vllm_backend.hidden_states(sequences, hints), before, strict=True):
+    for got, want in zip(vllm_backend.hidden_states(sequences), before, strict=True):
         assert torch.equal(got, want)
 
 
