@@ -3,6 +3,7 @@ trainer's memory over gloo and through shared memory.
 
     python -m bench.weights                # 3 updates per row
     python -m bench.weights --repeats 1    # quicker
+    python -m bench.weights --threads 1    # one torch thread per process
     .venv-vllm/bin/python -m bench.weights --backend vllm --replicas 1   # vLLM replicas
 
 The replicas are `statevalue serve` subprocesses on loopback serving a float32 export of
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import shlex
 import statistics
 import sys
@@ -96,12 +98,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3, help="updates per row")
     parser.add_argument("--bucket-mb", type=int, default=128, help="largest broadcast")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads of the trainer and of each replica (default: torch's own)",
+    )
     parser.add_argument("--backend", choices=("torch", "vllm"), default="torch")
     parser.add_argument(
         "--replicas", default="1,2", help="comma-separated replica counts, one pass each"
     )
     args = parser.parse_args(argv)
     counts = [int(count) for count in args.replicas.split(",")]
+    if args.threads is not None:
+        # On a shared machine, parallel copies of several threads mostly wait for each
+        # other; the replicas (subprocesses) read the same setting.
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
     from transformers import AutoModelForCausalLM
 
     print(

@@ -230,9 +230,7 @@ def _shared_memory_order(
     needed = segment_layout(common["tensors"]).nbytes
     if segment.nbytes < needed:
         raise InvalidRequest("shared_memory.nbytes", f"the tensors take {needed} bytes")
-    return SharedMemoryOrder(
-        **common, segment=segment.name, segment_bytes=segment.nbytes, trainer_host=segment.host
-    )
+    return SharedMemoryOrder(**common, segment=segment.name, trainer_host=segment.host)
 
 
 def response_to_proto(result: EstimateResult) -> pb.EstimateResponse:
