@@ -1,8 +1,10 @@
 """One weight update of the embedded model on 1 and 2 CPU replicas: by disk, and from the
-trainer's memory over gloo.
+trainer's memory over gloo and through shared memory.
 
     python -m bench.weights                # 3 updates per row
     python -m bench.weights --repeats 1    # quicker
+    python -m bench.weights --threads 1    # one torch thread per process
+    .venv-vllm/bin/python -m bench.weights --backend vllm --replicas 1   # vLLM replicas
 
 The replicas are `statevalue serve` subprocesses on loopback serving a float32 export of
 the embedded model; the trainer is this process, holding the same model in transformers.
@@ -12,7 +14,9 @@ Before each update the trainer moves every weight a little (new weights each tim
   (save and reload timed apart; the files are read back from the page cache, the best case
   for a disk);
 - gloo, first: ``update_weights``, including setting up the process group;
-- gloo: the next updates, reusing it.
+- gloo: the next updates, reusing it;
+- shared memory: ``update_weights(transport="shared_memory")``, the replicas being on
+  this machine: one copy into a shared-memory segment, one copy out of it per replica.
 
 Per row: the bytes of one update, its median wall time, the model's bytes over that time
 (GB/s), and how long each replica's model thread was swapping weights, when no forward
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import shlex
 import statistics
 import sys
@@ -93,7 +98,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3, help="updates per row")
     parser.add_argument("--bucket-mb", type=int, default=128, help="largest broadcast")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads of the trainer and of each replica (default: torch's own)",
+    )
+    parser.add_argument("--backend", choices=("torch", "vllm"), default="torch")
+    parser.add_argument(
+        "--replicas", default="1,2", help="comma-separated replica counts, one pass each"
+    )
     args = parser.parse_args(argv)
+    counts = [int(count) for count in args.replicas.split(",")]
+    if args.threads is not None:
+        # On a shared machine, parallel copies of several threads mostly wait for each
+        # other; the replicas (subprocesses) read the same setting.
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
     from transformers import AutoModelForCausalLM
 
     print(
@@ -105,20 +126,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         saved = Path(scratch) / "saved"
         model = AutoModelForCausalLM.from_pretrained(start)
         nbytes = sum(t.nbytes for _, t in named_tensor_list(model.state_dict()))
-        print(f"# model SmolLM2-135M-Instruct float32, {nbytes / 1e6:.0f} MB per update")
+        print(
+            f"# model SmolLM2-135M-Instruct float32, {nbytes / 1e6:.0f} MB per update, "
+            f"backend {args.backend}"
+        )
         servers = [
-            ServerProcess(str(start), "cpu", "float32", 8192, "--admin-token", TOKEN)
-            for _ in range(2)
+            ServerProcess(
+                str(start),
+                "cpu",
+                "float32",
+                8192,
+                "--admin-token",
+                TOKEN,
+                "--backend",
+                args.backend,
+            )
+            for _ in range(max(counts))
         ]
         header = (
-            f"{'update':<12} {'replicas':>8} {'MB':>6} {'wall s':>7} {'GB/s':>6} "
+            f"{'update':<13} {'replicas':>8} {'MB':>6} {'wall s':>7} {'GB/s':>6} "
             f"{'save s':>7} {'reload s':>8} {'swap ms':>8}"
         )
         print(header)
         print("-" * len(header))
         rates: dict[tuple[str, int], float] = {}
         try:
-            for replicas in (1, 2):
+            for replicas in counts:
                 target = "ipv4:" + ",".join(f"127.0.0.1:{s.grpc_port}" for s in servers[:replicas])
                 with ValueClient(target, timeout=600, retries=0) as client:
 
@@ -132,7 +165,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                     def by_gloo() -> list[float]:
                         started = time.perf_counter()
                         client.update_weights(
-                            model.state_dict(), admin_token=TOKEN, bucket_bytes=args.bucket_mb << 20
+                            model.state_dict(),
+                            admin_token=TOKEN,
+                            transport="distributed",
+                            bucket_bytes=args.bucket_mb << 20,
+                        )
+                        return [time.perf_counter() - started]
+
+                    def by_shared_memory() -> list[float]:
+                        started = time.perf_counter()
+                        client.update_weights(
+                            model.state_dict(), admin_token=TOKEN, transport="shared_memory"
                         )
                         return [time.perf_counter() - started]
 
@@ -140,6 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         ("disk", by_disk, args.repeats),
                         ("gloo, first", by_gloo, 1),
                         ("gloo", by_gloo, args.repeats),
+                        ("shared memory", by_shared_memory, args.repeats),
                     ]
                     for name, update, repeats in rows:
                         phases, swap = timed_updates(model, servers[:replicas], update, repeats)
@@ -151,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                             else ("-", "-")
                         )
                         print(
-                            f"{name:<12} {replicas:>8} {nbytes / 1e6:>6.0f} {wall:>7.2f} "
+                            f"{name:<13} {replicas:>8} {nbytes / 1e6:>6.0f} {wall:>7.2f} "
                             f"{nbytes / wall / 1e9:>6.2f} {save:>7} {reload:>8} "
                             f"{swap * 1e3:>8.0f}"
                         )
@@ -159,17 +203,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             for server in servers:
                 server.close()
     print()
-    print("# extrapolated: bf16 bytes of each shape at the GB/s measured above on 2 replicas")
+    most = max(counts)
+    print(f"# extrapolated: bf16 bytes of each shape at the GB/s measured above on {most} replicas")
     print("# (the same loopback, cores and page cache; a network or storage of another speed")
     print("# scales the times by the ratio of its throughput to these)")
-    header = f"{'shape':<6} {'GB':>6} {'disk s':>8} {'gloo s':>8}"
+    header = f"{'shape':<6} {'GB':>6} {'disk s':>8} {'gloo s':>8} {'shm s':>8}"
     print(header)
     print("-" * len(header))
     for shape, parameters in SHAPES.items():
         size = 2 * parameters
         print(
-            f"{shape:<6} {size / 1e9:>6.1f} {size / rates['disk', 2]:>8.1f} "
-            f"{size / rates['gloo', 2]:>8.1f}"
+            f"{shape:<6} {size / 1e9:>6.1f} {size / rates['disk', most]:>8.1f} "
+            f"{size / rates['gloo', most]:>8.1f} {size / rates['shared memory', most]:>8.1f}"
         )
     return 0
 

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,8 +22,18 @@ from statevalue.backends.torch_backend import TorchBackend
 from statevalue_client import AsyncValueClient, Group, ReloadFailed, Rollout, ValueClient
 from statevalue_client.proto import statevalue_pb2 as pb
 from statevalue_client.proto import statevalue_pb2_grpc as pb_grpc
-from statevalue_client.weights import TensorSpec, plan_buckets
-from tests.servers import ServerThread, metric_value, running_server, wait_for
+from statevalue_client.sync import WeightSync
+from statevalue_client.weights import (
+    SEGMENT_PREFIX,
+    SHARED_MEMORY_DIR,
+    TensorSpec,
+    choose_transport,
+    create_segment,
+    host_identity,
+    named_tensor_list,
+    plan_buckets,
+)
+from tests.servers import ServerThread, metric_samples, running_server, wait_for
 
 TOKEN = "s3cret"
 # Small buckets, so an update of the embedded model takes many broadcasts: buckets packed
@@ -73,6 +84,22 @@ def revisions(replicas: list[ServerThread]) -> list[int]:
     return [replica.server.model_info()["revision"] for replica in replicas]
 
 
+def received(replica: ServerThread, transport: str | None = None) -> float:
+    """Bytes of weights the replica received from memory, by one transport or all."""
+    samples = metric_samples(replica.metrics(), "statevalue_weight_update_bytes_total")
+    if transport is None:
+        return sum(samples.values())
+    return samples.get(f'{{transport="{transport}"}}', 0.0)
+
+
+def save_checkpoint(model: torch.nn.Module, embedded_checkpoint: Path, directory: Path) -> None:
+    """``model`` as a checkpoint directory a replica loads (with the tokenizer)."""
+    model.save_pretrained(directory)
+    for file in embedded_checkpoint.iterdir():
+        if not (directory / file.name).exists():
+            shutil.copy(file, directory)
+
+
 def states(backend: TorchBackend) -> list[torch.Tensor]:
     return [s.clone() for s in backend.hidden_states(SEQUENCES)]
 
@@ -112,15 +139,16 @@ def test_an_update_over_gloo_equals_a_disk_reload_of_the_same_weights(
     with ValueClient(target(replicas), retries=0) as client:
         # The trainer's full (gathered) state dict, tied output embedding included.
         result = client.update_weights(
-            trainer.state_dict(), admin_token=TOKEN, version="step-1", bucket_bytes=BUCKET_BYTES
+            trainer.state_dict(),
+            admin_token=TOKEN,
+            version="step-1",
+            transport="distributed",
+            bucket_bytes=BUCKET_BYTES,
         )
     assert set(result.replicas) == {replica.grpc_target for replica in replicas}
     assert result.version == "step-1"
     assert revisions(replicas) == [r + 1 for r in before]
-    trainer.save_pretrained(tmp_path)
-    for file in embedded_checkpoint.iterdir():  # the tokenizer
-        if not (tmp_path / file.name).exists():
-            shutil.copy(file, tmp_path)
+    save_checkpoint(trainer, embedded_checkpoint, tmp_path)
     from_disk = TorchBackend(str(tmp_path), device="cpu")
     expected = states(from_disk)
     for backend in replica_backends:
@@ -159,7 +187,7 @@ def test_the_async_client_reuses_the_group_and_sends_any_float_dtype(
                 # bfloat16 on the wire: each replica casts to its model's float32.
                 tensors = {name: p.to(wire) for name, p in trainer.named_parameters()}
                 result = await client.update_weights(
-                    tensors, admin_token=TOKEN, version=f"step-{step}"
+                    tensors, admin_token=TOKEN, version=f"step-{step}", transport="distributed"
                 )
                 found.append(result.revision)
                 with ValueClient(target(replicas), retries=0) as blocking:
@@ -184,7 +212,7 @@ def test_tensors_that_do_not_fit_are_refused_before_any_byte_moves(
 ) -> None:
     before = revisions(replicas)
     old = states(replica_backends[0])
-    received = [metric_value(r.metrics(), "statevalue_weight_update_bytes_total") for r in replicas]
+    received_before = [received(r) for r in replicas]
     good = trainer.state_dict()
     wrong_shape = {**good, "model.norm.weight": torch.ones(3)}
     unknown = {**good, "model.extra.weight": torch.ones(3)}
@@ -196,7 +224,7 @@ def test_tensors_that_do_not_fit_are_refused_before_any_byte_moves(
             (missing, "model.layers.3.mlp.up_proj.weight"),
         ):
             with pytest.raises(ReloadFailed) as caught:
-                client.update_weights(tensors, admin_token=TOKEN)
+                client.update_weights(tensors, admin_token=TOKEN, transport="distributed")
             assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             for replica in replicas:
                 assert named in str(caught.value.errors[replica.grpc_target])
@@ -204,15 +232,13 @@ def test_tensors_that_do_not_fit_are_refused_before_any_byte_moves(
     with running_server(replica_backends[0], admin_token="another") as stranger:
         with ValueClient(f"ipv4:{replicas[1].grpc_target},{stranger.grpc_target}") as client:
             with pytest.raises(ReloadFailed) as caught:
-                client.update_weights(good, admin_token=TOKEN)
+                client.update_weights(good, admin_token=TOKEN, transport="distributed")
     errors = caught.value.errors
     assert errors[stranger.grpc_target].code() == grpc.StatusCode.UNAUTHENTICATED
     assert errors[replicas[1].grpc_target].code() == grpc.StatusCode.ABORTED
     assert "before sending anything" in errors[replicas[1].grpc_target].details()
     assert revisions(replicas) == before
-    assert [
-        metric_value(r.metrics(), "statevalue_weight_update_bytes_total") for r in replicas
-    ] == received
+    assert [received(r) for r in replicas] == received_before
     for got, was in zip(states(replica_backends[0]), old, strict=True):
         assert torch.equal(got, was)
 
@@ -252,6 +278,155 @@ def test_an_announcement_that_makes_no_sense_is_refused_naming_the_field(
             assert caught.value.details().startswith(f"{field}: ")
 
 
+def test_auto_picks_shared_memory_for_replicas_on_this_machine_only() -> None:
+    here = ["127.0.0.1:50051", "[::1]:50051", "localhost:1"]
+    assert choose_transport("auto", here, 1 << 20) == "shared_memory"
+    # A documentation address (no host has it) and a name that does not resolve.
+    assert choose_transport("auto", [*here, "192.0.2.1:50051"], 1 << 20) == "distributed"
+    assert choose_transport("auto", ["no-such-host.invalid:1"], 1 << 20) == "distributed"
+    # More than the shared memory holds.
+    assert choose_transport("auto", here, 1 << 60) == "distributed"
+    assert choose_transport("distributed", here, 1 << 20) == "distributed"
+    with pytest.raises(ValueError, match="transport"):
+        choose_transport("nvlink", here, 1 << 20)
+    # Asked for explicitly, an update larger than the shared memory is refused before any
+    # byte is written.
+    too_large = SHARED_MEMORY_DIR / f"{SEGMENT_PREFIX}{uuid.uuid4().hex}"
+    with pytest.raises(OSError, match="bytes free") as caught:
+        create_segment(too_large, 1 << 60)
+    assert "transport='distributed'" in str(caught.value)
+    assert not too_large.exists()
+
+
+def test_a_shared_memory_update_equals_a_disk_reload_of_the_same_weights(
+    replicas: list[ServerThread],
+    replica_backends: list[TorchBackend],
+    trainer: torch.nn.Module,
+    embedded_checkpoint: Path,
+    tmp_path: Path,
+) -> None:
+    before = revisions(replicas)
+    old = states(replica_backends[1])
+    take_a_step(trainer, seed=5)
+    save_checkpoint(trainer, embedded_checkpoint, tmp_path)
+    with ValueClient(replicas[0].grpc_target, retries=0) as client:
+        client.reload_weights(str(tmp_path), admin_token=TOKEN)
+    shared = received(replicas[1], "shared_memory")
+    # A loopback address: "auto" sends through shared memory.
+    with ValueClient(replicas[1].grpc_target, retries=0) as client:
+        result = client.update_weights(trainer.state_dict(), admin_token=TOKEN, version="step-5")
+        assert client._weights is not None
+        segments = list(SHARED_MEMORY_DIR.glob(f"{SEGMENT_PREFIX}{client._weights.group_id}*"))
+    assert result.version == "step-5"
+    assert revisions(replicas) == [r + 1 for r in before]
+    nbytes = sum(t.nbytes for _, t in named_tensor_list(trainer.state_dict()))
+    assert received(replicas[1], "shared_memory") - shared == nbytes
+    assert segments == []  # removed once the replica answered
+    for got, want, was in zip(
+        states(replica_backends[1]), states(replica_backends[0]), old, strict=True
+    ):
+        assert torch.equal(got, want)
+        assert not torch.allclose(got, was)
+
+
+def test_a_shared_memory_update_that_cannot_work_is_refused_and_the_old_weights_serve(
+    replicas: list[ServerThread], replica_backends: list[TorchBackend], trainer: torch.nn.Module
+) -> None:
+    replica = replicas[0]
+    before = revisions(replicas)
+    old = states(replica_backends[0])
+    bytes_before = received(replica)
+    good = trainer.state_dict()
+    tensors = [
+        pb.TensorSpec(name=name, shape=tensor.shape, dtype="float32")
+        for name, tensor in named_tensor_list(good)
+    ]
+    nbytes = 600 << 20
+    # A real segment, too short for the tensors it claims to hold.
+    short = SHARED_MEMORY_DIR / f"{SEGMENT_PREFIX}{uuid.uuid4().hex}"
+    short.write_bytes(b"\0" * 4096)
+    segment = {"name": f"{SEGMENT_PREFIX}0123abcd", "nbytes": nbytes, "host": host_identity()}
+    wrong_shape = [*tensors[:-1], pb.TensorSpec(name=tensors[-1].name, shape=[3], dtype="float32")]
+    metadata = (("authorization", f"Bearer {TOKEN}"),)
+    try:
+        with grpc.insecure_channel(replica.grpc_target) as channel:
+            stub = pb_grpc.ValueServiceStub(channel)
+            for change, segment_change, code, starts in (
+                # Names and shapes are checked first: the segment (there is none) is never
+                # looked for.
+                ({"tensors": wrong_shape}, {}, "INVALID_ARGUMENT", "tensors: "),
+                ({}, {"name": "../etc/passwd"}, "INVALID_ARGUMENT", "shared_memory.name: "),
+                ({}, {"nbytes": 10}, "INVALID_ARGUMENT", "shared_memory.nbytes: "),
+                ({"rendezvous": "127.0.0.1:1"}, {}, "INVALID_ARGUMENT", "rendezvous: "),
+                ({}, {"host": "another-host"}, "FAILED_PRECONDITION", "shared_memory: "),
+                ({}, {}, "FAILED_PRECONDITION", "shared_memory: segment"),
+                ({}, {"name": short.name}, "ABORTED", f"segment {short.name} holds 4096"),
+            ):
+                request = pb.UpdateWeightsRequest(
+                    group="g",
+                    update=1,
+                    shared_memory=pb.SharedMemorySegment(**{**segment, **segment_change}),
+                    **{"tensors": tensors, **change},
+                )
+                with pytest.raises(grpc.RpcError) as caught:
+                    stub.UpdateWeights(request, metadata=metadata, timeout=30)
+                assert caught.value.code().name == code, caught.value.details()
+                assert caught.value.details().startswith(starts), caught.value.details()
+    finally:
+        short.unlink()
+    with ValueClient(replica.grpc_target, retries=0) as client:
+        with pytest.raises(ReloadFailed) as refused:
+            client.update_weights(
+                {**good, "model.norm.weight": torch.ones(3)},
+                admin_token=TOKEN,
+                transport="shared_memory",
+            )
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "model.norm.weight has shape (3,)" in str(refused.value)
+        assert client._weights is not None
+        assert not list(SHARED_MEMORY_DIR.glob(f"{SEGMENT_PREFIX}{client._weights.group_id}*"))
+        # The old weights keep serving.
+        answer = client.estimate([group()], ("group_mean",), min_model_revision=before[0])
+    assert answer.model.revision == before[0]
+    assert revisions(replicas) == before
+    assert received(replica) == bytes_before
+    for got, was in zip(states(replica_backends[0]), old, strict=True):
+        assert torch.equal(got, was)
+
+
+def test_the_weight_sync_sends_every_sync_every_steps_and_every_replica_holds_the_revision(
+    replicas: list[ServerThread], replica_backends: list[TorchBackend], trainer: torch.nn.Module
+) -> None:
+    before = revisions(replicas)
+    with ValueClient(target(replicas), retries=0) as client:
+        sync = WeightSync(client, admin_token=TOKEN, sync_every=2)
+        try:
+            assert sync.revision() == 0  # nothing synced yet: no requirement
+            take_a_step(trainer, seed=6)
+            assert not sync.step_done(1, trainer.state_dict)
+            take_a_step(trainer, seed=7)
+            assert sync.step_done(2, trainer.state_dict)
+            revision = sync.revision()  # waits for the sync in flight
+        finally:
+            sync.close()
+        assert revisions(replicas) == [r + 1 for r in before]
+        assert revision == min(before) + 1
+        # Requests round-robin over both replicas: each answers at the synced revision.
+        for _ in range(4):
+            answer = client.estimate([group()], ("group_mean",), min_model_revision=revision)
+            assert answer.model.version == "step-2"
+    for replica in replicas:
+        with ValueClient(replica.grpc_target, retries=0) as client:
+            with pytest.raises(grpc.RpcError) as refused:
+                client.estimate([group()], ("group_mean",), min_model_revision=revision + 1)
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    ids = torch.from_numpy(SEQUENCES[0].astype(np.int64))[None]
+    with torch.no_grad():
+        want = trainer.model(ids).last_hidden_state[0]
+    for backend in replica_backends:
+        torch.testing.assert_close(states(backend)[0], want, rtol=1e-5, atol=1e-5)
+
+
 TRAINER_KILLED_MIDWAY = """
 import os, sys, torch
 from safetensors.torch import load_file
@@ -272,7 +447,9 @@ weights["model.layers.20.mlp.up_proj.weight"] = weights[
     "model.layers.20.mlp.up_proj.weight"
 ].as_subclass(DiesWhenSent)
 with ValueClient(sys.argv[1], retries=0, timeout=60) as client:
-    client.update_weights(weights, admin_token=sys.argv[3], bucket_bytes=8 << 20)
+    client.update_weights(
+        weights, admin_token=sys.argv[3], transport="distributed", bucket_bytes=8 << 20
+    )
 """
 
 
@@ -319,6 +496,7 @@ def test_a_trainer_killed_midway_leaves_every_replica_on_its_old_weights(
     # The next trainer builds a new group and gets through.
     take_a_step(trainer, seed=4)
     with ValueClient(target(replicas), retries=0) as client:
-        assert client.update_weights(trainer.state_dict(), admin_token=TOKEN).revision == (
-            before[0] + 1
+        result = client.update_weights(
+            trainer.state_dict(), admin_token=TOKEN, transport="distributed"
         )
+        assert result.revision == before[0] + 1

@@ -11,11 +11,11 @@ from dataclasses import dataclass
 import grpc
 
 from statevalue.admin import ReloadRefused, Unauthenticated
-from statevalue.backends.base import CheckpointRefused
+from statevalue.backends.base import CheckpointRefused, WeightLoadFailed
 from statevalue.numca_store import StoreUnavailable
 from statevalue.scheduler import DeadlineExpired, ModelTooOld, NotAccepting, QueueFull
 from statevalue.schema import InvalidRequest
-from statevalue.weight_receiver import WeightTransferFailed
+from statevalue.weight_receiver import NotOnTrainerHost, WeightTransferFailed
 
 # Most characters of a message a reply carries: messages may quote caller strings (ids,
 # keys, texts), and a gRPC status travels in metadata, which is limited to a few KiB.
@@ -69,7 +69,9 @@ def error_reply(exc: BaseException) -> ErrorReply | None:
         )
     if isinstance(exc, Unauthenticated):
         return ErrorReply(401, grpc.StatusCode.UNAUTHENTICATED, str(exc))
-    if isinstance(exc, WeightTransferFailed):
+    if isinstance(exc, NotOnTrainerHost):
+        return ErrorReply(409, grpc.StatusCode.FAILED_PRECONDITION, str(exc), field="shared_memory")
+    if isinstance(exc, (WeightTransferFailed, WeightLoadFailed)):
         return ErrorReply(409, grpc.StatusCode.ABORTED, str(exc))
     if isinstance(exc, ReloadRefused):
         return ErrorReply(exc.http_status, exc.grpc_code, str(exc))

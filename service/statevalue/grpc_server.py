@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -30,11 +31,18 @@ from statevalue.schema import (
     RolloutInput,
     states_format,
 )
-from statevalue.weight_receiver import UpdateOrder
+from statevalue.weight_receiver import ProcessGroupOrder, SharedMemoryOrder, UpdateOrder
 from statevalue_client.arrays import FLOAT32, INT32, pack_float32, pack_int32, unpack
 from statevalue_client.proto import statevalue_pb2 as pb
 from statevalue_client.proto import statevalue_pb2_grpc as pb_grpc
-from statevalue_client.weights import BACKENDS, TensorSpec, split_address, wire_dtype
+from statevalue_client.weights import (
+    BACKENDS,
+    SEGMENT_PREFIX,
+    TensorSpec,
+    segment_layout,
+    split_address,
+    wire_dtype,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +50,8 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ValueService"].full_name
 # Trailing metadata of a refusal worth retrying later: seconds to wait, as HTTP's
 # Retry-After header says (here with decimals).
 RETRY_AFTER = "retry-after"
+# The shared-memory segments a trainer names: a name, never a path elsewhere.
+_SEGMENT_NAME = re.compile(re.escape(SEGMENT_PREFIX) + "[0-9a-f-]{1,200}")
 
 
 def _packed(data: bytes, dtype: np.dtype, count: int, field: str) -> np.ndarray:
@@ -160,23 +170,12 @@ def _step_rewards(message: pb.EstimateRequest) -> RewardStatistics | None:
 
 def update_order_from_proto(message: pb.UpdateWeightsRequest) -> UpdateOrder:
     """The update a trainer announces; raises InvalidRequest naming the field."""
-    try:
-        host, port = split_address(message.rendezvous)
-    except ValueError as exc:
-        raise InvalidRequest("rendezvous", str(exc)) from exc
     if not message.group:
         raise InvalidRequest("group", "must name the trainer's group")
-    if message.world_size < 2:
-        raise InvalidRequest("world_size", "must count the trainer and at least one replica")
-    if not 1 <= message.rank < message.world_size:
-        raise InvalidRequest("rank", f"must be in [1, {message.world_size - 1}]")
-    if message.backend not in BACKENDS:
-        raise InvalidRequest("backend", f"must be one of {', '.join(BACKENDS)}")
     if not message.tensors:
         raise InvalidRequest("tensors", "must list the tensors the trainer sends")
-    if message.bucket_bytes < 1 or message.update < 1:
-        field = "bucket_bytes" if message.bucket_bytes < 1 else "update"
-        raise InvalidRequest(field, "must be at least 1")
+    if message.update < 1:
+        raise InvalidRequest("update", "must be at least 1")
     specs = []
     for i, tensor in enumerate(message.tensors):
         try:
@@ -186,18 +185,52 @@ def update_order_from_proto(message: pb.UpdateWeightsRequest) -> UpdateOrder:
         specs.append(TensorSpec(tensor.name, tuple(tensor.shape), dtype))
     if len({spec.name for spec in specs}) != len(specs):
         raise InvalidRequest("tensors", "names a tensor twice")
-    return UpdateOrder(
+    common = {
+        "group": message.group,
+        "update": message.update,
+        "version": message.version or f"{message.group[:8]}-{message.update}",
+        "tensors": tuple(specs),
+    }
+    if message.HasField("shared_memory"):
+        return _shared_memory_order(message, common)
+    try:
+        host, port = split_address(message.rendezvous)
+    except ValueError as exc:
+        raise InvalidRequest("rendezvous", str(exc)) from exc
+    if message.world_size < 2:
+        raise InvalidRequest("world_size", "must count the trainer and at least one replica")
+    if not 1 <= message.rank < message.world_size:
+        raise InvalidRequest("rank", f"must be in [1, {message.world_size - 1}]")
+    if message.backend not in BACKENDS:
+        raise InvalidRequest("backend", f"must be one of {', '.join(BACKENDS)}")
+    if message.bucket_bytes < 1:
+        raise InvalidRequest("bucket_bytes", "must be at least 1")
+    return ProcessGroupOrder(
+        **common,
         host=host,
         port=port,
-        group=message.group,
         world_size=message.world_size,
         rank=message.rank,
         backend=message.backend,
-        tensors=tuple(specs),
         bucket_bytes=message.bucket_bytes,
-        update=message.update,
-        version=message.version or f"{message.group[:8]}-{message.update}",
     )
+
+
+def _shared_memory_order(
+    message: pb.UpdateWeightsRequest, common: dict[str, Any]
+) -> SharedMemoryOrder:
+    segment = message.shared_memory
+    for field in ("rendezvous", "world_size", "rank", "backend", "bucket_bytes"):
+        if getattr(message, field):
+            raise InvalidRequest(field, "must stay empty with shared_memory (one transport)")
+    if not _SEGMENT_NAME.fullmatch(segment.name):
+        raise InvalidRequest("shared_memory.name", f"must be {SEGMENT_PREFIX} and hex digits")
+    if not segment.host:
+        raise InvalidRequest("shared_memory.host", "must name the trainer's host")
+    needed = segment_layout(common["tensors"]).nbytes
+    if segment.nbytes < needed:
+        raise InvalidRequest("shared_memory.nbytes", f"the tensors take {needed} bytes")
+    return SharedMemoryOrder(**common, segment=segment.name, trainer_host=segment.host)
 
 
 def response_to_proto(result: EstimateResult) -> pb.EstimateResponse:

@@ -127,7 +127,9 @@ class Metrics:
         )
         self.weight_update_bytes = Counter(
             "statevalue_weight_update_bytes",
-            "Bytes of weights received from the trainer's memory (UpdateWeights).",
+            "Bytes of weights received from the trainer's memory (UpdateWeights), by "
+            "transport (distributed, shared_memory).",
+            ["transport"],
             registry=r,
         )
         self.weight_swap_seconds = Histogram(

@@ -277,7 +277,8 @@ class StatevalueServer:
 
         Raises:
             ReloadRefused, InvalidRequest (tensors that do not fit, naming one),
-            WeightTransferFailed (the old weights keep serving).
+            NotOnTrainerHost (shared memory from another host), WeightTransferFailed
+            (the old weights keep serving).
         """
         scheduler = self._admin_scheduler(authorization)
         update = asyncio.ensure_future(
@@ -315,7 +316,7 @@ class StatevalueServer:
             staged = await loop.run_in_executor(
                 self._weights.thread, self._weights.receive, order, dtypes, backend.device, timeout
             )
-            self.metrics.weight_update_bytes.inc(order.nbytes)
+            self.metrics.weight_update_bytes.labels(order.TRANSPORT).inc(order.nbytes)
             identity = await scheduler.apply_weights(LoadedWeights(staged, order.version))
         self.metrics.set_model(identity.name, identity.version)
 

@@ -1,9 +1,11 @@
 """A replica's end of in-memory weight updates from the trainer.
 
-The replica joins the trainer's process group (set up on the first update, reused after)
-and receives the broadcast buckets into a staged copy of its model; the server swaps the
-staged copy in only once every byte arrived. ``statevalue_client.weights`` describes the
-exchange; both ends plan the buckets with its :func:`plan_buckets`.
+Through the distributed transport, the replica joins the trainer's process group (set up
+on the first update, reused after) and receives the broadcast buckets into a staged copy
+of its model; through shared memory, it copies the tensors from the trainer's segment on
+the same host. The server swaps the staged copy in only once every byte arrived.
+``statevalue_client.weights`` describes the exchange; both ends lay the tensors out with
+its :func:`plan_buckets`.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import logging
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.distributed as dist
@@ -20,14 +23,17 @@ import torch.distributed as dist
 from statevalue.schema import InvalidRequest
 from statevalue_client.weights import (
     ABORT,
+    SHARED_MEMORY_DIR,
     TensorSpec,
     bucket_device,
     decision_key,
     group_store,
+    host_identity,
     local_address_towards,
     open_process_group,
     plan_buckets,
     ready_key,
+    segment_layout,
 )
 
 log = logging.getLogger(__name__)
@@ -37,24 +43,43 @@ class WeightTransferFailed(Exception):
     """The update did not complete on this replica; its old weights keep serving."""
 
 
+class NotOnTrainerHost(Exception):
+    """A shared-memory update reached a replica that cannot see the trainer's segment
+    (another host, or a container with a /dev/shm of its own); nothing was mapped."""
+
+
 @dataclass(frozen=True)
 class UpdateOrder:
-    """One ``UpdateWeights`` call: where the trainer's group meets, and what it sends."""
+    """One ``UpdateWeights`` call: which tensors the trainer sends (the transport is the
+    subclass's)."""
 
-    host: str
-    port: int
+    TRANSPORT: ClassVar[str]
+
     group: str
-    world_size: int
-    rank: int
-    backend: str
-    tensors: tuple[TensorSpec, ...]
-    bucket_bytes: int
     update: int
     version: str
+    tensors: tuple[TensorSpec, ...]
 
     @property
     def nbytes(self) -> int:
         return sum(spec.nbytes for spec in self.tensors)
+
+    def check_device(self, device: torch.device) -> None:
+        """Refuse a transport that cannot reach the model's device (any can, here)."""
+
+
+@dataclass(frozen=True)
+class ProcessGroupOrder(UpdateOrder):
+    """An update broadcast through the trainer's process group, which meets here."""
+
+    TRANSPORT: ClassVar[str] = "distributed"
+
+    host: str
+    port: int
+    world_size: int
+    rank: int
+    backend: str
+    bucket_bytes: int
 
     def check_device(self, device: torch.device) -> None:
         """Refuse NCCL for a model that is not on a CUDA device."""
@@ -62,6 +87,60 @@ class UpdateOrder:
             raise InvalidRequest(
                 "backend", f"nccl needs the model on a CUDA device; this replica's is on {device}"
             )
+
+
+@dataclass(frozen=True)
+class SharedMemoryOrder(UpdateOrder):
+    """An update in a shared-memory segment of the trainer's host."""
+
+    TRANSPORT: ClassVar[str] = "shared_memory"
+
+    segment: str
+    trainer_host: str
+
+
+def read_segment(
+    order: SharedMemoryOrder, dtypes: Mapping[str, torch.dtype], device: torch.device
+) -> dict[str, torch.Tensor]:
+    """The tensors of ``order``'s segment, copied in the model's ``dtypes`` to its
+    ``device``: a staged copy of the weights, ready to swap in.
+
+    Raises:
+        NotOnTrainerHost: this replica runs on another host, or cannot see the segment.
+        WeightTransferFailed: the segment is shorter than the tensors, or unreadable.
+    """
+    if order.trainer_host != host_identity():
+        raise NotOnTrainerHost(
+            "this replica runs on another host than the trainer; "
+            "send the weights with transport='distributed'"
+        )
+    path = SHARED_MEMORY_DIR / order.segment
+    layout = segment_layout(order.tensors)
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise NotOnTrainerHost(
+            f"segment {order.segment} is not in this replica's shared memory ({exc.strerror}): "
+            "a container with a /dev/shm of its own (share the host's: --ipc=host), or the "
+            "trainer removed it; send the weights with transport='distributed'"
+        ) from exc
+    if size < layout.nbytes:
+        raise WeightTransferFailed(
+            f"segment {order.segment} holds {size} bytes, the tensors take {layout.nbytes}"
+        )
+    try:
+        # A private, read-only mapping: the pages are the trainer's, nothing is copied
+        # until each tensor is copied into its staged place.
+        segment = torch.from_file(str(path), shared=False, size=layout.nbytes, dtype=torch.uint8)
+    except RuntimeError as exc:
+        raise WeightTransferFailed(f"cannot map segment {order.segment}: {exc}") from exc
+    return {
+        placed.spec.name: segment[placed.offset : placed.offset + placed.spec.nbytes]
+        .view(placed.spec.dtype)
+        .view(placed.spec.shape)
+        .to(device=device, dtype=dtypes[placed.spec.name], copy=True)
+        for placed in layout.tensors
+    }
 
 
 @dataclass
@@ -92,13 +171,25 @@ class WeightReceiver:
         """The tensors ``order`` announces, received (blocking) in the model's ``dtypes`` on
         its ``device``: a staged copy of the weights, ready to swap in.
 
-        Buckets arrive one at a time into one buffer; each tensor is copied from there into
-        its staged place, cast to the model's dtype.
-
         Raises:
             WeightTransferFailed: the trainer called the update off (another replica
                 refused it) or the transfer broke.
+            NotOnTrainerHost: a shared-memory update from another host.
         """
+        if isinstance(order, SharedMemoryOrder):
+            return read_segment(order, dtypes, device)
+        assert isinstance(order, ProcessGroupOrder)
+        return self._broadcast_in(order, dtypes, device, timeout)
+
+    def _broadcast_in(
+        self,
+        order: ProcessGroupOrder,
+        dtypes: Mapping[str, torch.dtype],
+        device: torch.device,
+        timeout: float,
+    ) -> dict[str, torch.Tensor]:
+        """Buckets arrive one at a time into one buffer; each tensor is copied from there
+        into its staged place, cast to the model's dtype."""
         wait = datetime.timedelta(seconds=timeout)
         try:
             membership = self._member(order, wait)
@@ -151,7 +242,7 @@ class WeightReceiver:
         if membership is not None and membership.process_group is not None:
             membership.process_group.abort()
 
-    def _member(self, order: UpdateOrder, timeout: datetime.timedelta) -> _Membership:
+    def _member(self, order: ProcessGroupOrder, timeout: datetime.timedelta) -> _Membership:
         key = (order.group, order.host, order.port, order.rank, order.world_size)
         if self._membership is None or self._membership.key != key:
             self.close()
@@ -168,7 +259,7 @@ class WeightReceiver:
     def _join(
         membership: _Membership,
         generation: int,
-        order: UpdateOrder,
+        order: ProcessGroupOrder,
         device: torch.device,
         timeout: datetime.timedelta,
     ) -> dist.ProcessGroup:

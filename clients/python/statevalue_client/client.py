@@ -273,6 +273,42 @@ class _ClientBase:
         self._limits = RequestLimits(info.max_request_tokens, info.max_request_groups)
         return info
 
+    def _weight_update(
+        self,
+        tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+        *,
+        rendezvous: str | None,
+        version: str,
+        transport: str,
+        backend: str,
+        bucket_bytes: int | None,
+        timeout: float | None,
+    ) -> Callable[..., dict[str, Future[Any]]]:
+        """One ``update_weights`` call, to run with the replicas' ``addresses`` and a
+        ``send``: the sender (opened once, then reused) and every argument but those."""
+        from statevalue_client.weights import open_weight_sender
+
+        self._weights = open_weight_sender(self._weights, rendezvous)
+        return functools.partial(
+            self._weights.update,
+            tensors,
+            version=version,
+            transport=transport,
+            backend=backend,
+            bucket_bytes=bucket_bytes,
+            timeout=timeout or RELOAD_TIMEOUT_S,
+        )
+
+    def _admin_stub(self, address: str) -> tuple[pb_grpc.ValueServiceStub, Any]:
+        """The stub for an admin RPC (ReloadWeights, UpdateWeights) to one replica behind
+        the target, and the channel to close after the call (None: the client's own)."""
+        if address == self.target:
+            return self._stub, None
+        channel = _replica_channel(
+            self._grpc, address, self.target, self._max_message_bytes, self._credentials
+        )
+        return pb_grpc.ValueServiceStub(channel), channel
+
     def _info_timeout(self, started: float, deadline: float | None) -> float:
         """GetModelInfo's timeout within a step: its own, cut to the step's deadline."""
         timeout = INFO_TIMEOUT_S
@@ -454,6 +490,7 @@ class ValueClient(_ClientBase):
         *,
         admin_token: str,
         version: str = "",
+        transport: str = "auto",
         rendezvous: str | None = None,
         backend: str = "auto",
         bucket_bytes: int | None = None,
@@ -461,34 +498,43 @@ class ValueClient(_ClientBase):
     ) -> ReloadResult:
         """Send the trainer's current weights from memory to every replica behind the target.
 
-        ``tensors``: a (gathered) state dict or ``named_parameters()``. The first call opens
-        a TCP store at ``rendezvous`` (``host:port`` the replicas reach; default: this
-        machine's address towards them, any free port) and a process group with the
-        replicas; later calls reuse both. ``backend``: ``"gloo"``, ``"nccl"`` or ``"auto"``
-        (NCCL when the tensors are on CUDA). Each replica checks names and shapes before
-        any byte moves, receives buckets of at most ``bucket_bytes`` (default 128 MiB)
-        into a staged copy and swaps it in between two forward steps
+        ``tensors``: a (gathered) state dict or ``named_parameters()``. ``transport``:
+
+        - ``"shared_memory"``: for replicas on this machine. The tensors are copied once
+          into a POSIX shared-memory segment that every replica copies from; no byte goes
+          through the network stack. A replica elsewhere refuses (FAILED_PRECONDITION).
+        - ``"distributed"``: the first call opens a TCP store at ``rendezvous``
+          (``host:port`` the replicas reach; default: this machine's address towards
+          them, any free port) and a process group with the replicas; later calls reuse
+          both. ``backend``: ``"gloo"``, ``"nccl"`` or ``"auto"`` (NCCL when the tensors
+          are on CUDA); buckets of at most ``bucket_bytes`` (default 128 MiB).
+        - ``"auto"`` (default): shared memory when every replica's address is this
+          machine's, distributed otherwise.
+
+        Each replica checks names and shapes before any byte moves, receives the tensors
+        into a staged copy and swaps it in between two forward steps, all or nothing
         (docs/integrations.md). Needs torch.
 
         Raises:
             ReloadFailed: some replicas did not take the new weights (it says which, and
                 why); they keep serving their old ones.
         """
-        from statevalue_client.weights import open_weight_sender
-
-        sender = self._weights = open_weight_sender(self._weights, rendezvous)
+        update = self._weight_update(
+            tensors,
+            rendezvous=rendezvous,
+            version=version,
+            transport=transport,
+            backend=backend,
+            bucket_bytes=bucket_bytes,
+            timeout=timeout,
+        )
         metadata = auth_metadata(admin_token)
         call = functools.partial(self._admin_call, "UpdateWeights", timeout=timeout)
         addresses = replica_addresses(self.target)
         with ThreadPoolExecutor(len(addresses), thread_name_prefix="statevalue-weights") as pool:
-            calls = sender.update(
-                tensors,
+            calls = update(
                 addresses=addresses,
-                version=version,
                 send=lambda address, request: pool.submit(call, address, request, metadata),
-                backend=backend,
-                bucket_bytes=bucket_bytes,
-                timeout=timeout or RELOAD_TIMEOUT_S,
             )
         return _reload_outcome(calls)
 
@@ -502,18 +548,15 @@ class ValueClient(_ClientBase):
         timeout: float | None,
     ) -> ModelInfo:
         """An admin RPC (ReloadWeights, UpdateWeights) to one replica behind the target."""
-        if address == self.target:
-            method = getattr(self._stub, rpc)
+        stub, channel = self._admin_stub(address)
+        try:
+            method = getattr(stub, rpc)
             return parse_model(
                 method(request, timeout=timeout or RELOAD_TIMEOUT_S, metadata=metadata)
             )
-        with _replica_channel(
-            grpc, address, self.target, self._max_message_bytes, self._credentials
-        ) as channel:
-            method = getattr(pb_grpc.ValueServiceStub(channel), rpc)
-            return parse_model(
-                method(request, timeout=timeout or RELOAD_TIMEOUT_S, metadata=metadata)
-            )
+        finally:
+            if channel is not None:
+                channel.close()
 
     def close(self) -> None:
         if self._weights is not None:
@@ -648,6 +691,7 @@ class AsyncValueClient(_ClientBase):
         *,
         admin_token: str,
         version: str = "",
+        transport: str = "auto",
         rendezvous: str | None = None,
         backend: str = "auto",
         bucket_bytes: int | None = None,
@@ -657,9 +701,15 @@ class AsyncValueClient(_ClientBase):
 
         The transfer runs on a worker thread; the calls to the replicas on this loop.
         """
-        from statevalue_client.weights import open_weight_sender
-
-        sender = self._weights = open_weight_sender(self._weights, rendezvous)
+        update = self._weight_update(
+            tensors,
+            rendezvous=rendezvous,
+            version=version,
+            transport=transport,
+            backend=backend,
+            bucket_bytes=bucket_bytes,
+            timeout=timeout,
+        )
         metadata = auth_metadata(admin_token)
         addresses = await asyncio.to_thread(replica_addresses, self.target)
         loop = asyncio.get_running_loop()
@@ -668,16 +718,7 @@ class AsyncValueClient(_ClientBase):
             call = self._admin_call("UpdateWeights", address, request, metadata, timeout=timeout)
             return asyncio.run_coroutine_threadsafe(call, loop)
 
-        calls = await asyncio.to_thread(
-            sender.update,
-            tensors,
-            addresses=addresses,
-            version=version,
-            send=send,
-            backend=backend,
-            bucket_bytes=bucket_bytes,
-            timeout=timeout or RELOAD_TIMEOUT_S,
-        )
+        calls = await asyncio.to_thread(update, addresses=addresses, send=send)
         return _reload_outcome(calls)
 
     async def _admin_call(
@@ -690,16 +731,14 @@ class AsyncValueClient(_ClientBase):
         timeout: float | None,
     ) -> ModelInfo:
         """An admin RPC (ReloadWeights, UpdateWeights) to one replica behind the target."""
-        if address == self.target:
-            method = getattr(self._stub, rpc)
+        stub, channel = self._admin_stub(address)
+        try:
+            method = getattr(stub, rpc)
             response = await method(request, timeout=timeout or RELOAD_TIMEOUT_S, metadata=metadata)
             return parse_model(response)
-        async with _replica_channel(
-            grpc.aio, address, self.target, self._max_message_bytes, self._credentials
-        ) as channel:
-            method = getattr(pb_grpc.ValueServiceStub(channel), rpc)
-            response = await method(request, timeout=timeout or RELOAD_TIMEOUT_S, metadata=metadata)
-            return parse_model(response)
+        finally:
+            if channel is not None:
+                await channel.close()
 
     async def close(self) -> None:
         if self._weights is not None:

@@ -19,17 +19,33 @@ set up on the first update and reused by the next ones:
 Neither side holds more than one bucket besides its weights (the replica: its served and
 its staged weights). Both sides derive the buckets from the same list of tensors with
 :func:`plan_buckets`; the service imports this module for that.
+
+A replica on the trainer's own host can take the ``shared_memory`` transport instead: the
+trainer copies every tensor once into a POSIX shared-memory segment (laid out by
+:func:`segment_layout`), sends every replica an ``UpdateWeights`` call naming the segment
+and its host, and removes the segment once every call has answered. Each replica checks
+names and shapes, then that it runs on that host, before it maps the segment and copies
+the tensors into its staged model; no byte goes through the network stack, and one copy
+serves every replica of the host. The replicas decide one by one (as ``reload_weights``):
+each one takes the whole update or keeps its old weights.
 """
 
 from __future__ import annotations
 
 import datetime
+import functools
+import ipaddress
+import os
+import shutil
 import socket
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future
+from concurrent.futures import wait as wait_for_all
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -52,7 +68,11 @@ WIRE_DTYPES: dict[str, torch.dtype] = {
 }
 _DTYPE_NAMES = {dtype: name for name, dtype in WIRE_DTYPES.items()}
 BACKENDS = ("gloo", "nccl")
+TRANSPORTS = ("distributed", "shared_memory")
 ABORT = "abort"
+# Where POSIX shared memory lives (Linux): a segment is a file of this tmpfs.
+SHARED_MEMORY_DIR = Path("/dev/shm")
+SEGMENT_PREFIX = "statevalue-"
 
 _T = TypeVar("_T")
 
@@ -109,6 +129,92 @@ def plan_buckets(specs: Sequence[TensorSpec], bucket_bytes: int) -> list[Bucket]
     if placed:
         buckets.append(Bucket(tuple(placed), used))
     return buckets
+
+
+def segment_layout(specs: Sequence[TensorSpec]) -> Bucket:
+    """Where each tensor of a shared-memory update lies in its segment: all of them in
+    one bucket, in order."""
+    return plan_buckets(specs, sys.maxsize)[0]
+
+
+@functools.cache
+def host_identity() -> str:
+    """This machine's identity, the same for every process on it: the kernel's boot id
+    (every container on a host shares it), or the host name where there is none."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return socket.gethostname()
+
+
+def on_this_host(address: str) -> bool:
+    """Whether ``host:port`` is this machine: a loopback address, or one this machine
+    would send from itself (no packet sent)."""
+    host, port = split_address(address)
+    try:
+        resolved = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0][4][0]
+    except (socket.gaierror, IndexError):
+        return False
+    ip = str(resolved).split("%")[0]
+    if ipaddress.ip_address(ip).is_loopback:
+        return True
+    try:
+        return local_address_towards(ip, port) == ip
+    except OSError:  # no route there
+        return False
+
+
+def choose_transport(transport: str, addresses: Sequence[str], nbytes: int) -> str:
+    """``transport`` itself, or for ``"auto"``: shared memory when every replica runs on
+    this machine and its shared memory has room for ``nbytes``, the process group
+    otherwise."""
+    if transport not in ("auto", *TRANSPORTS):
+        raise ValueError(f"transport must be auto, {', '.join(TRANSPORTS)}, not {transport!r}")
+    if transport != "auto":
+        return transport
+    if (
+        SHARED_MEMORY_DIR.is_dir()
+        and shutil.disk_usage(SHARED_MEMORY_DIR).free >= nbytes
+        and all(on_this_host(a) for a in addresses)
+    ):
+        return "shared_memory"
+    return "distributed"
+
+
+def create_segment(path: Path, nbytes: int) -> torch.Tensor:
+    """A new shared-memory segment of ``nbytes`` at ``path`` (readable by this user only),
+    mapped as bytes.
+
+    Its memory is reserved first: a shared memory too small for it (a container's is
+    64 MiB unless told otherwise) raises here instead of killing the process with SIGBUS
+    when a write finds no page.
+
+    Raises:
+        OSError: the segment cannot be made, or shared memory has no room for it.
+    """
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.posix_fallocate(descriptor, 0, nbytes)
+    except OSError as exc:
+        path.unlink()
+        free = shutil.disk_usage(SHARED_MEMORY_DIR).free
+        raise OSError(
+            exc.errno,
+            f"{SHARED_MEMORY_DIR} has {free} bytes free, the update takes {nbytes} "
+            "(give it more, e.g. docker --shm-size, or use transport='distributed')",
+        ) from exc
+    finally:
+        os.close(descriptor)
+    return torch.from_file(str(path), shared=True, size=nbytes, dtype=torch.uint8)
+
+
+def pack(
+    buffer: torch.Tensor, placed: Sequence[PlacedTensor], tensors: Sequence[torch.Tensor]
+) -> None:
+    """Copy each of ``tensors`` to its place in the bytes of ``buffer``."""
+    for where, tensor in zip(placed, tensors, strict=True):
+        end = where.offset + where.spec.nbytes
+        buffer[where.offset : end].copy_(tensor.reshape(-1).contiguous().view(torch.uint8))
 
 
 def wire_dtype(name: str) -> torch.dtype:
@@ -236,7 +342,8 @@ class WeightSender:
         self._group: _Group | None = None
         self._generation = 0
         self._update = 0
-        #: Bytes broadcast by the last update (0 when it was called off).
+        #: Bytes the last update broadcast or put in shared memory (0 when it was called
+        #: off before).
         self.bytes_sent = 0
 
     @property
@@ -254,6 +361,7 @@ class WeightSender:
         addresses: Sequence[str],
         version: str,
         send: Callable[[str, pb.UpdateWeightsRequest], Future[_T]],
+        transport: str = "auto",
         backend: str = "auto",
         bucket_bytes: int | None = None,
         timeout: float = 300.0,
@@ -261,13 +369,16 @@ class WeightSender:
         """Send ``tensors`` to the replicas at ``addresses``; returns each one's call.
 
         ``send(address, request)`` starts the ``UpdateWeights`` call to one replica and
-        returns its future; every call has finished when this returns. ``backend`` is
-        ``"gloo"``, ``"nccl"`` or ``"auto"`` (NCCL when the tensors are on CUDA);
-        ``bucket_bytes`` the largest broadcast (default 128 MiB); ``timeout`` how long
-        the replicas may take to get ready, and each broadcast to arrive.
+        returns its future; every call has finished when this returns. ``transport`` is
+        ``"distributed"``, ``"shared_memory"`` or ``"auto"`` (:func:`choose_transport`).
+        For the distributed transport, ``backend`` is ``"gloo"``, ``"nccl"`` or
+        ``"auto"`` (NCCL when the tensors are on CUDA); ``bucket_bytes`` the largest
+        broadcast (default 128 MiB); ``timeout`` how long the replicas may take to get
+        ready, and each broadcast to arrive.
 
         Raises:
-            ValueError: no tensors, or a tensor that is not floating point.
+            ValueError: no tensors, a tensor that is not floating point, or an unknown
+                transport or backend.
             Exception: the transfer failed on this side while every replica says it
                 succeeded (otherwise the failed calls tell).
         """
@@ -277,17 +388,28 @@ class WeightSender:
         if not named:
             raise ValueError("no tensors to send")
         specs = [TensorSpec(name, tuple(t.shape), t.dtype) for name, t in named]
+        transport = choose_transport(transport, addresses, segment_layout(specs).nbytes)
+        self._update += 1
+        self.bytes_sent = 0
+        if transport == "shared_memory":
+            return self._share(named, specs, addresses, version, send)
         bucket_bytes = bucket_bytes or DEFAULT_BUCKET_BYTES
         buckets = plan_buckets(specs, bucket_bytes)
         if backend == "auto":
             backend = "nccl" if named[0][1].is_cuda else "gloo"
         store = self._open_store(addresses[0], timeout)
-        self._update += 1
-        self.bytes_sent = 0
         calls = {
             address: send(
                 address,
-                self._request(specs, rank, len(addresses), backend, bucket_bytes, version),
+                self._request(
+                    specs,
+                    version,
+                    rendezvous=self.rendezvous,
+                    world_size=len(addresses) + 1,
+                    rank=rank,
+                    backend=backend,
+                    bucket_bytes=bucket_bytes,
+                ),
             )
             for rank, address in enumerate(addresses, start=1)
         }
@@ -312,25 +434,48 @@ class WeightSender:
         self._store = None
 
     def _request(
-        self,
-        specs: list[TensorSpec],
-        rank: int,
-        replicas: int,
-        backend: str,
-        bucket_bytes: int,
-        version: str,
+        self, specs: list[TensorSpec], version: str, **transport: Any
     ) -> pb.UpdateWeightsRequest:
+        """The call announcing this update; ``transport`` the fields of how it travels."""
         return pb.UpdateWeightsRequest(
-            rendezvous=self.rendezvous,
             group=self.group_id,
-            world_size=replicas + 1,
-            rank=rank,
-            backend=backend,
             tensors=[spec.to_proto() for spec in specs],
-            bucket_bytes=bucket_bytes,
             update=self._update,
             version=version,
+            **transport,
         )
+
+    def _share(
+        self,
+        named: list[tuple[str, torch.Tensor]],
+        specs: list[TensorSpec],
+        addresses: Sequence[str],
+        version: str,
+        send: Callable[[str, pb.UpdateWeightsRequest], Future[_T]],
+    ) -> dict[str, Future[_T]]:
+        """Copy the tensors into a fresh shared-memory segment, let every replica read it,
+        and remove it once all have answered.
+
+        A fresh segment per update: a replica still reading the last one (its caller gave
+        up waiting) never sees it change under it.
+        """
+        layout = segment_layout(specs)
+        name = f"{SEGMENT_PREFIX}{self.group_id}-{self._update}"
+        path = SHARED_MEMORY_DIR / name
+        segment = create_segment(path, layout.nbytes)
+        try:
+            pack(segment, layout.tensors, [tensor for _, tensor in named])
+            del segment
+            self.bytes_sent = layout.nbytes
+            shared = pb.SharedMemorySegment(name=name, nbytes=layout.nbytes, host=host_identity())
+            calls = {
+                address: send(address, self._request(specs, version, shared_memory=shared))
+                for address in addresses
+            }
+            wait_for_all(calls.values())
+        finally:
+            path.unlink(missing_ok=True)
+        return calls
 
     def _open_store(self, first_replica: str, timeout: float) -> dist.Store:
         if self._store is None:
@@ -420,9 +565,7 @@ class WeightSender:
                     size = max(b.nbytes for b in buckets)
                     buffer = torch.empty(size, dtype=torch.uint8, device=device)
                 payload = buffer[: bucket.nbytes]
-                for placed, tensor in zip(bucket.tensors, members, strict=True):
-                    end = placed.offset + placed.spec.nbytes
-                    payload[placed.offset : end].copy_(tensor.contiguous().view(torch.uint8))
+                pack(payload, bucket.tensors, members)
             group.broadcast(payload, 0, wait).wait()
             self.bytes_sent += bucket.nbytes
 

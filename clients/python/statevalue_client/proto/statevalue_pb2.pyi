@@ -378,8 +378,19 @@ class TensorSpec(_message.Message):
     dtype: str
     def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ...) -> None: ...
 
+class SharedMemorySegment(_message.Message):
+    __slots__ = ("name", "nbytes", "host")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    nbytes: int
+    host: str
+    def __init__(self, name: _Optional[str] = ..., nbytes: _Optional[int] = ..., host: _Optional[str] = ...) -> None: ...
+
 class UpdateWeightsRequest(_message.Message):
-    __slots__ = ("rendezvous", "group", "world_size", "rank", "backend", "tensors", "bucket_bytes", "update", "version")
+    __slots__ = ("shared_memory", "rendezvous", "group", "world_size", "rank", "backend", "tensors", "bucket_bytes", "update", "version")
+    SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
     RENDEZVOUS_FIELD_NUMBER: _ClassVar[int]
     GROUP_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -389,6 +400,7 @@ class UpdateWeightsRequest(_message.Message):
     BUCKET_BYTES_FIELD_NUMBER: _ClassVar[int]
     UPDATE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    shared_memory: SharedMemorySegment
     rendezvous: str
     group: str
     world_size: int
@@ -398,4 +410,4 @@ class UpdateWeightsRequest(_message.Message):
     bucket_bytes: int
     update: int
     version: str
-    def __init__(self, rendezvous: _Optional[str] = ..., group: _Optional[str] = ..., world_size: _Optional[int] = ..., rank: _Optional[int] = ..., backend: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., bucket_bytes: _Optional[int] = ..., update: _Optional[int] = ..., version: _Optional[str] = ...) -> None: ...
+    def __init__(self, shared_memory: _Optional[_Union[SharedMemorySegment, _Mapping]] = ..., rendezvous: _Optional[str] = ..., group: _Optional[str] = ..., world_size: _Optional[int] = ..., rank: _Optional[int] = ..., backend: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., bucket_bytes: _Optional[int] = ..., update: _Optional[int] = ..., version: _Optional[str] = ...) -> None: ...
