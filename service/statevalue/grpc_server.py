@@ -258,6 +258,7 @@ def response_to_proto(result: EstimateResult) -> pb.EstimateResponse:
             entry.params.CopyFrom(params_to_proto(choice.params))
             entry.weights.update(choice.weights)
             entry.own_weight = choice.own_weight
+            entry.own_weights.extend(choice.own_weights)
             entry.criterion = choice.criterion
             entry.group_mean_criterion = choice.group_mean_criterion
             entry.candidates = choice.candidates
