@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from bench.sveb.problems import make_problem, reward
+from bench.sveb.problems import Problem, make_problem, reward
 from statevalue.backends.embedded import export_embedded_checkpoint
 from statevalue_client import Group, Rollout, ValueClient
 
@@ -79,7 +79,12 @@ def start_server(checkpoint: Path, token: str) -> tuple[subprocess.Popen[bytes],
 
 
 def sample(
-    model: AutoModelForCausalLM, prompt: torch.Tensor, g: int, max_new_tokens: int, eos: int
+    model: AutoModelForCausalLM,
+    prompt: torch.Tensor,
+    g: int,
+    max_new_tokens: int,
+    eos: int,
+    temperature: float = 1.0,
 ) -> list[torch.Tensor]:
     """G responses to one prompt, each cut after its EOS."""
     with torch.no_grad():
@@ -87,7 +92,7 @@ def sample(
             prompt.repeat(g, 1),
             attention_mask=torch.ones(g, prompt.shape[1], dtype=torch.long),
             do_sample=True,
-            temperature=1.0,
+            temperature=temperature,
             top_p=None,
             top_k=None,
             max_new_tokens=max_new_tokens,
@@ -98,6 +103,28 @@ def sample(
         stop = (row == eos).nonzero()
         responses.append(row[: int(stop[0]) + 1] if len(stop) else row)
     return responses
+
+
+def sample_problem(
+    model: AutoModelForCausalLM,
+    tokenizer: AutoTokenizer,
+    problem: Problem,
+    g: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, list[torch.Tensor], list[float]]:
+    """The chat prompt of one problem, G sampled responses and their rewards."""
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": problem.question}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )["input_ids"]
+    responses = sample(model, prompt, g, max_new_tokens, tokenizer.eos_token_id, temperature)
+    rewards = [
+        reward(tokenizer.decode(r, skip_special_tokens=True), problem.answer) for r in responses
+    ]
+    return prompt, responses, rewards
 
 
 def response_log_probs(
@@ -125,22 +152,10 @@ def run(
         started = time.perf_counter()
         problems = [make_problem(rng.choice(FAMILIES), rng) for _ in range(args.prompts)]
         model.eval()
-        batch = []
-        for problem in problems:
-            prompt = tokenizer.apply_chat_template(
-                [{"role": "user", "content": problem.question}],
-                add_generation_prompt=True,
-                return_tensors="pt",
-                return_dict=True,
-            )["input_ids"]
-            responses = sample(
-                model, prompt, args.group, args.max_new_tokens, tokenizer.eos_token_id
-            )
-            rewards = [
-                reward(tokenizer.decode(r, skip_special_tokens=True), problem.answer)
-                for r in responses
-            ]
-            batch.append((prompt, responses, rewards))
+        batch = [
+            sample_problem(model, tokenizer, problem, args.group, args.max_new_tokens)
+            for problem in problems
+        ]
         groups = [
             Group(prompt[0].numpy(), [Rollout(r.numpy(), w) for r, w in zip(rs, ws, strict=True)])
             for prompt, rs, ws in batch

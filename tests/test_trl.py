@@ -16,9 +16,12 @@ from statevalue.backends.no_model import NoModelBackend
 from statevalue.backends.torch_backend import TorchBackend
 from statevalue_client import Group, Rollout, ValueClient
 from statevalue_client.states import StatesFormat
+from statevalue_client.sync import DEFAULT_SYNC_EVERY
 from statevalue_client.trl import StateValueGRPOTrainer, batch_rows
 from tests.conftest import APPLES, last_number_reward
 from tests.servers import running_server
+
+TOKEN = "trl-admin"
 
 PARAMS = {"hista": {"node_spacing": 4, "d_min": 1.0}}
 
@@ -45,26 +48,30 @@ class RecordingTrainer(StateValueGRPOTrainer):
         return super()._compute_loss(model, inputs)
 
 
-def grpo_setup(checkpoint: Path, output: Path) -> tuple[Any, Any, Dataset, GRPOConfig]:
-    """Tokenizer, model, dataset and a two-step CPU GRPO configuration."""
+def grpo_setup(
+    checkpoint: Path, output: Path, **config: Any
+) -> tuple[Any, Any, Dataset, GRPOConfig]:
+    """Tokenizer, model, dataset and a two-step CPU GRPO configuration (``config``
+    overrides its fields)."""
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     model = AutoModelForCausalLM.from_pretrained(checkpoint)
     dataset = Dataset.from_dict({"prompt": [[{"role": "user", "content": APPLES}]] * 4})
-    args = GRPOConfig(
-        output_dir=str(output),
-        per_device_train_batch_size=4,
-        num_generations=4,
-        max_completion_length=24,
-        max_steps=2,
-        learning_rate=1e-6,
-        beta=0.0,
-        use_cpu=True,
-        bf16=False,
-        report_to="none",
-        save_strategy="no",
-        logging_steps=1,
-        seed=0,
-    )
+    fields: dict[str, Any] = {
+        "output_dir": str(output),
+        "per_device_train_batch_size": 4,
+        "num_generations": 4,
+        "max_completion_length": 24,
+        "max_steps": 2,
+        "learning_rate": 1e-6,
+        "beta": 0.0,
+        "use_cpu": True,
+        "bf16": False,
+        "report_to": "none",
+        "save_strategy": "no",
+        "logging_steps": 1,
+        "seed": 0,
+    }
+    args = GRPOConfig(**{**fields, **config})
     return tokenizer, model, dataset, args
 
 
@@ -146,3 +153,50 @@ def test_grpo_trains_on_trainer_side_states_against_a_server_with_no_model(
         n = len(rows[row][1])
         got = output["advantages"][row].numpy()
         np.testing.assert_allclose(got[:n], rollout.advantages["hista"], atol=1e-4)
+
+
+class RecordingClient(ValueClient):
+    """Keeps the ``min_model_revision`` of every estimate."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.required: list[int] = []
+
+    def estimate(self, *args: Any, min_model_revision: int = 0, **kwargs: Any) -> Any:  # type: ignore[override]
+        self.required.append(min_model_revision)
+        return super().estimate(*args, min_model_revision=min_model_revision, **kwargs)
+
+
+@pytest.mark.slow
+def test_grpo_keeps_the_service_weights_in_step_with_the_trainer(
+    embedded_checkpoint: Path, tmp_path: Path
+) -> None:
+    """Every optimizer step's weights reach the server (sync_every 1) while the next step
+    generates, and each estimate asks for the revision of the sync it relies on."""
+    assert DEFAULT_SYNC_EVERY == 1
+    setup = grpo_setup(
+        embedded_checkpoint,
+        tmp_path,
+        learning_rate=1e-3,  # weights that visibly move in two steps
+        # The completions' text does not matter here: few and short.
+        max_completion_length=8,
+        per_device_train_batch_size=2,
+        num_generations=2,
+    )
+    served = TorchBackend(str(embedded_checkpoint), device="cpu")  # its weights change
+    with (
+        running_server(served, admin_token=TOKEN) as server,
+        RecordingClient(server.grpc_target, retries=0) as client,
+    ):
+        start = server.server.model_info()["revision"]
+        trainer = trained(setup, client, value_admin_token=TOKEN)
+        info = client.model_info()
+    # Step 1 asks for nothing synced; step 2 for the weights after step 1.
+    assert client.required == [0, start + 1]
+    assert (info.revision, info.version) == (start + 2, "step-2")
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    ids = torch.arange(1, 40)[None]
+    with torch.no_grad():
+        want = model.model(ids).last_hidden_state[0]
+    (got,) = served.hidden_states([ids[0].numpy().astype(np.int32)])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

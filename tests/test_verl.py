@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,6 +21,7 @@ from verl.trainer.ppo import core_algos, ray_trainer  # noqa: E402
 from statevalue.backends.torch_backend import TorchBackend  # noqa: E402
 from statevalue.engine import Engine  # noqa: E402
 from statevalue_client import Group, Rollout, ValueClient  # noqa: E402
+from statevalue_client.sync import WeightSync  # noqa: E402
 from statevalue_client.verl import (  # noqa: E402
     compute_statevalue_advantage,
     install_statevalue_estimator,
@@ -266,3 +268,47 @@ def test_missing_token_ids_name_the_legacy_trainer(batch: Batch, client: ValueCl
     data.batch.pop("prompts")
     with pytest.raises(KeyError, match="use_v1=False"):
         compute_statevalue_advantage(data, client)
+
+
+def test_the_hook_syncs_the_last_update_and_asks_for_its_revision(
+    batch: Batch, embedded_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    actor = AutoModelForCausalLM.from_pretrained(embedded_checkpoint)
+    served = TorchBackend(str(embedded_checkpoint), device="cpu")  # its weights change
+    with (
+        running_server(served, admin_token="verl-admin") as server,
+        ValueClient(server.grpc_target, retries=0) as client,
+    ):
+        required: list[int] = []
+        estimate = client.estimate
+
+        def recording(*args: Any, min_model_revision: int = 0, **kwargs: Any) -> Any:
+            required.append(min_model_revision)
+            return estimate(*args, min_model_revision=min_model_revision, **kwargs)
+
+        monkeypatch.setattr(client, "estimate", recording)
+        start = server.server.model_info()["revision"]
+        sync = WeightSync(client, admin_token="verl-admin", sync_every=1)
+        uninstall = install_statevalue_estimator(
+            client, method=EXACT, params=PARAMS, weight_sync=sync, weights=actor.state_dict
+        )
+        ids = torch.arange(1, 40)[None]
+        try:
+            for step in (1, 2):
+                ray_trainer.compute_advantage(batch.fresh(), adv_estimator="statevalue")
+                with torch.no_grad():  # the actor update that follows the advantages
+                    actor.model.norm.weight.mul_(1.5)
+                    if step == 1:
+                        synced = actor.model(ids).last_hidden_state[0]
+        finally:
+            uninstall()
+            sync.close()
+        # Step 1's weights are the server's own; step 2's estimate waits for the sync of
+        # the first update and asks for its revision.
+        assert required == [0, start + 1]
+        info = server.server.model_info()
+        assert (info["revision"], info["version"]) == (start + 1, "step-1")
+    (got,) = served.hidden_states([ids[0].numpy().astype(np.int32)])
+    torch.testing.assert_close(got, synced, rtol=1e-5, atol=1e-5)

@@ -22,11 +22,13 @@ from statevalue.backends.torch_backend import TorchBackend
 from statevalue_client import AsyncValueClient, Group, ReloadFailed, Rollout, ValueClient
 from statevalue_client.proto import statevalue_pb2 as pb
 from statevalue_client.proto import statevalue_pb2_grpc as pb_grpc
+from statevalue_client.sync import WeightSync
 from statevalue_client.weights import (
     SEGMENT_PREFIX,
     SHARED_MEMORY_DIR,
     TensorSpec,
     choose_transport,
+    create_segment,
     host_identity,
     named_tensor_list,
     plan_buckets,
@@ -278,13 +280,22 @@ def test_an_announcement_that_makes_no_sense_is_refused_naming_the_field(
 
 def test_auto_picks_shared_memory_for_replicas_on_this_machine_only() -> None:
     here = ["127.0.0.1:50051", "[::1]:50051", "localhost:1"]
-    assert choose_transport("auto", here) == "shared_memory"
+    assert choose_transport("auto", here, 1 << 20) == "shared_memory"
     # A documentation address (no host has it) and a name that does not resolve.
-    assert choose_transport("auto", [*here, "192.0.2.1:50051"]) == "distributed"
-    assert choose_transport("auto", ["no-such-host.invalid:1"]) == "distributed"
-    assert choose_transport("distributed", here) == "distributed"
+    assert choose_transport("auto", [*here, "192.0.2.1:50051"], 1 << 20) == "distributed"
+    assert choose_transport("auto", ["no-such-host.invalid:1"], 1 << 20) == "distributed"
+    # More than the shared memory holds.
+    assert choose_transport("auto", here, 1 << 60) == "distributed"
+    assert choose_transport("distributed", here, 1 << 20) == "distributed"
     with pytest.raises(ValueError, match="transport"):
-        choose_transport("nvlink", here)
+        choose_transport("nvlink", here, 1 << 20)
+    # Asked for explicitly, an update larger than the shared memory is refused before any
+    # byte is written.
+    too_large = SHARED_MEMORY_DIR / f"{SEGMENT_PREFIX}{uuid.uuid4().hex}"
+    with pytest.raises(OSError, match="bytes free") as caught:
+        create_segment(too_large, 1 << 60)
+    assert "transport='distributed'" in str(caught.value)
+    assert not too_large.exists()
 
 
 def test_a_shared_memory_update_equals_a_disk_reload_of_the_same_weights(
@@ -381,6 +392,39 @@ def test_a_shared_memory_update_that_cannot_work_is_refused_and_the_old_weights_
     assert received(replica) == bytes_before
     for got, was in zip(states(replica_backends[0]), old, strict=True):
         assert torch.equal(got, was)
+
+
+def test_the_weight_sync_sends_every_sync_every_steps_and_every_replica_holds_the_revision(
+    replicas: list[ServerThread], replica_backends: list[TorchBackend], trainer: torch.nn.Module
+) -> None:
+    before = revisions(replicas)
+    with ValueClient(target(replicas), retries=0) as client:
+        sync = WeightSync(client, admin_token=TOKEN, sync_every=2)
+        try:
+            assert sync.revision() == 0  # nothing synced yet: no requirement
+            take_a_step(trainer, seed=6)
+            assert not sync.step_done(1, trainer.state_dict)
+            take_a_step(trainer, seed=7)
+            assert sync.step_done(2, trainer.state_dict)
+            revision = sync.revision()  # waits for the sync in flight
+        finally:
+            sync.close()
+        assert revisions(replicas) == [r + 1 for r in before]
+        assert revision == min(before) + 1
+        # Requests round-robin over both replicas: each answers at the synced revision.
+        for _ in range(4):
+            answer = client.estimate([group()], ("group_mean",), min_model_revision=revision)
+            assert answer.model.version == "step-2"
+    for replica in replicas:
+        with ValueClient(replica.grpc_target, retries=0) as client:
+            with pytest.raises(grpc.RpcError) as refused:
+                client.estimate([group()], ("group_mean",), min_model_revision=revision + 1)
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    ids = torch.from_numpy(SEQUENCES[0].astype(np.int64))[None]
+    with torch.no_grad():
+        want = trainer.model(ids).last_hidden_state[0]
+    for backend in replica_backends:
+        torch.testing.assert_close(states(backend)[0], want, rtol=1e-5, atol=1e-5)
 
 
 TRAINER_KILLED_MIDWAY = """

@@ -22,17 +22,25 @@ norm keeps those of TRL's log-probability pass when it runs one during generatio
 (``num_iterations`` > 1, or generation ahead of the optimizer steps) and otherwise runs one
 no-grad forward pass; the server needs no model (``statevalue serve --backend none``).
 
+With ``value_admin_token`` the trainer keeps the service's weights fresh: every
+``value_sync_every`` optimizer steps (default :data:`~statevalue_client.sync.DEFAULT_SYNC_EVERY`)
+the main process sends its model's state dict with ``update_weights`` on a thread of its
+own, while TRL generates the next step's completions; the next estimate waits for it and
+asks for the revision it produced (``min_model_revision``), and the next optimizer step
+waits for it too. The main process must hold the full weights (one process, or DDP).
+
 Requires ``pip install "statevalue-client[trl]"`` (TRL 1.16).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 import torch
 from accelerate.utils import broadcast_object_list, gather_object
+from transformers import TrainerCallback
 from trl import GRPOTrainer
 
 from statevalue_client.client import ValueClient
@@ -43,6 +51,7 @@ from statevalue_client.states import (
     rollout_representations,
     split_group,
 )
+from statevalue_client.sync import DEFAULT_SYNC_EVERY, WeightSync
 from statevalue_client.wire import content_step_id
 
 
@@ -70,6 +79,10 @@ class StateValueGRPOTrainer(GRPOTrainer):
         value_states: send Hista's representations made from the trainer's hidden states in
             this format (its Hista fields must match ``value_params``); None: the server
             runs the model.
+        value_admin_token: the servers' admin token: send the trainer's weights to them
+            every ``value_sync_every`` optimizer steps; None: never.
+        value_sync_every: optimizer steps between two weight syncs.
+        value_sync_transport: ``update_weights``'s ``transport``.
         All other arguments are GRPOTrainer's.
     """
 
@@ -80,6 +93,9 @@ class StateValueGRPOTrainer(GRPOTrainer):
         value_method: str = "hista",
         value_params: Mapping[str, Mapping[str, Any]] | None = None,
         value_states: StatesFormat | None = None,
+        value_admin_token: str | None = None,
+        value_sync_every: int = DEFAULT_SYNC_EVERY,
+        value_sync_transport: str = "auto",
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -89,6 +105,19 @@ class StateValueGRPOTrainer(GRPOTrainer):
         self.value_states = value_states
         self._global_rewards: torch.Tensor | None = None
         self._captured: list[torch.Tensor] = []
+        #: The weight sync (on the main process, with an admin token; None elsewhere).
+        self.weight_sync: WeightSync | None = None
+        if value_admin_token is not None and self.accelerator.is_main_process:
+            self.weight_sync = WeightSync(
+                value_client,
+                admin_token=value_admin_token,
+                sync_every=value_sync_every,
+                transport=value_sync_transport,
+            )
+            self.add_callback(_SyncWeights(self.weight_sync, self._full_weights))
+
+    def _full_weights(self) -> dict[str, torch.Tensor]:
+        return self.accelerator.unwrap_model(self.model).state_dict()
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):  # type: ignore[no-untyped-def]
         # TRL gathers rewards across processes here; keep the weighted sum for the service.
@@ -186,6 +215,7 @@ class StateValueGRPOTrainer(GRPOTrainer):
             groups,
             (self.value_method,),
             step_id=content_step_id(groups),
+            min_model_revision=0 if self.weight_sync is None else self.weight_sync.revision(),
             **self.value_params,
         )
         _, advantages = scatter_to_padded(result, layout, completion_mask)[self.value_method]
@@ -206,3 +236,21 @@ class _Capture(FinalNormCapture):
     def _keep(self, module: Any, inputs: Any, output: torch.Tensor) -> None:
         if output.dim() == 3 and output.shape[1] > 1:
             self.kept.append(output.detach())
+
+
+class _SyncWeights(TrainerCallback):
+    """Starts a weight sync after each optimizer step (every ``sync_every``-th sends) and
+    holds the next optimizer step, and the end of training, until it is over."""
+
+    def __init__(self, sync: WeightSync, weights: Callable[[], dict[str, torch.Tensor]]) -> None:
+        self.sync = sync
+        self.weights = weights
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.sync.step_done(state.global_step, self.weights)
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.sync.wait()
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.sync.wait()

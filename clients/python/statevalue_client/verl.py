@@ -15,6 +15,14 @@ mask and the group index, not the token ids the service needs, so the hook wraps
 splits into requests under the server's limits), every other
 estimator to verl's own code. See docs/integrations.md for the configuration.
 
+With a :class:`~statevalue_client.sync.WeightSync`, each estimate asks for the revision of
+its last sync (``min_model_revision``), waiting for a sync in flight. The sync itself
+needs the full weights in this process: given ``weights`` (a callable returning them), the
+hook sends the weights of the last update at the next advantage step, every
+``sync_every`` steps, before the estimate (verl's driver sees no earlier point of the step,
+so this sync does not overlap the generation). A sync started elsewhere in this process
+(``weight_sync.step_done``, e.g. right after the actor update) overlaps the generation.
+
 Requires verl 0.9.1 (``from verl import DataProto``).
 """
 
@@ -31,6 +39,7 @@ import torch
 
 from statevalue_client.client import ValueClient
 from statevalue_client.flat_batch import groups_from_flat_batch, scatter_to_padded
+from statevalue_client.sync import NamedTensors, WeightSync
 from statevalue_client.wire import content_step_id
 
 ESTIMATOR_NAME = "statevalue"
@@ -52,6 +61,7 @@ def compute_statevalue_advantage(
     use_token_rewards: bool = False,
     *,
     prompt_key: str | None = None,
+    min_model_revision: int = 0,
 ) -> Any:
     """Write the service's ``advantages``, ``returns`` and ``values`` into a verl batch.
 
@@ -69,6 +79,7 @@ def compute_statevalue_advantage(
         prompt_key: a ``non_tensor_batch`` field holding a stable id per prompt (e.g.
             ``"index"`` when every dataset row sets a unique ``extra_info.index``), so Numca
             accumulates across steps. ``uid`` changes every step and cannot serve.
+        min_model_revision: refuse answers from weights older than this revision.
 
     Returns:
         ``data``, with float32 ``[B, L]`` tensors on the device of ``token_level_rewards``,
@@ -119,7 +130,13 @@ def compute_statevalue_advantage(
         token_rewards=token_rewards if use_token_rewards else None,
     )
     # A content step id: a retried step with the same rollouts resumes the failed try.
-    result = client.estimate(groups, (method,), step_id=content_step_id(groups), **params)
+    result = client.estimate(
+        groups,
+        (method,),
+        step_id=content_step_id(groups),
+        min_model_revision=min_model_revision,
+        **params,
+    )
     values, advantages = scatter_to_padded(result, layout, mask)[method]
 
     device = token_rewards.device
@@ -148,6 +165,19 @@ class _Route:
     params: dict[str, dict[str, Any]]
     use_token_rewards: bool
     prompt_key: str | None
+    weight_sync: WeightSync | None
+    weights: Callable[[], NamedTensors] | None
+    # Advantage steps so far: the n-th sees the weights of n - 1 actor updates.
+    steps: int = 0
+
+    def min_model_revision(self) -> int:
+        """The revision this step's estimate asks for, after the sync it relies on."""
+        if self.weight_sync is None:
+            return 0
+        self.steps += 1
+        if self.weights is not None and self.steps > 1:
+            self.weight_sync.step_done(self.steps - 1, self.weights)
+        return self.weight_sync.revision()
 
 
 _route: _Route | None = None
@@ -194,6 +224,7 @@ def _make_hook(original: Callable[..., Any]) -> Callable[..., Any]:
             params,
             route.use_token_rewards,
             prompt_key=route.prompt_key,
+            min_model_revision=route.min_model_revision(),
         )
 
     return compute_advantage
@@ -206,6 +237,8 @@ def install_statevalue_estimator(
     *,
     use_token_rewards: bool = False,
     prompt_key: str | None = None,
+    weight_sync: WeightSync | None = None,
+    weights: Callable[[], NamedTensors] | None = None,
 ) -> Callable[[], None]:
     """Route ``algorithm.adv_estimator=statevalue`` to the service; returns an uninstall.
 
@@ -215,6 +248,7 @@ def install_statevalue_estimator(
     the returned callable (of any install) restores verl's function.
     verl's ``algorithm.gamma`` and ``algorithm.lam`` become the service's
     ``advantage.gamma`` / ``advantage.lam`` unless ``params["advantage"]`` sets them.
+    ``weight_sync`` and ``weights``: keep the service's weights fresh (module docstring).
     The other arguments are :func:`compute_statevalue_advantage`'s.
     """
     global _route, _hook
@@ -234,6 +268,8 @@ def install_statevalue_estimator(
         params={section: dict(values) for section, values in (params or {}).items()},
         use_token_rewards=use_token_rewards,
         prompt_key=prompt_key,
+        weight_sync=weight_sync,
+        weights=weights,
     )
 
     def uninstall() -> None:
