@@ -71,14 +71,17 @@ serve: $(SERVE_STAMP)
 proto: $(TEST_STAMP)
 	$(BIN)/python proto/generate.py
 
-test: $(TEST_STAMP) $(VLLM_STAMP)
+# The two virtualenvs install side by side, and so do the vLLM stage and the image after the
+# main suite (each one's output printed whole when it ends).
+PARALLEL := $(MAKE) --no-print-directory --jobs=2 --output-sync=target
+test:
+	$(PARALLEL) $(TEST_STAMP) $(VLLM_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	# Two workers, each test module on one (tests/conftest.py schedules the timing-sensitive
 	# ones together); the 25 slowest tests are listed at the end.
 	$(BIN)/python -m pytest -n 2 --ignore=tests/test_vllm_backend.py --durations=25
-	$(MAKE) --no-print-directory test-vllm
-	$(MAKE) --no-print-directory image
+	$(PARALLEL) test-vllm image
 
 test-vllm: $(VLLM_STAMP)
 	$(VLLM_VENV)/bin/python -c "import vllm"
