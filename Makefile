@@ -13,6 +13,8 @@ VLLM_VENV := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# A prefix for the stages `make test` runs beside the main suite (it sets "nice -n 10").
+NICE :=
 
 .PHONY: install install-dev install-vllm serve estimate test test-vllm lint format proto constraints \
 	image image-cuda image-cuda-vllm image-tools
@@ -71,18 +73,24 @@ serve: $(SERVE_STAMP)
 proto: $(TEST_STAMP)
 	$(BIN)/python proto/generate.py
 
-test: $(TEST_STAMP) $(VLLM_STAMP)
+# The two virtualenvs install side by side. The main suite then runs on two workers, each
+# test module on one (tests/conftest.py schedules the timing-sensitive ones together), the
+# 25 slowest tests listed at the end; beside it, at a lower priority, the vLLM stage and the
+# image, whose output (each stage's whole) follows the suite's.
+PARALLEL := $(MAKE) --no-print-directory --jobs=2 --output-sync=target
+test:
+	$(PARALLEL) $(TEST_STAMP) $(VLLM_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	# Two workers, each test module on one (tests/conftest.py schedules the timing-sensitive
-	# ones together); the 25 slowest tests are listed at the end.
-	$(BIN)/python -m pytest -n 2 --ignore=tests/test_vllm_backend.py --durations=25
-	$(MAKE) --no-print-directory test-vllm
-	$(MAKE) --no-print-directory image
+	side=$$(mktemp); \
+	$(PARALLEL) test-vllm image NICE="nice -n 10" >$$side 2>&1 & stages=$$!; \
+	$(BIN)/python -m pytest -n 2 --ignore=tests/test_vllm_backend.py --durations=25; suite=$$?; \
+	wait $$stages; stages=$$?; cat $$side; rm -f $$side; \
+	test $$suite = 0 && test $$stages = 0
 
 test-vllm: $(VLLM_STAMP)
 	$(VLLM_VENV)/bin/python -c "import vllm"
-	$(VLLM_VENV)/bin/python -m pytest -m vllm --durations=25 tests/test_vllm_backend.py
+	$(NICE) $(VLLM_VENV)/bin/python -m pytest -m vllm --durations=25 tests/test_vllm_backend.py
 
 # Images without a container daemon or registry (deploy/image/build.sh): a Debian base from
 # Debian's packages (mmdebstrap), wheels fetched by this machine's pip, buildah; then the
@@ -93,8 +101,8 @@ image-tools:
 	  { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq buildah mmdebstrap >/dev/null; }
 
 image: image-tools | $(BIN)/python
-	PYTHON=$(BIN)/python deploy/image/build.sh cpu
-	$(BIN)/python deploy/image/smoke.py statevalue:$(VERSION)-cpu
+	PYTHON=$(BIN)/python $(NICE) deploy/image/build.sh cpu
+	$(NICE) $(BIN)/python deploy/image/smoke.py statevalue:$(VERSION)-cpu
 
 # The cuda target: PyPI's CUDA torch and its CUDA libraries (GBs to download); no GPU is
 # needed to build it. Its smoke test serves the embedded model's file with --device cpu.

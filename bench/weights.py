@@ -3,6 +3,8 @@ trainer's memory over gloo and through shared memory.
 
     python -m bench.weights                # 3 updates per row
     python -m bench.weights --repeats 1    # quicker
+    python -m bench.weights --threads 1    # one torch thread per process
+    .venv-vllm/bin/python -m bench.weights --backend vllm --replicas 1   # vLLM replicas
 
 The replicas are `statevalue serve` subprocesses on loopback serving a float32 export of
 the embedded model; the trainer is this process, holding the same model in transformers.
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import shlex
 import statistics
 import sys
@@ -95,7 +98,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3, help="updates per row")
     parser.add_argument("--bucket-mb", type=int, default=128, help="largest broadcast")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads of the trainer and of each replica (default: torch's own)",
+    )
+    parser.add_argument("--backend", choices=("torch", "vllm"), default="torch")
+    parser.add_argument(
+        "--replicas", default="1,2", help="comma-separated replica counts, one pass each"
+    )
     args = parser.parse_args(argv)
+    counts = [int(count) for count in args.replicas.split(",")]
+    if args.threads is not None:
+        # On a shared machine, parallel copies of several threads mostly wait for each
+        # other; the replicas (subprocesses) read the same setting.
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
     from transformers import AutoModelForCausalLM
 
     print(
@@ -107,10 +126,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         saved = Path(scratch) / "saved"
         model = AutoModelForCausalLM.from_pretrained(start)
         nbytes = sum(t.nbytes for _, t in named_tensor_list(model.state_dict()))
-        print(f"# model SmolLM2-135M-Instruct float32, {nbytes / 1e6:.0f} MB per update")
+        print(
+            f"# model SmolLM2-135M-Instruct float32, {nbytes / 1e6:.0f} MB per update, "
+            f"backend {args.backend}"
+        )
         servers = [
-            ServerProcess(str(start), "cpu", "float32", 8192, "--admin-token", TOKEN)
-            for _ in range(2)
+            ServerProcess(
+                str(start),
+                "cpu",
+                "float32",
+                8192,
+                "--admin-token",
+                TOKEN,
+                "--backend",
+                args.backend,
+            )
+            for _ in range(max(counts))
         ]
         header = (
             f"{'update':<13} {'replicas':>8} {'MB':>6} {'wall s':>7} {'GB/s':>6} "
@@ -120,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("-" * len(header))
         rates: dict[tuple[str, int], float] = {}
         try:
-            for replicas in (1, 2):
+            for replicas in counts:
                 target = "ipv4:" + ",".join(f"127.0.0.1:{s.grpc_port}" for s in servers[:replicas])
                 with ValueClient(target, timeout=600, retries=0) as client:
 
@@ -172,7 +203,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             for server in servers:
                 server.close()
     print()
-    print("# extrapolated: bf16 bytes of each shape at the GB/s measured above on 2 replicas")
+    most = max(counts)
+    print(f"# extrapolated: bf16 bytes of each shape at the GB/s measured above on {most} replicas")
     print("# (the same loopback, cores and page cache; a network or storage of another speed")
     print("# scales the times by the ratio of its throughput to these)")
     header = f"{'shape':<6} {'GB':>6} {'disk s':>8} {'gloo s':>8} {'shm s':>8}"
@@ -181,8 +213,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for shape, parameters in SHAPES.items():
         size = 2 * parameters
         print(
-            f"{shape:<6} {size / 1e9:>6.1f} {size / rates['disk', 2]:>8.1f} "
-            f"{size / rates['gloo', 2]:>8.1f} {size / rates['shared memory', 2]:>8.1f}"
+            f"{shape:<6} {size / 1e9:>6.1f} {size / rates['disk', most]:>8.1f} "
+            f"{size / rates['gloo', most]:>8.1f} {size / rates['shared memory', most]:>8.1f}"
         )
     return 0
 

@@ -142,7 +142,8 @@ def test_every_parameter_round_trips_through_the_proto() -> None:
         "self_calibration": {
             "enabled": True,
             "combine": False,
-            **other_rules(SelfCalibrationConfig, ("scope", "own_weight")),
+            "own_weight": "fitted",
+            **other_rules(SelfCalibrationConfig, ("scope",)),
         },
     }
     config = EstimatorConfig.model_validate(changed)

@@ -72,20 +72,26 @@ def test_estimate_round_trips_example_file(tmp_path: Path, backend: TorchBackend
     assert "forward" in done.stderr and "estimators" in done.stderr
 
 
-def test_bad_input_line_is_named(tmp_path: Path) -> None:
+def test_bad_input_line_is_named(
+    tmp_path: Path, backend: TorchBackend, capsys: pytest.CaptureFixture[str]
+) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text(
         EXAMPLE.read_text().splitlines()[0] + "\n" + '{"rollouts": [], "prompt_ids": [1]}\n'
     )
-    done = _run("estimate", "--input", str(bad), "--quiet", "--methods", "group_mean")
-    assert done.returncode == 2
-    assert "bad.jsonl:2: rollouts: empty group" in done.stderr
+    command = ["estimate", "--input", str(bad), "--quiet", "--methods", "group_mean"]
+    assert main(command, backend=backend) == 2
+    assert "bad.jsonl:2: rollouts: empty group" in capsys.readouterr().err
 
 
-def test_unknown_method_is_rejected() -> None:
-    done = _run("estimate", "--input", str(EXAMPLE), "--methods", "numca,critic")
-    assert done.returncode == 2
-    assert "unknown method 'critic'" in done.stderr
+def test_unknown_method_is_rejected(
+    backend: TorchBackend, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert (
+        main(["estimate", "--input", str(EXAMPLE), "--methods", "numca,critic"], backend=backend)
+        == 2
+    )
+    assert "unknown method 'critic'" in capsys.readouterr().err
 
 
 def test_parse_params() -> None:

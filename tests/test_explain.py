@@ -47,7 +47,9 @@ def body(explain: bool) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def server(backend: TorchBackend) -> Iterator[ServerThread]:
-    with running_server(backend) as server:
+    # Micro-batches sized by tokens, not by the measured speed: every call runs the same
+    # forward pass, so two answers compare bit for bit however loaded the machine is.
+    with running_server(backend, micro_batch_seconds=1e9) as server:
         yield server
 
 

@@ -24,6 +24,7 @@ from statevalue.estimators.self_calibration import (
     HISTA_RELATIVE_NODE_SPACINGS,
     GroupCandidates,
     criterion_terms,
+    fit_anchored_own_weights,
     fit_own_weight,
     group_mean_candidate,
     hista_candidates,
@@ -37,6 +38,7 @@ from tests.servers import ServerThread, running_server
 
 ENABLED = SelfCalibrationConfig(enabled=True)
 HISTA_ONLY = SelfCalibrationConfig(enabled=True, combine=False, own_weight="none")
+ANCHORED = SelfCalibrationConfig(enabled=True, combine=False, own_weight="anchored")
 
 
 # -- the criterion on hand-computed groups -------------------------------------------------
@@ -180,6 +182,80 @@ def test_fitted_own_weight_follows_the_identity() -> None:
     variance = float(np.var(rewards, ddof=1))
     criterion = float(np.mean(criterion_terms(mean.values, target)))
     assert fit_own_weight([group], [mean]) == pytest.approx(1 - variance / criterion)
+
+
+def test_anchored_own_weights_by_hand() -> None:
+    """Four tokens, four quarters: token t's σ² is S·(1 − (t + ½) / 4); with U the
+    left-out group mean, C is the same in every quarter."""
+    rewards = np.array([1.0, 0.0, 0.0, 1.0, 1.0])
+    target = target_group([4] * 5, rewards, np.ones(5, bool))
+    mean = group_mean_candidate(target)
+    variance = float(np.var(rewards, ddof=1))
+    criterion = float(np.mean((target.loo_mean - rewards) ** 2))
+    want = [1 - variance * (1 - (t + 0.5) / 4) / criterion for t in range(4)]
+    assert fit_anchored_own_weights([GroupCandidates(target, [], [])], [mean]) == pytest.approx(
+        want
+    )
+
+
+def revealed_groups(count: int, seed: int) -> tuple[list[GroupCandidates], list[np.ndarray]]:
+    """Groups whose reward is a function of the response: 1 when at least 5 of its 8
+    tokens are heads. The true value of the state after token t is known exactly."""
+    rng = np.random.default_rng(seed)
+    tokens, need = 8, 5
+    groups, truths = [], []
+    for _ in range(count):
+        flips = rng.integers(0, 2, size=(16, tokens))
+        rewards = (flips.sum(1) >= need).astype(float)
+        heads = np.cumsum(flips, axis=1)  # after token t (the state token t ends)
+        left = tokens - 1 - np.arange(tokens)
+        truth = np.array(
+            [
+                [
+                    sum(math.comb(int(r), j) for j in range(max(need - int(h), 0), int(r) + 1))
+                    / 2 ** int(r)
+                    for h, r in zip(row, left, strict=True)
+                ]
+                for row in heads
+            ]
+        )
+        target = target_group([tokens] * 16, rewards, np.ones(16, bool))
+        groups.append(GroupCandidates(target, [], []))
+        truths.append(truth)
+    return groups, truths
+
+
+def test_anchored_weights_beat_the_covariance_weight_when_the_reward_is_revealed() -> None:
+    groups, truths = revealed_groups(16, seed=7)
+    means = [group_mean_candidate(g.target) for g in groups]
+    anchored = np.array(fit_anchored_own_weights(groups, means))
+    covariance = fit_own_weight(groups, means)
+    assert np.all(np.diff(anchored) > 0)  # the later the state, the more its reward says
+    assert anchored[-1] > covariance
+
+    def true_error(weights: np.ndarray) -> float:
+        errors = []
+        for g, m, truth in zip(groups, means, truths, strict=True):
+            a = weights[np.arange(8) * len(weights) // 8]
+            values = a * g.target.rewards[:, None] + (1 - a) * np.stack(m.values)
+            errors.append(np.mean((values - truth) ** 2))
+        return float(np.mean(errors))
+
+    assert true_error(anchored) < true_error(np.array([covariance]))
+
+
+def test_anchored_values_and_boundaries_follow_the_quarters() -> None:
+    groups, _ = branching_groups(2, seed=11)
+    answer, report = self_calibrate(groups, ["hista"], ANCHORED)[0]["hista"]
+    other, _ = self_calibrate(groups, ["hista"], HISTA_ONLY)[0]["hista"]
+    weights = np.array(report.own_weights)
+    assert len(weights) == 4
+    assert report.own_weight == pytest.approx(float(np.mean(weights)))
+    rewards = groups[0].target.rewards
+    for i, (values, plain) in enumerate(zip(answer.values, other.values, strict=True)):
+        a = weights[np.arange(len(values)) * 4 // len(values)]
+        np.testing.assert_allclose(values, a * rewards[i] + (1 - a) * plain, rtol=1e-6)
+        assert {15, 30, 45} <= set(answer.boundaries[i].tolist())
 
 
 def test_choice_and_values_do_not_depend_on_the_order() -> None:
@@ -333,7 +409,7 @@ def assert_same_report(got: dict[str, object], want: dict[str, object]) -> None:
     for name in ("params", "candidates", "scope"):
         assert got[name] == want[name], name
     assert got["weights"] == pytest.approx(want["weights"], rel=1e-6)
-    for name in ("own_weight", "criterion", "group_mean_criterion"):
+    for name in ("own_weight", "own_weights", "criterion", "group_mean_criterion"):
         assert got[name] == pytest.approx(want[name], rel=1e-6), name
 
 

@@ -47,26 +47,30 @@ class RecordingTrainer(StateValueGRPOTrainer):
         return super()._compute_loss(model, inputs)
 
 
-def grpo_setup(checkpoint: Path, output: Path) -> tuple[Any, Any, Dataset, GRPOConfig]:
-    """Tokenizer, model, dataset and a two-step CPU GRPO configuration."""
+def grpo_setup(
+    checkpoint: Path, output: Path, **config: Any
+) -> tuple[Any, Any, Dataset, GRPOConfig]:
+    """Tokenizer, model, dataset and a two-step CPU GRPO configuration (``config``
+    overrides its fields)."""
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     model = AutoModelForCausalLM.from_pretrained(checkpoint)
     dataset = Dataset.from_dict({"prompt": [[{"role": "user", "content": APPLES}]] * 4})
-    args = GRPOConfig(
-        output_dir=str(output),
-        per_device_train_batch_size=4,
-        num_generations=4,
-        max_completion_length=24,
-        max_steps=2,
-        learning_rate=1e-6,
-        beta=0.0,
-        use_cpu=True,
-        bf16=False,
-        report_to="none",
-        save_strategy="no",
-        logging_steps=1,
-        seed=0,
-    )
+    fields: dict[str, Any] = {
+        "output_dir": str(output),
+        "per_device_train_batch_size": 4,
+        "num_generations": 4,
+        "max_completion_length": 24,
+        "max_steps": 2,
+        "learning_rate": 1e-6,
+        "beta": 0.0,
+        "use_cpu": True,
+        "bf16": False,
+        "report_to": "none",
+        "save_strategy": "no",
+        "logging_steps": 1,
+        "seed": 0,
+    }
+    args = GRPOConfig(**{**fields, **config})
     return tokenizer, model, dataset, args
 
 
@@ -168,9 +172,15 @@ def test_grpo_keeps_the_service_weights_in_step_with_the_trainer(
 ) -> None:
     """Every optimizer step's weights reach the server (sync_every 1) while the next step
     generates, and each estimate asks for the revision of the sync it relies on."""
-    setup = grpo_setup(embedded_checkpoint, tmp_path)
-    setup[3].learning_rate = 1e-3  # weights that visibly move in two steps
-    setup[3].max_completion_length = 8  # the completions' text does not matter here
+    setup = grpo_setup(
+        embedded_checkpoint,
+        tmp_path,
+        learning_rate=1e-3,  # weights that visibly move in two steps
+        # The completions' text does not matter here: few and short.
+        max_completion_length=8,
+        per_device_train_batch_size=2,
+        num_generations=2,
+    )
     served = TorchBackend(str(embedded_checkpoint), device="cpu")  # its weights change
     with (
         running_server(served, admin_token=TOKEN) as server,

@@ -11,20 +11,21 @@ import signal
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import httpx
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from statevalue.backends.base import CheckpointRefused
+from statevalue.backends.base import CheckpointRefused, LoadedWeights, WeightLoadFailed
 from statevalue.backends.torch_backend import TorchBackend
 from statevalue.engine import Engine
 from statevalue.schema import EstimateRequest, GroupInput
-from statevalue_client import Group, Rollout, ValueClient
+from statevalue_client import Group, ReloadFailed, Rollout, ValueClient
 from tests.conftest import import_or_skip
 from tests.parity import assert_hista_agrees
-from tests.servers import serve_ready, start_serve_process, wait_for
+from tests.servers import running_server, serve_ready, start_serve_process, wait_for
 
 import_or_skip("vllm")
 
@@ -40,6 +41,7 @@ VALUE_ATOL = 1e-3
 # the served defaults, where a neighbour within this of the k-th distance may flip
 # (tests/parity.py).
 DISTANCE_TOL = 1e-3
+TOKEN = "s3cret"
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +63,32 @@ def sequences_of(group: GroupInput) -> tuple[list[np.ndarray], list[int]]:
     prompt = np.asarray(group.prompt_ids)
     sequences = [np.concatenate([prompt, r.response_ids]) for r in group.rollouts]
     return sequences, [len(prompt)] * len(sequences)
+
+
+def two_sequences(group: GroupInput) -> list[np.ndarray]:
+    """Two of ``group``'s sequences, cheap to run (the weight-update tests run them several
+    times)."""
+    return sequences_of(group)[0][:2]
+
+
+def save_checkpoint(weights: dict[str, torch.Tensor], like: Path, directory: Path) -> Path:
+    """``weights`` as a checkpoint directory with the config and tokenizer of ``like``."""
+    directory.mkdir()
+    save_file(weights, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    for file in like.iterdir():
+        if file.suffix != ".safetensors":
+            (directory / file.name).write_bytes(file.read_bytes())
+    return directory
+
+
+def after_a_step(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``weights`` moved in place by a stand-in for a trainer's step: every one scaled a
+    little, each by its own factor (cheaper than noise on 135M weights), the final norm
+    visibly."""
+    for i, tensor in enumerate(weights.values()):
+        tensor.mul_(1 + 1e-3 * (i % 7 + 1))
+    weights["model.norm.weight"].mul_(1.25)
+    return weights
 
 
 def assert_states_match(got: list[torch.Tensor], expected: list[torch.Tensor]) -> None:
@@ -128,15 +156,9 @@ def test_reload_swaps_weights_and_drops_the_prefix_cache(
     sequences, hints = sequences_of(long_prompt_group(sampled_group))
     before = vllm_backend.hidden_states(sequences, hints)
     # Doubling the final norm's weight doubles every last-layer state exactly.
-    doubled = tmp_path / "doubled"
-    doubled.mkdir()
-    for file in embedded_checkpoint.iterdir():
-        if file.suffix == ".safetensors":
-            tensors = load_file(str(file))
-            tensors["model.norm.weight"] = tensors["model.norm.weight"] * 2
-            save_file(tensors, str(doubled / file.name), metadata={"format": "pt"})
-        else:
-            (doubled / file.name).write_bytes(file.read_bytes())
+    weights = load_file(str(embedded_checkpoint / "model.safetensors"))
+    weights["model.norm.weight"] = weights["model.norm.weight"] * 2
+    doubled = save_checkpoint(weights, embedded_checkpoint, tmp_path / "doubled")
     revision = vllm_backend.identity.revision
     try:
         identity = vllm_backend.apply_weights(vllm_backend.read_checkpoint(str(doubled)), "x2")
@@ -149,6 +171,63 @@ def test_reload_swaps_weights_and_drops_the_prefix_cache(
     assert_states_match(vllm_backend.hidden_states(sequences, hints), before)
     with pytest.raises(CheckpointRefused, match="safetensors"):
         vllm_backend.read_checkpoint(str(tmp_path / "missing"))
+
+
+def test_an_update_over_gloo_equals_a_disk_reload_of_the_same_weights(
+    vllm_backend: VllmBackend, embedded_checkpoint: Path, sampled_group: GroupInput, tmp_path: Path
+) -> None:
+    weights = after_a_step(load_file(str(embedded_checkpoint / "model.safetensors")))
+    # A trainer's state dict names the tied output embedding too.
+    sent = {**weights, "lm_head.weight": weights["model.embed_tokens.weight"]}
+    sequences = two_sequences(sampled_group)
+    before = vllm_backend.hidden_states(sequences)
+    revision = vllm_backend.identity.revision
+    try:
+        with (
+            running_server(vllm_backend, admin_token=TOKEN) as replica,
+            ValueClient(replica.grpc_target, retries=0) as client,
+        ):
+            for tensors, named in (
+                ({**sent, "model.norm.weight": torch.ones(3)}, "model.norm.weight has shape (3,)"),
+                ({k: v for k, v in sent.items() if "layers.3.mlp" not in k}, "layers.3.mlp"),
+            ):
+                with pytest.raises(ReloadFailed) as caught:
+                    client.update_weights(tensors, admin_token=TOKEN, transport="distributed")
+                assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert named in str(caught.value.errors[replica.grpc_target])
+            assert vllm_backend.identity.revision == revision
+            result = client.update_weights(
+                sent, admin_token=TOKEN, version="step-1", transport="distributed"
+            )
+            info = client.model_info()
+        assert (result.version, result.revision) == ("step-1", revision + 1)
+        assert (info.backend, info.version, info.revision) == ("vllm", "step-1", revision + 1)
+        updated = vllm_backend.hidden_states(sequences)
+        reload = save_checkpoint(weights, embedded_checkpoint, tmp_path / "step-1")
+        vllm_backend.apply_weights(vllm_backend.read_checkpoint(str(reload)))
+        from_disk = vllm_backend.hidden_states(sequences)
+    finally:
+        vllm_backend.apply_weights(vllm_backend.read_checkpoint(str(embedded_checkpoint)))
+    for got, want, was in zip(updated, from_disk, before, strict=True):
+        assert torch.equal(got, want)
+        assert not torch.allclose(got, was, atol=10 * STATE_ATOL, rtol=0)
+
+
+def test_a_load_that_fails_inside_vllm_falls_back_to_the_checkpoint_it_read_last(
+    vllm_backend: VllmBackend, sampled_group: GroupInput
+) -> None:
+    sequences = two_sequences(sampled_group)
+    before = vllm_backend.hidden_states(sequences)
+    identity = vllm_backend.identity
+    # A tensor that no check let through (the server checks every name and shape before
+    # any byte moves): vLLM's loader fails on it while processing its layer.
+    misfit = LoadedWeights({"model.layers.5.mlp.up_proj.weight": torch.zeros(10, 576)}, "bad")
+    with pytest.raises(WeightLoadFailed, match="serves the checkpoint .* again"):
+        vllm_backend.apply_weights(misfit)
+    assert vllm_backend.identity.version == identity.version
+    assert vllm_backend.identity.revision == identity.revision + 1
+    for got, want in zip(vllm_backend.hidden_states(sequences), before, strict=True):
+        assert torch.equal(got, want)
 
 
 def test_layer_and_forward_path_are_checked() -> None:

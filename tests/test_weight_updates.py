@@ -28,6 +28,7 @@ from statevalue_client.weights import (
     SHARED_MEMORY_DIR,
     TensorSpec,
     choose_transport,
+    create_segment,
     host_identity,
     named_tensor_list,
     plan_buckets,
@@ -279,13 +280,22 @@ def test_an_announcement_that_makes_no_sense_is_refused_naming_the_field(
 
 def test_auto_picks_shared_memory_for_replicas_on_this_machine_only() -> None:
     here = ["127.0.0.1:50051", "[::1]:50051", "localhost:1"]
-    assert choose_transport("auto", here) == "shared_memory"
+    assert choose_transport("auto", here, 1 << 20) == "shared_memory"
     # A documentation address (no host has it) and a name that does not resolve.
-    assert choose_transport("auto", [*here, "192.0.2.1:50051"]) == "distributed"
-    assert choose_transport("auto", ["no-such-host.invalid:1"]) == "distributed"
-    assert choose_transport("distributed", here) == "distributed"
+    assert choose_transport("auto", [*here, "192.0.2.1:50051"], 1 << 20) == "distributed"
+    assert choose_transport("auto", ["no-such-host.invalid:1"], 1 << 20) == "distributed"
+    # More than the shared memory holds.
+    assert choose_transport("auto", here, 1 << 60) == "distributed"
+    assert choose_transport("distributed", here, 1 << 20) == "distributed"
     with pytest.raises(ValueError, match="transport"):
-        choose_transport("nvlink", here)
+        choose_transport("nvlink", here, 1 << 20)
+    # Asked for explicitly, an update larger than the shared memory is refused before any
+    # byte is written.
+    too_large = SHARED_MEMORY_DIR / f"{SEGMENT_PREFIX}{uuid.uuid4().hex}"
+    with pytest.raises(OSError, match="bytes free") as caught:
+        create_segment(too_large, 1 << 60)
+    assert "transport='distributed'" in str(caught.value)
+    assert not too_large.exists()
 
 
 def test_a_shared_memory_update_equals_a_disk_reload_of_the_same_weights(

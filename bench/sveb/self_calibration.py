@@ -10,7 +10,8 @@ state, against its Monte Carlo target:
 - the group mean, the trivial mix ½·R_i + ½·R̄, the defaults of Hista and Numca and the
   settings calibrated on dev with Monte Carlo targets (``calibrated.json``);
 - self-calibrated Hista and Numca, choosing per step and per group; with ``--variants``
-  also without blends and without the own-reward weight (the choices made on dev).
+  also without blends, without the own-reward weight and with the single own weight
+  fitted by the covariance rule instead of the anchored one (the choices made on dev).
 
 Hidden states are computed once per group (and kept in ``--cache-dir`` for reruns);
 every row re-runs only the estimators. With ``--timing``, a second table gives the
@@ -85,6 +86,7 @@ def rows(calibrated: dict[str, Any], variants: bool) -> list[Row]:
         settings |= {
             "per step, no blends": {"scope": "request", "combine": False},
             "per step, no own reward": {"scope": "request", "own_weight": "none"},
+            "per step, covariance own weight": {"scope": "request", "own_weight": "fitted"},
         }
     for method in ("hista", "numca"):
         for name, fields in settings.items():

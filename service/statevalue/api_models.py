@@ -348,8 +348,10 @@ class SelfCalibrationOut(_Wire):
         description="The chosen settings of each estimator in the blend (grid fields only)."
     )
     weights: dict[str, float] = Field(description="The blend's weight per method; sum 1.")
-    own_weight: float = Field(
-        description="value = own_weight·R_i + (1 − own_weight)·(blend without rollout i)."
+    own_weight: float = Field(description="The mean of own_weights.")
+    own_weights: list[float] = Field(
+        description="value = a·R_i + (1 − a)·(blend without rollout i), a = own_weights[p] "
+        "in the p-th of len(own_weights) equal parts of the response."
     )
     criterion: float = Field(
         description="Leave-one-rollout-out mean squared error of the blend against the "

@@ -29,7 +29,7 @@ ScaleMode = Literal["group", "batch", "none"]
 GaeMode = Literal["segment", "token"]
 Method = Literal["numca", "hista", "group_mean"]
 CalibrationScope = Literal["request", "group"]
-OwnWeightRule = Literal["fitted", "none"]
+OwnWeightRule = Literal["fitted", "anchored", "none"]
 
 METHODS: tuple[Method, ...] = ("numca", "hista", "group_mean")
 
@@ -290,9 +290,11 @@ class SelfCalibrationConfig(_Strict):
         "with the other method, the weight fitted by the same criterion.",
     )
     own_weight: OwnWeightRule = Field(
-        "fitted",
+        "anchored",
         description="'fitted' = shrink each value towards the rollout's own reward by the "
-        "fitted weight; 'none' = values from the other rollouts only.",
+        "fitted weight; 'anchored' = a weight for each quarter of the response, the reward's "
+        "variance taken to fall linearly from the group's at the prompt to 0 at the end; "
+        "'none' = values from the other rollouts only.",
     )
 
 

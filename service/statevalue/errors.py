@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import grpc
 
 from statevalue.admin import ReloadRefused, Unauthenticated
-from statevalue.backends.base import CheckpointRefused
+from statevalue.backends.base import CheckpointRefused, WeightLoadFailed
 from statevalue.numca_store import StoreUnavailable
 from statevalue.scheduler import DeadlineExpired, ModelTooOld, NotAccepting, QueueFull
 from statevalue.schema import InvalidRequest
@@ -71,7 +71,7 @@ def error_reply(exc: BaseException) -> ErrorReply | None:
         return ErrorReply(401, grpc.StatusCode.UNAUTHENTICATED, str(exc))
     if isinstance(exc, NotOnTrainerHost):
         return ErrorReply(409, grpc.StatusCode.FAILED_PRECONDITION, str(exc), field="shared_memory")
-    if isinstance(exc, WeightTransferFailed):
+    if isinstance(exc, (WeightTransferFailed, WeightLoadFailed)):
         return ErrorReply(409, grpc.StatusCode.ABORTED, str(exc))
     if isinstance(exc, ReloadRefused):
         return ErrorReply(exc.http_status, exc.grpc_code, str(exc))

@@ -230,9 +230,7 @@ def _shared_memory_order(
     needed = segment_layout(common["tensors"]).nbytes
     if segment.nbytes < needed:
         raise InvalidRequest("shared_memory.nbytes", f"the tensors take {needed} bytes")
-    return SharedMemoryOrder(
-        **common, segment=segment.name, segment_bytes=segment.nbytes, trainer_host=segment.host
-    )
+    return SharedMemoryOrder(**common, segment=segment.name, trainer_host=segment.host)
 
 
 def response_to_proto(result: EstimateResult) -> pb.EstimateResponse:
@@ -260,6 +258,7 @@ def response_to_proto(result: EstimateResult) -> pb.EstimateResponse:
             entry.params.CopyFrom(params_to_proto(choice.params))
             entry.weights.update(choice.weights)
             entry.own_weight = choice.own_weight
+            entry.own_weights.extend(choice.own_weights)
             entry.criterion = choice.criterion
             entry.group_mean_criterion = choice.group_mean_criterion
             entry.candidates = choice.candidates

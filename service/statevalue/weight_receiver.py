@@ -96,7 +96,6 @@ class SharedMemoryOrder(UpdateOrder):
     TRANSPORT: ClassVar[str] = "shared_memory"
 
     segment: str
-    segment_bytes: int
     trainer_host: str
 
 

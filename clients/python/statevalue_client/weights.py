@@ -35,6 +35,8 @@ from __future__ import annotations
 import datetime
 import functools
 import ipaddress
+import os
+import shutil
 import socket
 import sys
 import time
@@ -162,16 +164,48 @@ def on_this_host(address: str) -> bool:
         return False
 
 
-def choose_transport(transport: str, addresses: Sequence[str]) -> str:
+def choose_transport(transport: str, addresses: Sequence[str], nbytes: int) -> str:
     """``transport`` itself, or for ``"auto"``: shared memory when every replica runs on
-    this machine (and it has POSIX shared memory), the process group otherwise."""
+    this machine and its shared memory has room for ``nbytes``, the process group
+    otherwise."""
     if transport not in ("auto", *TRANSPORTS):
         raise ValueError(f"transport must be auto, {', '.join(TRANSPORTS)}, not {transport!r}")
     if transport != "auto":
         return transport
-    if SHARED_MEMORY_DIR.is_dir() and all(on_this_host(a) for a in addresses):
+    if (
+        SHARED_MEMORY_DIR.is_dir()
+        and shutil.disk_usage(SHARED_MEMORY_DIR).free >= nbytes
+        and all(on_this_host(a) for a in addresses)
+    ):
         return "shared_memory"
     return "distributed"
+
+
+def create_segment(path: Path, nbytes: int) -> torch.Tensor:
+    """A new shared-memory segment of ``nbytes`` at ``path`` (readable by this user only),
+    mapped as bytes.
+
+    Its memory is reserved first: a shared memory too small for it (a container's is
+    64 MiB unless told otherwise) raises here instead of killing the process with SIGBUS
+    when a write finds no page.
+
+    Raises:
+        OSError: the segment cannot be made, or shared memory has no room for it.
+    """
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.posix_fallocate(descriptor, 0, nbytes)
+    except OSError as exc:
+        path.unlink()
+        free = shutil.disk_usage(SHARED_MEMORY_DIR).free
+        raise OSError(
+            exc.errno,
+            f"{SHARED_MEMORY_DIR} has {free} bytes free, the update takes {nbytes} "
+            "(give it more, e.g. docker --shm-size, or use transport='distributed')",
+        ) from exc
+    finally:
+        os.close(descriptor)
+    return torch.from_file(str(path), shared=True, size=nbytes, dtype=torch.uint8)
 
 
 def pack(
@@ -350,11 +384,11 @@ class WeightSender:
         """
         if backend not in ("auto", *BACKENDS):
             raise ValueError(f"backend must be auto, gloo or nccl, not {backend!r}")
-        transport = choose_transport(transport, addresses)
         named = named_tensor_list(tensors)
         if not named:
             raise ValueError("no tensors to send")
         specs = [TensorSpec(name, tuple(t.shape), t.dtype) for name, t in named]
+        transport = choose_transport(transport, addresses, segment_layout(specs).nbytes)
         self._update += 1
         self.bytes_sent = 0
         if transport == "shared_memory":
@@ -428,8 +462,8 @@ class WeightSender:
         layout = segment_layout(specs)
         name = f"{SEGMENT_PREFIX}{self.group_id}-{self._update}"
         path = SHARED_MEMORY_DIR / name
+        segment = create_segment(path, layout.nbytes)
         try:
-            segment = torch.from_file(str(path), shared=True, size=layout.nbytes, dtype=torch.uint8)
             pack(segment, layout.tensors, [tensor for _, tensor in named])
             del segment
             self.bytes_sent = layout.nbytes

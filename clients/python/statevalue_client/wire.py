@@ -58,8 +58,8 @@ class RolloutResult:
 @dataclass
 class GroupResult:
     """``self_calibration``: per method, what the server's self-calibration chose (params,
-    weights, own_weight, criterion, group_mean_criterion, candidates, scope); empty unless
-    the request enabled it."""
+    weights, own_weight, own_weights, criterion, group_mean_criterion, candidates, scope);
+    empty unless the request enabled it."""
 
     group_id: str
     rollouts: list[RolloutResult]
@@ -209,6 +209,7 @@ def parse_response(response: pb.EstimateResponse) -> EstimateResult:
                 },
                 "weights": dict(choice.weights),
                 "own_weight": choice.own_weight,
+                "own_weights": list(choice.own_weights),
                 "criterion": choice.criterion,
                 "group_mean_criterion": choice.group_mean_criterion,
                 "candidates": choice.candidates,

@@ -35,6 +35,11 @@ class CheckpointRefused(Exception):
     weights whose names or shapes do not fit. The message names the checkpoint."""
 
 
+class WeightLoadFailed(Exception):
+    """The backend could not load new weights; the message says which it serves now (the
+    old ones, or those it could restore)."""
+
+
 def read_safetensors(file: Path, read: Callable[[str], _T]) -> _T:
     """``read(file)`` with a missing, unreadable or corrupt file raised as CheckpointRefused."""
     from safetensors import SafetensorError

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import threading
 from collections.abc import Mapping, Sequence
 from functools import partial
@@ -32,6 +33,7 @@ from statevalue.backends.base import (
     LoadedModelInfo,
     LoadedWeights,
     ModelIdentity,
+    WeightLoadFailed,
     read_safetensors,
 )
 from statevalue.backends.embedded import (
@@ -47,6 +49,8 @@ from statevalue.backends.torch_backend import (
     resolve_device,
     resolve_dtype,
 )
+from statevalue.backends.vllm_worker import StagedTensor, StagedWeightLoading
+from statevalue_client.weights import DEFAULT_BUCKET_BYTES, Bucket, TensorSpec, plan_buckets
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +58,13 @@ VLLM_FORWARD_PATHS = ("packed", "prompt_once")
 # vLLM's share of the accelerator's memory (of RAM on a CPU) when none is given: on a CPU
 # its KV cache is carved out of RAM, where the GPU default would take nearly all of it.
 _DEFAULT_MEMORY_SHARE = {"cuda": 0.85, "cpu": 0.15}
+# An output embedding tied to the input embedding (one tensor under two names).
+_TIED_EMBEDDING, _TIED_OUTPUT = "model.embed_tokens.weight", "lm_head.weight"
+# The worker extension that takes weights sent from memory (its methods are RPC names).
+_WORKER_EXTENSION = f"{StagedWeightLoading.__module__}.{StagedWeightLoading.__qualname__}"
+# Where a bucket of weights sent from memory waits for the workers: shared memory where
+# the host has it (None: the temporary directory).
+_STAGING_DIRECTORY = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
 
 
 def _checkpoint_shapes(directory: Path) -> dict[str, tuple[int, ...]]:
@@ -133,13 +144,14 @@ class VllmBackend(LoadedModelInfo):
         else:
             self._directory = location.path
             name, version = self._directory.name, directory_stamp(self._directory)
-        self._describe_model(
-            name,
-            version,
-            AutoTokenizer.from_pretrained(self._directory),
-            AutoConfig.from_pretrained(self._directory),
-        )
+        config = AutoConfig.from_pretrained(self._directory)
+        self._describe_model(name, version, AutoTokenizer.from_pretrained(self._directory), config)
         self._shapes = _checkpoint_shapes(self._directory)
+        # A trainer's state dict also names a tied output embedding, which checkpoints
+        # leave out: accepted (its shape checked), not sent on, as vLLM ties it itself.
+        self._tied_shapes = dict(self._shapes)
+        if getattr(config, "tie_word_embeddings", False) and _TIED_EMBEDDING in self._shapes:
+            self._tied_shapes.setdefault(_TIED_OUTPUT, self._shapes[_TIED_EMBEDDING])
         kind = self._device.type
         log.info("loading %s (%s) in vLLM as %s", name, version, self._dtype)
         self._llm = LLM(
@@ -153,7 +165,11 @@ class VllmBackend(LoadedModelInfo):
             gpu_memory_utilization=memory_share or _DEFAULT_MEMORY_SHARE.get(kind, 0.85),
             enforce_eager=kind != "cuda" if enforce_eager is None else enforce_eager,
             disable_log_stats=True,
+            worker_extension_cls=_WORKER_EXTENSION,
         )
+        # The checkpoint directory vLLM read last, and its version: what a failed load of
+        # weights sent from memory falls back to.
+        self._checkpoint = (self._directory, version)
         self._reused_tokens = 0
 
     @property
@@ -253,35 +269,103 @@ class VllmBackend(LoadedModelInfo):
         shapes = _checkpoint_shapes(directory) if directory.is_dir() else {}
         if not shapes:
             raise CheckpointRefused(f"{checkpoint}: not a directory with .safetensors files")
-        unknown = sorted(set(shapes) - set(self._shapes))
-        if unknown:
-            raise CheckpointRefused(
-                f"{checkpoint}: weights this model does not have: {unknown[:3]}"
-            )
-        for name, shape in shapes.items():
-            if shape != self._shapes[name]:
-                raise CheckpointRefused(
-                    f"{checkpoint}: {name} has shape {shape}, the model {self._shapes[name]}"
-                )
+        try:
+            # A checkpoint may hold part of the weights; vLLM keeps the others.
+            self._check_fit(shapes, complete=False)
+        except ValueError as exc:
+            raise CheckpointRefused(f"{checkpoint}: {exc}") from None
         return LoadedWeights(tensors={}, version=directory_stamp(directory), source=directory)
 
     def weight_dtypes(self, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, torch.dtype]:
-        """Not on this backend: vLLM's workers hold the model, and take new weights from a
-        checkpoint directory (ReloadWeights)."""
-        raise NotImplementedError(
-            "the vllm backend takes new weights from a checkpoint directory only "
-            "(ReloadWeights), not from the trainer's memory"
-        )
+        """The model's dtype for each weight the trainer will send from memory, once their
+        names and shapes are checked against the served checkpoint.
+
+        Raises:
+            ValueError: names or shapes that do not fit this model, or a weight left out
+                (vLLM would load the rest of its layer around stale values).
+        """
+        self._check_fit(shapes, complete=True)
+        return dict.fromkeys(shapes, self._dtype)
+
+    def _check_fit(self, shapes: Mapping[str, tuple[int, ...]], *, complete: bool) -> None:
+        """Raise ValueError, naming the tensor, unless ``shapes`` are this model's weights
+        (every one of them if ``complete``)."""
+        unknown = sorted(set(shapes) - set(self._tied_shapes))
+        if unknown:
+            raise ValueError(f"weights this model does not have: {unknown[:3]}")
+        missing = sorted(set(self._shapes) - set(shapes))
+        if complete and missing:
+            raise ValueError(f"missing weights: {missing[:3]}")
+        for name, shape in shapes.items():
+            if tuple(shape) != self._tied_shapes[name]:
+                raise ValueError(
+                    f"{name} has shape {tuple(shape)}, the model {self._tied_shapes[name]}"
+                )
 
     def apply_weights(self, weights: LoadedWeights, version: str | None = None) -> ModelIdentity:
-        """Reload the weights in vLLM's workers in place, then drop the prefix cache (its
-        keys and values belong to the old weights)."""
-        if weights.source is None:
-            raise ValueError("the vllm backend reloads from a checkpoint directory")
+        """Swap in new weights in vLLM's workers, in place, then drop the prefix cache (its
+        keys and values belong to the old weights).
+
+        Weights from a checkpoint directory are reloaded from it. Weights sent from memory
+        (checked by ``weight_dtypes``) are staged in the workers bucket by bucket and loaded
+        only once all have arrived, so a transfer that breaks leaves the old weights.
+
+        Raises:
+            WeightLoadFailed: vLLM failed while loading sent weights; the workers reloaded
+                the last checkpoint directory, whose identity the backend now reports.
+        """
         with self._lock:
-            self._llm.collective_rpc("reload_weights", kwargs={"weights_path": str(weights.source)})
+            if weights.source is not None:
+                self._reload(weights.source)
+                self._checkpoint = (weights.source, version or weights.version)
+            else:
+                self._load_sent(weights.tensors)
             self._llm.reset_prefix_cache()
             return self._next_revision(version or weights.version)
+
+    def _reload(self, directory: Path) -> None:
+        self._llm.collective_rpc("reload_weights", kwargs={"weights_path": str(directory)})
+
+    def _load_sent(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        specs = [
+            TensorSpec(name, tuple(tensor.shape), tensor.dtype)
+            for name, tensor in tensors.items()
+            if name in self._shapes
+        ]
+        try:
+            for bucket in plan_buckets(specs, DEFAULT_BUCKET_BYTES):
+                self._stage(bucket, tensors)
+        except Exception as exc:
+            self._llm.collective_rpc("drop_staged_weights")
+            raise WeightLoadFailed(
+                f"the weights did not reach vLLM's workers ({exc}); the old weights keep serving"
+            ) from exc
+        try:
+            self._llm.collective_rpc("load_staged_weights")
+        except Exception as exc:
+            # vLLM's loader may have replaced some layers before it failed.
+            directory, version = self._checkpoint
+            log.exception("vLLM failed loading sent weights; reloading %s", directory)
+            self._reload(directory)
+            self._llm.reset_prefix_cache()
+            identity = self._next_revision(version)
+            raise WeightLoadFailed(
+                f"vLLM failed while loading the weights ({exc}); it serves the checkpoint "
+                f"{directory} again (version {identity.version}, revision {identity.revision})"
+            ) from exc
+
+    def _stage(self, bucket: Bucket, tensors: Mapping[str, torch.Tensor]) -> None:
+        """One bucket into the workers' staged copy, through a file in shared memory."""
+        layout: list[StagedTensor] = []
+        with tempfile.NamedTemporaryFile(dir=_STAGING_DIRECTORY, prefix="statevalue-") as file:
+            for placed in bucket.tensors:
+                tensor = tensors[placed.spec.name]
+                flat = tensor.detach().to("cpu").contiguous().view(-1)
+                file.write(flat.view(torch.uint8).numpy().data)
+                dtype = str(tensor.dtype).removeprefix("torch.")
+                layout.append((placed.spec.name, dtype, list(tensor.shape)))
+            file.flush()
+            self._llm.collective_rpc("stage_sent_weights", args=(file.name, layout))
 
     def close(self) -> None:
         """Stop vLLM's engine process."""

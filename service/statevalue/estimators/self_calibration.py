@@ -50,6 +50,9 @@ NUMCA_RELATIVE_MERGE_DISTANCES = (0.05, 0.025, 0.1, 0.0)
 # Criteria are compared at this many significant digits, so that float rounding (which
 # depends on the order of the rollouts) never decides between two equal candidates.
 _CRITERION_DIGITS = 12
+# The anchored own weight is fitted per this many equal parts of each response (chosen
+# on the SVEB dev split: 2, 4, 8 and 16 parts were within 0.004 of each other in MAE).
+OWN_WEIGHT_BINS = 4
 
 
 @dataclass(frozen=True)
@@ -344,7 +347,9 @@ class SelfCalibration:
 
     ``params``: the settings of each estimator in the blend, per section (only the fields
     the grid varies). ``weights``: the blend's weight per method (they sum to 1).
-    ``own_weight``: a in V = a·R_i + (1 − a)·blend. ``criterion``: the blend's
+    ``own_weights``: a in V = a·R_i + (1 − a)·blend, per equal part of the response (one
+    part with ``own_weight = "fitted"``, :data:`OWN_WEIGHT_BINS` with "anchored");
+    ``own_weight``: their mean. ``criterion``: the blend's
     leave-one-rollout-out mean squared error against the rollouts' rewards, over the
     scope; ``group_mean_criterion``: the same for the left-out group mean (the bar).
     ``candidates``: how many were compared; ``scope``: "group" or "request".
@@ -353,6 +358,7 @@ class SelfCalibration:
     params: dict[str, dict[str, Any]]
     weights: dict[str, float]
     own_weight: float
+    own_weights: tuple[float, ...]
     criterion: float
     group_mean_criterion: float
     candidates: int
@@ -432,11 +438,57 @@ def fit_own_weight(groups: Sequence[GroupCandidates], blend: Sequence[Candidate]
             variances.append(variance)
             covariances.append(float(np.mean((t.rewards[i] - t.loo_mean[i]) * u)))
             errors.append(float(np.mean((candidate.values[i] - t.rewards[i]) ** 2)))
+    sigma2 = math.fsum(sorted(variances)) - max(math.fsum(sorted(covariances)), 0.0)
+    return _shrinkage(sigma2, errors)
+
+
+def position_bins(length: int, bins: int) -> np.ndarray:
+    """Each token's bin: token t of n lies in bin ⌊bins·t / n⌋ (equal fractions)."""
+    return (np.arange(length) * bins) // max(length, 1)
+
+
+def fit_anchored_own_weights(
+    groups: Sequence[GroupCandidates], blend: Sequence[Candidate], bins: int = OWN_WEIGHT_BINS
+) -> tuple[float, ...]:
+    """The weight of the rollout's own reward per bin of :func:`position_bins`, with σ²
+    anchored at the two states where it is known.
+
+    a = 1 − σ² / C as in :func:`fit_own_weight`, with C the bin's leave-one-out criterion
+    and σ²(t) = E[Var(R | s_t)] taken as S·(1 − (t + ½) / n): at the prompt every rollout
+    shares the state, so Var(R | s_0) is the group's reward variance S; after the last
+    token a reward that is a function of the response has no variance left; in between it
+    falls linearly in the fraction of the response written. The covariance estimate of
+    :func:`fit_own_weight` needs U's error to be uncorrelated with V, which a leave-one-out
+    U shrunk towards the group mean is not (on the SVEB dev split it gave a ≈ 0.1, far
+    below the mix's ½, and lost to the defaults; docs/design.md, "Self-calibration").
+    """
+    variances: list[list[float]] = [[] for _ in range(bins)]
+    errors: list[list[float]] = [[] for _ in range(bins)]
+    for g, candidate in zip(groups, blend, strict=True):
+        t = g.target
+        rewards = t.rewards[t.rewarded]
+        if len(rewards) < 2:
+            continue
+        variance = float(np.var(rewards, ddof=1))
+        for i in np.flatnonzero(t.eligible):
+            n = len(candidate.values[i])
+            where = position_bins(n, bins)
+            remaining = 1.0 - (np.arange(n) + 0.5) / n
+            for b in np.unique(where).tolist():
+                at = where == b
+                variances[b].append(variance * float(np.mean(remaining[at])))
+                errors[b].append(float(np.mean((candidate.values[i][at] - t.rewards[i]) ** 2)))
+    return tuple(
+        _shrinkage(math.fsum(sorted(v)), e) for v, e in zip(variances, errors, strict=True)
+    )
+
+
+def _shrinkage(sigma2: float, errors: Sequence[float]) -> float:
+    """1 − σ² / C (σ² and C summed over the same rollouts), clipped to [0, 1]."""
     criterion = math.fsum(sorted(errors))
     if not errors or criterion <= 0:
         return 0.0
-    sigma2 = max(math.fsum(sorted(variances)) - max(math.fsum(sorted(covariances)), 0.0), 0.0)
-    return _rounded(min(max(1.0 - sigma2 / criterion, 0.0), 1.0))
+    return _rounded(min(max(1.0 - max(sigma2, 0.0) / criterion, 0.0), 1.0))
 
 
 def _best(groups: Sequence[GroupCandidates], method: str) -> tuple[int, float, int]:
@@ -494,7 +546,11 @@ def self_calibrate(
                         _rounded(criterion),
                     )
         per_group = [_blend_candidate(g, means[k], blend) for k, g in enumerate(groups)]
-        own = fit_own_weight(groups, per_group) if config.own_weight == "fitted" else 0.0
+        own: tuple[float, ...] = (0.0,)
+        if config.own_weight == "fitted":
+            own = (fit_own_weight(groups, per_group),)
+        elif config.own_weight == "anchored":
+            own = fit_anchored_own_weights(groups, per_group)
         params = {
             name: getattr(groups[0], name)[at][0]
             for name, at in blend.parts
@@ -504,7 +560,8 @@ def self_calibrate(
         report = SelfCalibration(
             params=params,
             weights=weights,
-            own_weight=own,
+            own_weight=_rounded(math.fsum(own) / len(own)),
+            own_weights=own,
             criterion=blend.criterion,
             group_mean_criterion=gm_criterion,
             candidates=count,
@@ -531,10 +588,20 @@ def _blend_candidate(group: GroupCandidates, mean: Candidate, blend: _Blend) -> 
     return Candidate(values, boundaries)
 
 
-def _with_own_reward(candidate: Candidate, target: TargetGroup, own: float) -> ValueEstimate:
-    """a·R_i + (1 − a)·U for the eligible rollouts, U for the others; float32 values."""
-    values = []
-    for i, u in enumerate(candidate.values):
-        v = own * target.rewards[i] + (1 - own) * u if target.eligible[i] else u
-        values.append(np.asarray(v, dtype=np.float32))
-    return ValueEstimate(values=values, boundaries=list(candidate.boundaries))
+def _with_own_reward(
+    candidate: Candidate, target: TargetGroup, own: Sequence[float]
+) -> ValueEstimate:
+    """a·R_i + (1 − a)·U for the eligible rollouts (a per position bin), U for the others;
+    float32 values. A weight per bin adds the bins' edges to the segment boundaries."""
+    values, boundaries = [], []
+    for i, (u, bounds) in enumerate(zip(candidate.values, candidate.boundaries, strict=True)):
+        if target.eligible[i]:
+            where = position_bins(len(u), len(own))
+            a = np.asarray(own)[where]
+            u = a * target.rewards[i] + (1 - a) * u
+            if len(own) > 1:
+                edges = np.flatnonzero(np.diff(where)) + 1
+                bounds = np.union1d(bounds, edges).astype(np.int64)
+        values.append(np.asarray(u, dtype=np.float32))
+        boundaries.append(bounds)
+    return ValueEstimate(values=values, boundaries=boundaries)

@@ -271,7 +271,7 @@ class RolloutExplanation(_message.Message):
     def __init__(self, tokens: _Optional[_Iterable[str]] = ..., numca_states: _Optional[_Iterable[_Union[NumberSet, _Mapping]]] = ..., numca_final_state: _Optional[_Union[NumberSet, _Mapping]] = ..., hista_nodes: _Optional[_Iterable[_Union[HistaNode, _Mapping]]] = ...) -> None: ...
 
 class SelfCalibration(_message.Message):
-    __slots__ = ("params", "weights", "own_weight", "criterion", "group_mean_criterion", "candidates", "scope")
+    __slots__ = ("params", "weights", "own_weight", "criterion", "group_mean_criterion", "candidates", "scope", "own_weights")
     class WeightsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -286,6 +286,7 @@ class SelfCalibration(_message.Message):
     GROUP_MEAN_CRITERION_FIELD_NUMBER: _ClassVar[int]
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     SCOPE_FIELD_NUMBER: _ClassVar[int]
+    OWN_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     params: EstimatorParams
     weights: _containers.ScalarMap[str, float]
     own_weight: float
@@ -293,7 +294,8 @@ class SelfCalibration(_message.Message):
     group_mean_criterion: float
     candidates: int
     scope: str
-    def __init__(self, params: _Optional[_Union[EstimatorParams, _Mapping]] = ..., weights: _Optional[_Mapping[str, float]] = ..., own_weight: _Optional[float] = ..., criterion: _Optional[float] = ..., group_mean_criterion: _Optional[float] = ..., candidates: _Optional[int] = ..., scope: _Optional[str] = ...) -> None: ...
+    own_weights: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, params: _Optional[_Union[EstimatorParams, _Mapping]] = ..., weights: _Optional[_Mapping[str, float]] = ..., own_weight: _Optional[float] = ..., criterion: _Optional[float] = ..., group_mean_criterion: _Optional[float] = ..., candidates: _Optional[int] = ..., scope: _Optional[str] = ..., own_weights: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class GroupOutput(_message.Message):
     __slots__ = ("group_id", "rollouts", "self_calibration")
