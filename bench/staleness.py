@@ -206,14 +206,17 @@ def token_log_probs(
 def age_values(args: argparse.Namespace, age: int, records: Sequence[dict[str, Any]]) -> dict:
     """Hista's value at every state and the response tokens' log-probs, with old weights.
 
-    Cached per age in ``<out>/values/age-NNN.json``.
+    Cached per age in ``<out>/values/age-NNN.json``, by prompt: a grown set of states only
+    computes its new groups.
     """
     from bench.sveb.evaluate import EngineSpec, InProcessSource, group_hidden
     from statevalue.backends.torch_backend import TorchBackend
 
     cache = args.out / "values" / f"age-{age:03d}.json"
-    if cache.exists():
-        return json.loads(cache.read_text())
+    out = json.loads(cache.read_text()) if cache.exists() else {"groups": {}}
+    todo = [record for record in records if record["id"] not in out["groups"]]
+    if not todo:
+        return out
     checkpoint = checkpoint_dir(args.out, args.steps - age)
     if not complete(checkpoint):
         raise SystemExit(f"{checkpoint} does not exist: train with this age in --ages")
@@ -221,8 +224,8 @@ def age_values(args: argparse.Namespace, age: int, records: Sequence[dict[str, A
     source = InProcessSource(backend)
     unembedding = output_embedding(checkpoint)
     spec = EngineSpec(HISTA_LABEL, "hista")  # the served defaults
-    out: dict[str, Any] = {"checkpoint_step": args.steps - age, "groups": {}}
-    for record in records:
+    out["checkpoint_step"] = args.steps - age
+    for record in todo:
         hidden = group_hidden(backend, record)
         values = source.values(record, [spec], hidden)[HISTA_LABEL]
         out["groups"][record["id"]] = {
@@ -247,11 +250,12 @@ def table(args: argparse.Namespace) -> str:
     group_mean = np.array([np.mean(r["rewards"]) for r in records for _ in r["states"]])
     gm_mae = float(np.abs(group_mean - targets).mean())
 
-    def errors(age: int) -> np.ndarray:
+    def estimates(age: int) -> np.ndarray:
         groups = by_age[age]["groups"]
-        return np.abs(
-            np.array([e for r in records for e in groups[r["id"]]["estimates"]]) - targets
-        )
+        return np.array([e for r in records for e in groups[r["id"]]["estimates"]])
+
+    def errors(age: int) -> np.ndarray:
+        return np.abs(estimates(age) - targets)
 
     def log_probs(age: int) -> np.ndarray:
         groups = by_age[age]["groups"]
@@ -259,23 +263,25 @@ def table(args: argparse.Namespace) -> str:
             [np.asarray(lp) for r in records for lp in groups[r["id"]]["log_probs"]]
         )
 
-    base = errors(0)
-    latest = log_probs(0)
+    # Without age 0 (a run computing only some ages) the columns against it stay empty.
+    base = errors(0) if 0 in by_age else None
+    latest = log_probs(0) if 0 in by_age else None
     gm, gm_se = clustered_mean(np.abs(group_mean - targets), clusters)
     lines = [
-        "| weights age (steps) | checkpoint step | KL(latest ‖ old) per token | Hista MAE ± SE "
-        "| ratio to group mean | − age 0 ± SE |",
-        "|---|---|---|---|---|---|",
+        "| weights age (steps) | checkpoint step | KL(latest ‖ old) per token "
+        "| mean abs value change | Hista MAE ± SE | ratio to group mean | − age 0 ± SE |",
+        "|---|---|---|---|---|---|---|",
     ]
     for age in sorted(by_age):
         err = errors(age)
         mae, se = clustered_mean(err, clusters)
-        kl = float(np.mean(latest - log_probs(age)))
+        kl = "—" if latest is None else f"{np.mean(latest - log_probs(age)):.4f}"
+        moved = "—" if base is None else f"{np.mean(np.abs(estimates(age) - estimates(0))):.4f}"
         lines.append(
-            f"| {age} | {by_age[age]['checkpoint_step']} | {kl:.4f} | {mae:.4f} ± {se:.4f} "
+            f"| {age} | {by_age[age]['checkpoint_step']} | {kl} | {moved} | {mae:.4f} ± {se:.4f} "
             f"| {ratio_text(mae, gm_mae)} | {paired_text(err, base, clusters)} |"
         )
-    lines.append(f"| group mean (no weights) | — | — | {gm:.4f} ± {gm_se:.4f} | 1.000 | — |")
+    lines.append(f"| group mean (no weights) | — | — | — | {gm:.4f} ± {gm_se:.4f} | 1.000 | — |")
     rewards = [w for r in records for w in r["rewards"]]
     summary = (
         f"{len(records)} prompts × G = {len(records[0]['rewards'])}, {len(targets)} states, "
@@ -318,16 +324,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     train_group.add_argument("--group", type=int, default=8, help="responses per problem")
     train_group.add_argument("--lr", type=float, default=4e-5)
     states_group = parser.add_argument_group("states")
-    states_group.add_argument("--state-prompts", type=int, default=32, help="new problems")
+    states_group.add_argument("--state-prompts", type=int, default=40, help="new problems")
     states_group.add_argument("--state-group", type=int, default=8, help="responses (G)")
-    states_group.add_argument("--states-per-prompt", type=int, default=3)
+    states_group.add_argument("--states-per-prompt", type=int, default=4)
     states_group.add_argument(
         "--state-minutes",
         type=float,
         default=0.0,
         help="stop sampling after this long (0: no limit)",
     )
-    states_group.add_argument("--mc", "-K", type=int, default=8, help="continuations per state")
+    states_group.add_argument("--mc", "-K", type=int, default=4, help="continuations per state")
     parser.add_argument(
         "--ages", default=",".join(map(str, AGES)), help="weight ages in steps (kept, compared)"
     )

@@ -16,7 +16,6 @@ from statevalue.backends.no_model import NoModelBackend
 from statevalue.backends.torch_backend import TorchBackend
 from statevalue_client import Group, Rollout, ValueClient
 from statevalue_client.states import StatesFormat
-from statevalue_client.sync import DEFAULT_SYNC_EVERY
 from statevalue_client.trl import StateValueGRPOTrainer, batch_rows
 from tests.conftest import APPLES, last_number_reward
 from tests.servers import running_server
@@ -173,7 +172,6 @@ def test_grpo_keeps_the_service_weights_in_step_with_the_trainer(
 ) -> None:
     """Every optimizer step's weights reach the server (sync_every 1) while the next step
     generates, and each estimate asks for the revision of the sync it relies on."""
-    assert DEFAULT_SYNC_EVERY == 1
     setup = grpo_setup(
         embedded_checkpoint,
         tmp_path,
@@ -189,7 +187,7 @@ def test_grpo_keeps_the_service_weights_in_step_with_the_trainer(
         RecordingClient(server.grpc_target, retries=0) as client,
     ):
         start = server.server.model_info()["revision"]
-        trainer = trained(setup, client, value_admin_token=TOKEN)
+        trainer = trained(setup, client, value_admin_token=TOKEN, value_sync_every=1)
         info = client.model_info()
     # Step 1 asks for nothing synced; step 2 for the weights after step 1.
     assert client.required == [0, start + 1]
