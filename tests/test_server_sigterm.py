@@ -194,5 +194,13 @@ def test_sigterm_with_48_queued_finishes_the_oldest_and_refuses_the_rest(
     # The process does not wait for the forward step still running on the model thread.
     assert exit_seconds < grace + 3, exit_seconds
     output = log.read_text()
-    assert "stopped (drain timed out)" in output
+    # What could not start in time was refused at the signal; the drain ended either when
+    # the rest was answered or, when some was still running, at the grace (refused then).
+    cut_at_the_grace = [
+        a for a, at in answers if a.status_code == 503 and at > signalled + grace / 2
+    ]
+    if cut_at_the_grace:
+        assert "stopped (drain timed out)" in output
+    else:
+        assert "stopped (drained)" in output
     assert "admin-secret-5d1e" not in output and api_token not in output
