@@ -87,6 +87,24 @@ def test_sigterm_drains_the_in_flight_request(serve_process: Serve) -> None:
         httpx.get(f"http://127.0.0.1:{http_port}/healthz", timeout=2)
 
 
+@pytest.mark.slow
+def test_sigterm_during_the_model_load_exits_without_waiting_for_it(
+    start_serve: Callable[..., Serve],
+) -> None:
+    # The GGUF file: seconds of de-quantisation, a load long enough to be interrupted.
+    process, _, http_port, log = start_serve("--model", "embedded", "--shutdown-grace-s", "5")
+    wait_for(lambda: _status(http_port, "/healthz") == 200, timeout=120, what="front ends")
+    assert _status(http_port, "/readyz") == 503, "the model loaded before the signal"
+    process.send_signal(signal.SIGTERM)
+    signalled = time.monotonic()
+    assert process.wait(timeout=60) == 0, log.read_text()
+    output = log.read_text()
+    assert "stopped (drained)" in output
+    # It did not wait for the load to finish, which would have logged the model as loaded.
+    assert " loaded on " not in output, output
+    assert time.monotonic() - signalled < 5 + 3
+
+
 def _tokens(http_port: int) -> float:
     """Tokens the server's model has run so far (its /metrics)."""
     page = httpx.get(f"http://127.0.0.1:{http_port}/metrics", timeout=10).text

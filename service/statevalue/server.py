@@ -17,6 +17,7 @@ import signal
 import socket
 import ssl
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
@@ -59,7 +60,16 @@ async def open_scheduler(
     front end over one model (this server, the Ray Serve deployment) starts here.
     """
     if backend is None:
-        backend = await asyncio.to_thread(open_backend, settings)
+        # Not asyncio's default executor: asyncio.run waits for that one's threads on the
+        # way out, so a SIGTERM during a load would wait for the whole load (minutes for a
+        # large model) after the server said it stopped.
+        loader = ThreadPoolExecutor(1, thread_name_prefix="statevalue-load")
+        try:
+            backend = await asyncio.get_running_loop().run_in_executor(
+                loader, open_backend, settings
+            )
+        finally:
+            loader.shutdown(wait=False)
     engine = await asyncio.to_thread(
         Engine,
         backend,
