@@ -18,7 +18,7 @@ reward: V = a·R_i + (1 − a)·U, with a fitted as described at :func:`fit_own_
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -427,17 +427,11 @@ def fit_own_weight(groups: Sequence[GroupCandidates], blend: Sequence[Candidate]
     shrunk towards the mean under-states it, which makes a smaller). Clipped to [0, 1].
     """
     variances, covariances, errors = [], [], []
-    for g, candidate in zip(groups, blend, strict=True):
-        t = g.target
-        rewards = t.rewards[t.rewarded]
-        if len(rewards) < 2:
-            continue
-        variance = float(np.var(rewards, ddof=1))
-        for i in np.flatnonzero(t.eligible):
-            u = candidate.values[i] - t.loo_mean[i]
-            variances.append(variance)
-            covariances.append(float(np.mean((t.rewards[i] - t.loo_mean[i]) * u)))
-            errors.append(float(np.mean((candidate.values[i] - t.rewards[i]) ** 2)))
+    for t, values, i, variance in _rewarded_rollouts(groups, blend):
+        u = values - t.loo_mean[i]
+        variances.append(variance)
+        covariances.append(float(np.mean((t.rewards[i] - t.loo_mean[i]) * u)))
+        errors.append(float(np.mean((values - t.rewards[i]) ** 2)))
     sigma2 = math.fsum(sorted(variances)) - max(math.fsum(sorted(covariances)), 0.0)
     return _shrinkage(sigma2, errors)
 
@@ -464,6 +458,24 @@ def fit_anchored_own_weights(
     """
     variances: list[list[float]] = [[] for _ in range(bins)]
     errors: list[list[float]] = [[] for _ in range(bins)]
+    for t, values, i, variance in _rewarded_rollouts(groups, blend):
+        n = len(values)
+        where = position_bins(n, bins)
+        remaining = 1.0 - (np.arange(n) + 0.5) / n
+        for b in np.unique(where).tolist():
+            at = where == b
+            variances[b].append(variance * float(np.mean(remaining[at])))
+            errors[b].append(float(np.mean((values[at] - t.rewards[i]) ** 2)))
+    return tuple(
+        _shrinkage(math.fsum(sorted(v)), e) for v, e in zip(variances, errors, strict=True)
+    )
+
+
+def _rewarded_rollouts(
+    groups: Sequence[GroupCandidates], blend: Sequence[Candidate]
+) -> Iterator[tuple[TargetGroup, np.ndarray, int, float]]:
+    """(target, the blend's values, rollout index, the group's unbiased reward variance)
+    for each eligible rollout of the groups with at least two rewards."""
     for g, candidate in zip(groups, blend, strict=True):
         t = g.target
         rewards = t.rewards[t.rewarded]
@@ -471,16 +483,7 @@ def fit_anchored_own_weights(
             continue
         variance = float(np.var(rewards, ddof=1))
         for i in np.flatnonzero(t.eligible):
-            n = len(candidate.values[i])
-            where = position_bins(n, bins)
-            remaining = 1.0 - (np.arange(n) + 0.5) / n
-            for b in np.unique(where).tolist():
-                at = where == b
-                variances[b].append(variance * float(np.mean(remaining[at])))
-                errors[b].append(float(np.mean((candidate.values[i][at] - t.rewards[i]) ** 2)))
-    return tuple(
-        _shrinkage(math.fsum(sorted(v)), e) for v, e in zip(variances, errors, strict=True)
-    )
+            yield t, candidate.values[i], int(i), variance
 
 
 def _shrinkage(sigma2: float, errors: Sequence[float]) -> float:
